@@ -1,0 +1,60 @@
+"""The main job, `nbs/train.ipynb`, executed by papermill as a user runs it.
+
+The fast tests run it on a small data set for 2 epochs; the slow one runs the defaults on the embedded data set
+(about 4 minutes on 2 cores) and checks the validation AUC the README promises.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def papermill(output: Path, *params: str, env=None) -> subprocess.CompletedProcess:
+    command = ["papermill", "nbs/train.ipynb", str(output), "--log-output", *params]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env)
+
+
+def figures(notebook: Path) -> int:
+    nb = nbformat.read(notebook, as_version=4)
+    return sum("image/png" in out.get("data", {}) for cell in nb.cells for out in cell.get("outputs", []))
+
+
+def test_train_notebook_small(tmp_path, small_panda):
+    out = tmp_path/"not"/"yet"/"made"  # papermill's output folder does not exist yet: it is made
+    run = papermill(out/"train.ipynb", "-p", "output_dir", str(out), "-p", "data_dir", str(small_panda),
+                    "-p", "epochs", "2", "-p", "tile_size", "32", "-p", "n_tiles", "8", "-p", "batch_size", "4")
+    assert run.returncode == 0, run.stderr[-3000:]
+    metrics = json.loads((out/"metrics.json").read_text())
+    assert {"val_auc", "val_accuracy", "val_precision", "val_recall", "val_f1", "val_confusion_matrix"} <= set(metrics)
+    assert metrics["epochs"] == 2 and metrics["n_train"] + metrics["n_valid"] == 24
+    saved = torch.load(out/"model.pt", weights_only=True)
+    assert saved["config"]["tile_size"] == 32
+    assert len((out/"history.csv").read_text().splitlines()) == 3
+    assert figures(out/"train.ipynb") >= 5  # ROC + learning curves, and attention for 4 validation slides
+    assert len(list(out.glob("attention_*.png"))) == 4
+
+
+def test_train_notebook_reports_missing_data_dir(tmp_path):
+    run = papermill(tmp_path/"train.ipynb", "-p", "data_dir", str(tmp_path/"no_such_panda"), "-p", "output_dir", str(tmp_path))
+    assert run.returncode != 0
+    assert "no_such_panda: no such folder" in run.stderr + run.stdout
+
+
+@pytest.mark.slow
+def test_train_notebook_defaults_reach_auc(tmp_path):
+    "The README's main job on the embedded data set: val AUC >= 0.90 in a few minutes on 2 CPU cores."
+    out = tmp_path/"o"
+    env = {**os.environ, "MIL_NB_CACHE": str(tmp_path/"cache")}
+    run = papermill(out/"train.ipynb", "-p", "output_dir", str(out), env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    metrics = json.loads((out/"metrics.json").read_text())
+    print(json.dumps(metrics), file=sys.stderr)
+    assert metrics["val_auc"] >= 0.90 and metrics["n_valid"] >= 40
+    assert figures(out/"train.ipynb") >= 5
