@@ -48,10 +48,10 @@ def test_train_notebook_reports_missing_data_dir(tmp_path):
 
 
 @pytest.mark.slow
-def test_train_notebook_defaults_reach_auc(tmp_path):
+def test_train_notebook_defaults_reach_auc(tmp_path, embedded_cache):
     "The README's main job on the embedded data set: val AUC >= 0.90 in a few minutes on 2 CPU cores."
     out = tmp_path/"o"
-    env = {**os.environ, "MIL_NB_CACHE": str(tmp_path/"cache")}
+    env = {**os.environ, "MIL_NB_CACHE": str(embedded_cache)}
     run = papermill(out/"train.ipynb", "-p", "output_dir", str(out), env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     metrics = json.loads((out/"metrics.json").read_text())
