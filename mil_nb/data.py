@@ -11,23 +11,23 @@ import numpy as np
 import pandas as pd
 import torch
 from sklearn.model_selection import train_test_split
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .tiling import TileStore
 
 # %% auto #0
-__all__ = ['Bag', 'binary_label', 'BagDataset', 'split_slides', 'Batch', 'collate_bags', 'bag_loader']
+__all__ = ['Bag', 'binary_label', 'task_label', 'BagDataset', 'split_slides', 'Batch', 'collate_bags', 'bag_loader']
 
 # %% ../nbs/08_data.ipynb #341cf587
 @dataclass
 class Bag:
-    "One slide's tiles (n x S x S x 3 uint8), its label and what is known per tile."
-    tiles: np.ndarray
-    label: float = float("nan")
+    "One slide's instances, its label and what is known per instance."
+    tiles: np.ndarray  # (n, S, S, C) uint8 image tiles, or (n, D) float32 features for feature bags
+    label: float = float("nan")  # the task's target: 0/1 (binary) or the ISUP grade (isup)
     image_id: str = ""
     isup_grade: int = -1
     coords: np.ndarray | None = None  # (n, 2) level-0 x, y of each tile (NaN for added white tiles)
-    instance_labels: np.ndarray | None = None  # (n,) malignant fraction of each tile (NaN: unknown)
+    instance_labels: np.ndarray | None = None  # (n,) malignant fraction (or 0/1 label) of each instance (NaN: unknown)
 
     def __len__(self): return len(self.tiles)
 
@@ -36,21 +36,28 @@ def binary_label(isup_grade: int) -> float:
     "1.0 for a malignant slide (ISUP 1-5), 0.0 for a benign one (ISUP 0)."
     return float(isup_grade > 0)
 
+def task_label(isup_grade: int, task: str) -> float:
+    "The target of `task` for a slide of `isup_grade`: 0/1 for 'binary', the grade for 'isup'."
+    if task not in ("binary", "isup"): raise ValueError(f"task={task!r}: expected 'binary' or 'isup'")
+    return binary_label(isup_grade) if task == "binary" else float(isup_grade)
+
 class BagDataset(Dataset):
     "The bags of the slides in `table` (image_id, isup_grade) that `store` holds, read from disk on demand."
-    def __init__(self, store: TileStore, table: pd.DataFrame):
-        self.store = store
+    def __init__(self, store: TileStore, table: pd.DataFrame, task: str = "binary"):
+        self.store, self.task = store, task
         self.table = table[table.image_id.isin(set(store.image_ids))].reset_index(drop=True)
+        task_label(0, task)  # rejects an unknown task here rather than at the first bag
 
     def __len__(self): return len(self.table)
 
     @property
-    def labels(self) -> np.ndarray: return np.array([binary_label(g) for g in self.table.isup_grade], np.float32)
+    def labels(self) -> np.ndarray: return np.array([task_label(g, self.task) for g in self.table.isup_grade], np.float32)
 
     def __getitem__(self, i: int) -> Bag:
         row = self.table.iloc[i]
         arrays = self.store.load(row.image_id)
-        return Bag(arrays["tiles"], binary_label(row.isup_grade), row.image_id, int(row.isup_grade),
+        instances = arrays["features"] if "features" in arrays else arrays["tiles"]
+        return Bag(instances, task_label(row.isup_grade, self.task), row.image_id, int(row.isup_grade),
                    arrays["coords"], arrays["malignant_fraction"])
 
 # %% ../nbs/08_data.ipynb #9e7f97ce
@@ -66,7 +73,7 @@ def split_slides(table: pd.DataFrame, valid_frac: float = 0.25, seed: int = 0) -
 # %% ../nbs/08_data.ipynb #f601108f
 @dataclass
 class Batch:
-    "Bags padded to one tensor: tiles (B, N, S, S, 3) uint8, mask (B, N) bool (True: a real tile), labels (B,)."
+    "Bags padded to one tensor: tiles (B, N, S, S, C) uint8 or features (B, N, D), mask (B, N) bool (True: real), labels (B,)."
     tiles: torch.Tensor
     mask: torch.Tensor
     labels: torch.Tensor
@@ -79,17 +86,21 @@ class Batch:
     def pin_memory(self) -> "Batch":
         return Batch(self.tiles.pin_memory(), self.mask.pin_memory(), self.labels.pin_memory(), self.bags)
 
+def _check_bag(bag: Bag):
+    name = bag.image_id or "(unnamed)"
+    if len(bag) == 0: raise ValueError(f"bag {name} has no tiles")
+    tiles = bag.tiles
+    if not ((tiles.ndim == 4 and tiles.dtype == np.uint8) or (tiles.ndim == 2 and tiles.dtype == np.float32)):
+        raise ValueError(f"bag {name}: instances must be uint8 tiles (n, height, width, channels) or float32 features (n, d), "
+                         f"got {tiles.dtype} {tiles.shape}")
+
 def collate_bags(bags: list[Bag]) -> Batch:
     "Pad bags of any sizes into one `Batch` with a mask."
-    for bag in bags:
-        if len(bag) == 0: raise ValueError(f"bag {bag.image_id or '(unnamed)'} has no tiles")
-        if bag.tiles.ndim != 4 or bag.tiles.dtype != np.uint8:
-            raise ValueError(f"bag {bag.image_id or '(unnamed)'}: tiles must be uint8 (n, height, width, channels), "
-                             f"got {bag.tiles.dtype} {bag.tiles.shape}")
-    shapes = {bag.tiles.shape[1:] for bag in bags}
-    if len(shapes) > 1: raise ValueError(f"bags in one batch must have tiles of one shape, got {sorted(shapes)}")
+    for bag in bags: _check_bag(bag)
+    shapes = {(bag.tiles.shape[1:], bag.tiles.dtype.name) for bag in bags}
+    if len(shapes) > 1: raise ValueError(f"bags in one batch must have instances of one shape and dtype, got {sorted(shapes)}")
     n_max = max(len(bag) for bag in bags)
-    tiles = torch.zeros((len(bags), n_max, *bags[0].tiles.shape[1:]), dtype=torch.uint8)
+    tiles = torch.zeros((len(bags), n_max, *bags[0].tiles.shape[1:]), dtype=torch.from_numpy(bags[0].tiles[:0]).dtype)
     mask = torch.zeros((len(bags), n_max), dtype=torch.bool)
     for i, bag in enumerate(bags):
         tiles[i, :len(bag)] = torch.from_numpy(bag.tiles)
@@ -99,8 +110,8 @@ def collate_bags(bags: list[Bag]) -> Batch:
 
 # %% ../nbs/08_data.ipynb #d95cee3f
 def bag_loader(dataset: Dataset, batch_size: int = 8, shuffle: bool = False, seed: int = 0, num_workers: int = 0,
-               pin_memory: bool = False) -> DataLoader:
-    "A DataLoader of padded `Batch`es over `dataset`."
-    generator = torch.Generator().manual_seed(seed) if shuffle else None
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=collate_bags, generator=generator,
+               pin_memory: bool = False, num_replicas: int = 1, rank: int = 0) -> DataLoader:
+    "A DataLoader of padded `Batch`es over `dataset`, shuffled per epoch from `seed` when `shuffle`."
+    sampler = DistributedSampler(dataset, num_replicas, rank, shuffle=shuffle, seed=seed) if shuffle or num_replicas > 1 else None
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_bags,
                       num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0)

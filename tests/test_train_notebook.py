@@ -37,8 +37,22 @@ def test_train_notebook_small(tmp_path, small_panda):
     saved = torch.load(out/"model.pt", weights_only=True)
     assert saved["config"]["tile_size"] == 32
     assert len((out/"history.csv").read_text().splitlines()) == 3
-    assert figures(out/"train.ipynb") >= 5  # ROC + learning curves, and attention for 4 validation slides
+    assert figures(out/"train.ipynb") >= 6  # confusion matrix, ROC + learning curves, attention for 4 validation slides
     assert len(list(out.glob("attention_*.png"))) == 4
+    assert saved["tiling"]["n_tiles"] == 8 and saved["tiling"]["mode"] == "kaggle"  # for serving
+
+
+def test_train_notebook_isup_small(tmp_path, small_panda):
+    "ISUP grading: the ordinal head, QWK as the metric the kept epoch is chosen on, a 6x6 confusion matrix."
+    out = tmp_path/"isup"
+    run = papermill(out/"train.ipynb", "-p", "output_dir", str(out), "-p", "data_dir", str(small_panda), "-p", "task", "isup",
+                    "-p", "epochs", "2", "-p", "tile_size", "32", "-p", "n_tiles", "8", "-p", "pooling", "gated_attention")
+    assert run.returncode == 0, run.stderr[-3000:]
+    metrics = json.loads((out/"metrics.json").read_text())
+    assert metrics["monitor"] == "qwk" and -1 <= metrics["val_qwk"] <= 1 and 0 <= metrics["val_accuracy"] <= 1
+    assert len(metrics["val_confusion_matrix"]) == 6 and all(len(row) == 6 for row in metrics["val_confusion_matrix"])
+    saved = torch.load(out/"model.pt", weights_only=True)
+    assert saved["config"]["task"] == "isup" and saved["state_dict"]["classifier.weight"].shape[0] == 5
 
 
 def test_train_notebook_reports_missing_data_dir(tmp_path):
@@ -57,4 +71,4 @@ def test_train_notebook_defaults_reach_auc(tmp_path, embedded_cache):
     metrics = json.loads((out/"metrics.json").read_text())
     print(json.dumps(metrics), file=sys.stderr)
     assert metrics["val_auc"] >= 0.90 and metrics["n_valid"] >= 40
-    assert figures(out/"train.ipynb") >= 5
+    assert figures(out/"train.ipynb") >= 6
