@@ -89,11 +89,12 @@ def matmul_peak_gflops(dtype: torch.dtype, n: int = 2048, seconds: float = 1.0) 
     return 2 * n**3 * runs / (time.perf_counter() - start) / 1e9
 
 def training_flops_per_bag(model: torch.nn.Module, bags: list[Bag]) -> float:
-    "Floating-point operations of one training step (forward and backward), per bag."
-    batch = collate_bags(bags)
+    "Floating-point operations of a training step (forward and backward) on one bag, averaged over `bags`."
     with FlopCounterMode(display=False) as counter:
-        logits, _ = model(batch.tiles, batch.mask)
-        bag_loss(logits, batch.labels).backward()
+        for bag in bags:
+            batch = collate_bags([bag])
+            logits, _ = model(batch.tiles, batch.mask)
+            bag_loss(logits, batch.labels).backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops() / len(bags)
 

@@ -52,8 +52,8 @@ def mnist_bags(images: np.ndarray, labels: np.ndarray, n_bags: int, target: int 
 
 # %% ../nbs/14_mnist_bags.ipynb #67c2090c
 def train_mnist_bags(n_train: int = 200, n_test: int = 1000, mean_bag_length: float = 10, std_bag_length: float = 2,
-                     balanced: bool = False, pooling: str = "attention", epochs: int = 20, batch_size: int = 8,
-                     lr: float = 1e-3, weight_decay: float = 1e-4, seed: int = 0, precision: str = "auto",
+                     balanced: bool = False, pooling: str = "attention", epochs: int = 20, batch_size: int = 4,
+                     lr: float = 5e-4, weight_decay: float = 1e-4, seed: int = 0, precision: str = "auto",
                      digits: tuple[np.ndarray, np.ndarray] | None = None, progress: bool = False) -> dict:
     "Train attention MIL (or a baseline `pooling`) on MNIST-bags; test AUC, instance AUC and seconds."
     images, labels = digits if digits is not None else mnist_digits()

@@ -148,6 +148,13 @@ class AttentionMIL(nn.Module):
             self.pool = {"mean": MeanPool(), "max": MaxPool()}.get(config.pooling)
         self.classifier = nn.Linear(pooled_dim, config.n_outputs)
 
+    def _encode(self, instances: torch.Tensor) -> torch.Tensor:
+        "Embeddings of (n, ...) instances, encoded in one call padded to the next of a few sizes per power of 2."
+        n = len(instances)
+        padding = -n % (1 << max(n.bit_length() - 3, 0))  # n in [2^k, 2^(k+1)) rounds up to a multiple of 2^(k-2): < 25% more
+        if padding: instances = torch.cat([instances, instances.new_zeros((padding, *instances.shape[1:]))])
+        return self.encoder(instances)[:n]
+
     def _check(self, instances: torch.Tensor, mask: torch.Tensor):
         if instances.shape[:2] != mask.shape:
             raise ValueError(f"instances {tuple(instances.shape)} and mask {tuple(mask.shape)} disagree on (bags, instances)")
@@ -159,7 +166,7 @@ class AttentionMIL(nn.Module):
     def forward(self, instances: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         "Logits ((B,) binary, (B, 5) ISUP) and per-instance weights or scores (B, N) for padded instances and their mask."
         self._check(instances, mask)
-        real = self.encoder(instances[mask])
+        real = self._encode(instances[mask])
         embeddings = real.new_zeros((*mask.shape, real.shape[-1]))
         embeddings[mask] = real
         if self.pool is None:  # instance-level pooling: classify every instance, then pool probabilities

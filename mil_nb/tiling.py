@@ -25,8 +25,8 @@ from .slides import SLIDE_SUFFIXES, SlideReader, open_slide
 from .tissue import artefact_mask, box_fractions, detection_thumbnail, tissue_mask
 
 # %% auto #0
-__all__ = ['MODES', 'grid_tiles', 'kaggle_order', 'take_tiles', 'TilingConfig', 'tile_slide', 'choose_level', 'slide_sources',
-           'TileStore', 'tile_slides', 'tile_cli']
+__all__ = ['MODES', 'grid_tiles', 'kaggle_order', 'take_tiles', 'TilingConfig', 'tile_side_level0', 'tile_slide', 'choose_level',
+           'slide_sources', 'TileStore', 'tile_slides', 'tile_cli']
 
 # %% ../nbs/07_tiling.ipynb #c0df7a58
 def grid_tiles(image: np.ndarray, tile_size: int, fill) -> tuple[np.ndarray, np.ndarray]:
@@ -84,6 +84,11 @@ def _level_for(reader: SlideReader, config: TilingConfig) -> tuple[int, int]:
     level = int(finer[-1]) if len(finer) else 0
     return level, int(round(config.tile_size * config.mpp / mpps[level]))
 
+def tile_side_level0(reader: SlideReader, config: TilingConfig) -> float:
+    "The side, in level-0 px, of the slide region one tile covers (to draw tiles on the slide)."
+    level, side = _level_for(reader, config)
+    return side * reader.downsamples[level]
+
 def _kaggle_selection(level_image: np.ndarray, downsample: float, config: TilingConfig) -> tuple[np.ndarray, np.ndarray]:
     blocks, origins = grid_tiles(level_image, config.tile_size, fill=255)
     order = kaggle_order(blocks, config.n_tiles)
@@ -137,7 +142,7 @@ def tile_slide(image_file: str | os.PathLike, config: TilingConfig = TilingConfi
             level_image = coarsest if level == thumbnail_level else reader.read_level(level)
             tiles, coords = _kaggle_selection(level_image, reader.downsamples[level], config)
         else: tiles, coords = _tissue_selection(reader, level, side, config, thumbnail, mask, mask_downsample)
-        side0 = side * reader.downsamples[level]
+        side0 = tile_side_level0(reader, config)
     tissue = box_fractions(mask, mask_downsample, np.nan_to_num(coords, nan=-1e9), side0)
     return {"tiles": tiles, "coords": coords, "tissue_fraction": tissue, "level": np.int64(level),
             "malignant_fraction": _malignant_fraction(mask_file, provider, level, side, coords, config)}

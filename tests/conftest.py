@@ -1,4 +1,8 @@
-"Shared fixtures: a small synthetic PANDA-format data set, made once per test session."
+"Shared fixtures: a small synthetic PANDA-format data set, and the main job on the embedded data, each made once per session."
+import os
+import subprocess
+from pathlib import Path
+
 import pytest
 
 from mil_nb.synth import make_synthetic_panda
@@ -14,3 +18,21 @@ def small_panda(tmp_path_factory):
 def embedded_cache(tmp_path_factory):
     "A cache folder (MIL_NB_CACHE) shared by the slow tests, so the embedded data set is made once per run."
     return tmp_path_factory.mktemp("cache")
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def papermill(output: Path, *params: str, env=None) -> subprocess.CompletedProcess:
+    "Run nbs/train.ipynb through papermill as a user does; the executed notebook goes to `output`."
+    command = ["papermill", "nbs/train.ipynb", str(output), "--log-output", *params]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env)
+
+
+@pytest.fixture(scope="session")
+def main_job(tmp_path_factory, embedded_cache):
+    "The README's main job with its defaults on the embedded data set (about 4 minutes on 2 cores): its output folder."
+    out = tmp_path_factory.mktemp("main_job")
+    run = papermill(out/"train.ipynb", "-p", "output_dir", str(out), env={**os.environ, "MIL_NB_CACHE": str(embedded_cache)})
+    assert run.returncode == 0, run.stderr[-3000:]
+    return out

@@ -5,20 +5,14 @@ The fast tests run it on a small data set for 2 epochs; the slow one runs the de
 """
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import nbformat
+import numpy as np
 import pytest
 import torch
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def papermill(output: Path, *params: str, env=None) -> subprocess.CompletedProcess:
-    command = ["papermill", "nbs/train.ipynb", str(output), "--log-output", *params]
-    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env)
+from conftest import papermill
 
 
 def figures(notebook: Path) -> int:
@@ -62,13 +56,22 @@ def test_train_notebook_reports_missing_data_dir(tmp_path):
 
 
 @pytest.mark.slow
-def test_train_notebook_defaults_reach_auc(tmp_path, embedded_cache):
+def test_train_notebook_defaults_reach_auc(main_job):
     "The README's main job on the embedded data set: val AUC >= 0.90 in a few minutes on 2 CPU cores."
-    out = tmp_path/"o"
-    env = {**os.environ, "MIL_NB_CACHE": str(embedded_cache)}
-    run = papermill(out/"train.ipynb", "-p", "output_dir", str(out), env=env)
-    assert run.returncode == 0, run.stderr[-3000:]
-    metrics = json.loads((out/"metrics.json").read_text())
+    metrics = json.loads((main_job/"metrics.json").read_text())
     print(json.dumps(metrics), file=sys.stderr)
     assert metrics["val_auc"] >= 0.90 and metrics["n_valid"] >= 40
-    assert figures(out/"train.ipynb") >= 6
+    assert figures(main_job/"train.ipynb") >= 6
+
+
+@pytest.mark.slow
+def test_isup_grading_on_the_embedded_data(tmp_path, main_job, embedded_cache):
+    "`-p task isup` on the embedded data (reusing the main job's tiles): QWK, accuracy and a 6x6 confusion matrix."
+    out = tmp_path/"isup"
+    run = papermill(out/"train.ipynb", "-p", "output_dir", str(out), "-p", "task", "isup", "-p", "tiles_dir", str(main_job/"tiles"),
+                    env={**os.environ, "MIL_NB_CACHE": str(embedded_cache)})
+    assert run.returncode == 0, run.stderr[-3000:]
+    metrics = json.loads((out/"metrics.json").read_text())
+    print(json.dumps({k: metrics[k] for k in ("val_qwk", "val_accuracy", "val_auc", "kept_epoch")}), file=sys.stderr)
+    assert np.array(metrics["val_confusion_matrix"]).shape == (6, 6) and np.sum(metrics["val_confusion_matrix"]) == metrics["n_valid"]
+    assert metrics["val_qwk"] >= 0.5 and metrics["val_auc"] >= 0.9
