@@ -16,7 +16,7 @@ from .data import Bag, collate_bags
 from .files import atomic_path
 
 # %% auto #0
-__all__ = ['ENCODERS', 'POOLINGS', 'TASKS', 'N_GRADES', 'MILConfig', 'TileEncoder', 'MNISTEncoder', 'FeatureInput',
+__all__ = ['ENCODERS', 'POOLINGS', 'TASKS', 'N_GRADES', 'MILConfig', 'ConvEncoder', 'TileEncoder', 'MNISTEncoder', 'FeatureInput',
            'masked_softmax', 'AttentionPool', 'MeanPool', 'MaxPool', 'instance_mean_logit', 'AttentionMIL',
            'check_mil_invariants', 'ordinal_targets', 'ordinal_grade', 'bag_loss', 'save_model', 'load_model']
 
@@ -49,32 +49,29 @@ class MILConfig:
         return 1 if self.task == "binary" else N_GRADES - 1
 
 # %% ../nbs/09_model.ipynb #8bba5294
-class TileEncoder(nn.Module):
-    "The seed's CNN: each tile (n, S, S, C) uint8 to an `embed_dim` vector."
-    def __init__(self, config: MILConfig):
+class ConvEncoder(nn.Module):
+    "Two blocks of Conv, MaxPool 2, ReLU, then Linear, ReLU to `embed_dim`: instances (n, S, S, C) uint8 to vectors."
+    def __init__(self, config: MILConfig, widths: tuple[int, int], kernels: tuple[int, int], invert: bool):
         super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(config.channels, 36, kernel_size=4), nn.MaxPool2d(2), nn.ReLU(),
-            nn.Conv2d(36, 48, kernel_size=3), nn.MaxPool2d(2), nn.ReLU(), nn.Flatten())
-        side = ((config.tile_size - 3) // 2 - 2) // 2
-        self.embed = nn.Sequential(nn.Linear(48 * side * side, config.embed_dim), nn.ReLU())
+        layers, channels, side = [], config.channels, config.tile_size
+        for width, kernel in zip(widths, kernels):
+            layers += [nn.Conv2d(channels, width, kernel_size=kernel), nn.MaxPool2d(2), nn.ReLU()]
+            channels, side = width, (side - kernel + 1) // 2
+        self.features = nn.Sequential(*layers, nn.Flatten())
+        self.embed = nn.Sequential(nn.Linear(channels * side * side, config.embed_dim), nn.ReLU())
+        self.invert = invert
 
-    def forward(self, tiles: torch.Tensor) -> torch.Tensor:
-        x = 1 - tiles.permute(0, 3, 1, 2).float() / 255  # channels-last memory layout, which oneDNN convolves fastest
-        return self.embed(self.features(x))
+    def forward(self, instances: torch.Tensor) -> torch.Tensor:
+        x = instances.permute(0, 3, 1, 2).float() / 255  # channels-last memory layout, which oneDNN convolves fastest
+        return self.embed(self.features(1 - x if self.invert else x))
 
-class MNISTEncoder(nn.Module):
-    "The paper's LeNet: each digit (n, 28, 28, 1) uint8 to an `embed_dim` (500 in the paper) vector."
-    def __init__(self, config: MILConfig):
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(config.channels, 20, kernel_size=5), nn.MaxPool2d(2), nn.ReLU(),
-            nn.Conv2d(20, 50, kernel_size=5), nn.MaxPool2d(2), nn.ReLU(), nn.Flatten())
-        side = ((config.tile_size - 4) // 2 - 4) // 2
-        self.embed = nn.Sequential(nn.Linear(50 * side * side, config.embed_dim), nn.ReLU())
+class TileEncoder(ConvEncoder):
+    "The seed's CNN on RGB tiles; pixels scaled so that white background is 0."
+    def __init__(self, config: MILConfig): super().__init__(config, widths=(36, 48), kernels=(4, 3), invert=True)
 
-    def forward(self, digits: torch.Tensor) -> torch.Tensor:
-        return self.embed(self.features(digits.permute(0, 3, 1, 2).float() / 255))
+class MNISTEncoder(ConvEncoder):
+    "The paper's LeNet on 28 x 28 x 1 digits (`embed_dim` 500 in the paper)."
+    def __init__(self, config: MILConfig): super().__init__(config, widths=(20, 50), kernels=(5, 5), invert=False)
 
 class FeatureInput(nn.Module):
     "Feature bags: instances (n, D) are already embeddings; checks D and passes them on as float."

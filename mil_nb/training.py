@@ -91,7 +91,7 @@ def fit(model: torch.nn.Module, train_loader, valid_loader=None, epochs: int = 1
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay, fused=device.type in ("cpu", "cuda"))
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     settings = _settings(model, train_loader, lr, betas, weight_decay, monitor)
-    history, best, first_epoch, elapsed = [], {"epoch": None, "score": None, "state": None}, 1, 0.0
+    history, best, first_epoch, elapsed = [], {"epoch": None, "score": None, "loss": None, "state": None}, 1, 0.0
     if resume and (output_dir/"checkpoint.pt").exists():
         checkpoint = _load_checkpoint(output_dir/"checkpoint.pt", settings, model, optimizer, scaler)
         history, best, elapsed = checkpoint["history"], checkpoint["best"], checkpoint["elapsed"]
@@ -107,8 +107,9 @@ def fit(model: torch.nn.Module, train_loader, valid_loader=None, epochs: int = 1
         valid = _validate(model, valid_loader, device, precision) if valid_loader is not None else {}
         history.append({"epoch": epoch, "train_loss": train_loss, **{f"val_{k}": v for k, v in valid.items()},
                         "train_bags_per_s": n_bags / train_seconds, "seconds": time.time() - epoch_start})
-        if valid and improved(valid[monitor], best["score"], monitor):
-            best = {"epoch": epoch, "score": valid[monitor], "state": _cpu_state(model) if keep_best else None}
+        tie_but_lower_loss = valid and valid[monitor] == best["score"] and valid["loss"] < best["loss"]
+        if valid and (improved(valid[monitor], best["score"], monitor) or tie_but_lower_loss):
+            best = {"epoch": epoch, "score": valid[monitor], "loss": valid["loss"], "state": _cpu_state(model) if keep_best else None}
         if progress: print(f"epoch {epoch}: train loss {train_loss:.4f}" + "".join(
             f", val {k} {valid[k]:.4f}" for k in ("loss", "auc", "qwk", "accuracy") if k in valid))
         if output_dir:

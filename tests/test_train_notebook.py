@@ -74,4 +74,4 @@ def test_isup_grading_on_the_embedded_data(tmp_path, main_job, embedded_cache):
     metrics = json.loads((out/"metrics.json").read_text())
     print(json.dumps({k: metrics[k] for k in ("val_qwk", "val_accuracy", "val_auc", "kept_epoch")}), file=sys.stderr)
     assert np.array(metrics["val_confusion_matrix"]).shape == (6, 6) and np.sum(metrics["val_confusion_matrix"]) == metrics["n_valid"]
-    assert metrics["val_qwk"] >= 0.5 and metrics["val_auc"] >= 0.9
+    assert metrics["val_qwk"] >= 0.7 and metrics["val_auc"] >= 0.9  # measured: QWK 0.82, AUC 1.0
