@@ -19,7 +19,7 @@ from .model import bag_loss, ordinal_grade
 
 # %% auto #0
 __all__ = ['Predictions', 'predict', 'classification_metrics', 'grading_metrics', 'task_metrics', 'instance_auc', 'plot_roc',
-           'plot_learning_curves', 'plot_confusion_matrix', 'plot_bag_attention']
+           'plot_learning_curves', 'plot_confusion_matrix', 'show_tile', 'plot_bag_attention']
 
 # %% ../nbs/10_evaluation.ipynb #049511da
 @dataclass
@@ -125,16 +125,19 @@ def plot_confusion_matrix(matrix, ax=None, title: str = "validation"):
     return ax
 
 # %% ../nbs/10_evaluation.ipynb #9beb13d5
+def show_tile(ax, bag: Bag, attention: np.ndarray, k: int, prefix: str = ""):
+    "Tile `k` of `bag` on `ax`, titled with its attention weight and, where known, its tumour fraction."
+    ax.imshow(bag.tiles[k])
+    known = bag.instance_labels is not None and not np.isnan(bag.instance_labels[k])
+    ax.set_title(f"{prefix}a={attention[k]:.2f}" + (f"\ntumour {bag.instance_labels[k]:.0%}" if known else ""), fontsize=8)
+
 def plot_bag_attention(bag: Bag, attention: np.ndarray, prob: float | None = None, max_tiles: int = 16, cols: int = 8):
     "A bag's tiles sorted by attention weight, titled with weight and malignant fraction."
     order = np.argsort(-attention)[:max_tiles]
     rows = int(np.ceil(len(order) / cols))
     fig, axs = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.9 * rows + 0.4), squeeze=False)
     for ax in axs.flat: ax.axis("off")
-    for ax, k in zip(axs.flat, order):
-        ax.imshow(bag.tiles[k])
-        known = bag.instance_labels is not None and not np.isnan(bag.instance_labels[k])
-        ax.set_title(f"a={attention[k]:.2f}" + (f"\ntumour {bag.instance_labels[k]:.0%}" if known else ""), fontsize=8)
+    for ax, k in zip(axs.flat, order): show_tile(ax, bag, attention, k)
     outcome = f", P(malignant)={prob:.2f}" if prob is not None else ""
     fig.suptitle(f"{bag.image_id}: ISUP {bag.isup_grade}, label {bag.label:.0f}{outcome}", fontsize=10)
     fig.tight_layout()

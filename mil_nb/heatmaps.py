@@ -12,6 +12,7 @@ import numpy as np
 from matplotlib.patches import Rectangle
 
 from .data import Bag
+from .evaluation import show_tile
 from .slides import open_slide
 from .tiling import TilingConfig, tile_side_level0
 
@@ -59,10 +60,7 @@ def plot_attention_heatmap(slide_file: str | os.PathLike, coords: np.ndarray, we
 # %% ../nbs/16_heatmaps.ipynb #f23b6e37
 def _tile_strip(axs, bag: Bag, weights: np.ndarray, order: np.ndarray, label: str):
     for ax in axs: ax.axis("off")
-    for ax, k in zip(axs, order):
-        ax.imshow(bag.tiles[k])
-        known = bag.instance_labels is not None and not np.isnan(bag.instance_labels[k])
-        ax.set_title(f"{label} a={weights[k]:.2f}" + (f"\ntumour {bag.instance_labels[k]:.0%}" if known else ""), fontsize=8)
+    for ax, k in zip(axs, order): show_tile(ax, bag, weights, k, prefix=f"{label} ")
 
 def plot_slide_attention(slide_file: str | os.PathLike, bag: Bag, weights: np.ndarray, tiling: TilingConfig | dict,
                          k: int = 4, prob: float | None = None):
