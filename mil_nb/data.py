@@ -13,6 +13,7 @@ import torch
 from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from .distributed import ShardSampler
 from .tiling import TileStore
 
 # %% auto #0
@@ -112,6 +113,7 @@ def collate_bags(bags: list[Bag]) -> Batch:
 def bag_loader(dataset: Dataset, batch_size: int = 8, shuffle: bool = False, seed: int = 0, num_workers: int = 0,
                pin_memory: bool = False, num_replicas: int = 1, rank: int = 0) -> DataLoader:
     "A DataLoader of padded `Batch`es over `dataset`, shuffled per epoch from `seed` when `shuffle`."
-    sampler = DistributedSampler(dataset, num_replicas, rank, shuffle=shuffle, seed=seed) if shuffle or num_replicas > 1 else None
+    if shuffle: sampler = DistributedSampler(dataset, num_replicas, rank, shuffle=True, seed=seed)
+    else: sampler = ShardSampler(len(dataset), num_replicas, rank) if num_replicas > 1 else None
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_bags,
                       num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0)

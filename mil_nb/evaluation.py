@@ -15,6 +15,7 @@ from sklearn import metrics
 
 from .data import Bag
 from .devices import autocast
+from .distributed import ShardSampler, gather_shards
 from .model import bag_loss, ordinal_grade
 
 # %% auto #0
@@ -47,18 +48,18 @@ class Predictions:
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, loader, device: torch.device = torch.device("cpu"), precision: str = "fp32") -> Predictions:
-    "Logits, labels and per-instance attention of `model` over every batch of `loader`."
+    "Logits, labels and per-instance attention of `model` over every batch of `loader` (gathered over ranks if sharded)."
     model.eval()
-    ids, labels, logits, attention, instance_labels = [], [], [], [], []
+    per_bag = []  # (image_id, label, logits, attention, instance_labels)
     for batch in loader:
         batch = batch.to(device, non_blocking=True)
-        with autocast(device, precision): batch_logits, weights = model(batch.tiles, batch.mask)
+        with autocast(device, precision): logits, weights = model(batch.tiles, batch.mask)
         weights, mask = weights.float().cpu().numpy(), batch.mask.cpu().numpy()
-        ids += [bag.image_id for bag in batch.bags]
-        instance_labels += [bag.instance_labels for bag in batch.bags]
-        labels.append(batch.labels.cpu().numpy()); logits.append(batch_logits.float().cpu().numpy())
-        attention += [w[m] for w, m in zip(weights, mask)]
-    return Predictions(ids, np.concatenate(labels), np.concatenate(logits), attention, instance_labels)
+        per_bag += zip([bag.image_id for bag in batch.bags], batch.labels.cpu().numpy(), logits.float().cpu().numpy(),
+                       [w[m] for w, m in zip(weights, mask)], [bag.instance_labels for bag in batch.bags])
+    if isinstance(loader.sampler, ShardSampler): per_bag = gather_shards(per_bag)
+    ids, labels, logits, attention, instance_labels = map(list, zip(*per_bag))
+    return Predictions(ids, np.array(labels), np.array(logits), attention, instance_labels)
 
 # %% ../nbs/10_evaluation.ipynb #6d0021a8
 def _loss(preds: Predictions) -> float:

@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .devices import autocast, resolve_device, resolve_precision
+from .distributed import agree, all_sum, barrier, world
 from .evaluation import instance_auc, predict, task_metrics
 from .files import atomic_path
 from .model import bag_loss, save_model
@@ -27,11 +28,11 @@ __all__ = ['DEFAULT_MONITOR', 'train_epoch', 'improved', 'fit']
 # %% ../nbs/11_training.ipynb #0457a04e
 def train_epoch(model: torch.nn.Module, loader, optimizer, scaler, device: torch.device, precision: str,
                 progress: bool = False, desc: str = "") -> tuple[float, int]:
-    "One pass over `loader`, one optimiser step per batch of bags: mean loss and the number of bags."
+    "One pass over `loader`, one optimiser step per batch of bags: mean loss and number of bags (over all ranks)."
     model.train()
     total, seen = 0.0, 0
     bar = tqdm(loader, desc=desc, disable=not progress, leave=False)
-    for batch in bar:
+    for batch in bar:  # under DDP, `backward` also averages the gradients over the ranks
         batch = batch.to(device, non_blocking=True)
         with autocast(device, precision):
             logits, _ = model(batch.tiles, batch.mask)
@@ -42,7 +43,8 @@ def train_epoch(model: torch.nn.Module, loader, optimizer, scaler, device: torch
         scaler.update()
         total += loss.item() * len(batch.labels); seen += len(batch.labels)
         bar.set_postfix(loss=f"{total / seen:.4f}")
-    return total / seen, seen
+    total, seen = all_sum(total, seen)
+    return total / seen, int(seen)
 
 # %% ../nbs/11_training.ipynb #0c7ee9fb
 DEFAULT_MONITOR = {"binary": "auc", "isup": "qwk"}
@@ -56,7 +58,8 @@ def improved(score: float, best: float | None, monitor: str) -> bool:
 # %% ../nbs/11_training.ipynb #f7dd8115
 def _settings(model, train_loader, lr, betas, weight_decay, monitor) -> dict:
     return {"model": asdict(model.config) if hasattr(model, "config") else type(model).__name__, "lr": lr, "betas": list(betas),
-            "weight_decay": weight_decay, "monitor": monitor, "batch_size": train_loader.batch_size, "n_train": len(train_loader.dataset)}
+            "weight_decay": weight_decay, "monitor": monitor, "batch_size": train_loader.batch_size, "n_train": len(train_loader.dataset),
+            "world_size": world().size}
 
 def _cpu_state(model: torch.nn.Module) -> dict:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
@@ -86,6 +89,9 @@ def fit(model: torch.nn.Module, train_loader, valid_loader=None, epochs: int = 1
     monitor = monitor or DEFAULT_MONITOR[getattr(getattr(model, "config", None), "task", "binary")]
     output_dir = Path(output_dir) if output_dir is not None else None
     if resume and output_dir is None: raise ValueError("resume=True needs the output_dir of the run to resume")
+    ranks = world()
+    _check_shared(train_loader, ranks.size)
+    writes, progress = output_dir is not None and ranks.is_main, progress and ranks.is_main
     keep_best = keep_best and valid_loader is not None
     model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay, fused=device.type in ("cpu", "cuda"))
@@ -97,12 +103,14 @@ def fit(model: torch.nn.Module, train_loader, valid_loader=None, epochs: int = 1
         history, best, elapsed = checkpoint["history"], checkpoint["best"], checkpoint["elapsed"]
         first_epoch = checkpoint["epoch"] + 1
         if progress: print(f"resuming {output_dir} after epoch {checkpoint['epoch']}")
+    trained = model if ranks.size == 1 else torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device] if device.type == "cuda" else None)
     start = time.time() - elapsed
     for epoch in range(first_epoch, epochs + 1):
-        if best["epoch"] is not None and patience is not None and epoch - best["epoch"] > patience: break
+        if agree(best["epoch"] is not None and patience is not None and epoch - best["epoch"] > patience): break
         if hasattr(train_loader.sampler, "set_epoch"): train_loader.sampler.set_epoch(epoch)
         epoch_start = time.time()
-        train_loss, n_bags = train_epoch(model, train_loader, optimizer, scaler, device, precision, progress, f"epoch {epoch}/{epochs}")
+        train_loss, n_bags = train_epoch(trained, train_loader, optimizer, scaler, device, precision, progress, f"epoch {epoch}/{epochs}")
         train_seconds = time.time() - epoch_start
         valid = _validate(model, valid_loader, device, precision) if valid_loader is not None else {}
         history.append({"epoch": epoch, "train_loss": train_loss, **{f"val_{k}": v for k, v in valid.items()},
@@ -112,23 +120,31 @@ def fit(model: torch.nn.Module, train_loader, valid_loader=None, epochs: int = 1
             best = {"epoch": epoch, "score": valid[monitor], "loss": valid["loss"], "state": _cpu_state(model) if keep_best else None}
         if progress: print(f"epoch {epoch}: train loss {train_loss:.4f}" + "".join(
             f", val {k} {valid[k]:.4f}" for k in ("loss", "auc", "qwk", "accuracy") if k in valid))
-        if output_dir:
+        if writes:
             _write_history(history, output_dir)
             checkpoint = {"epoch": epoch, "model": _cpu_state(model), "optimizer": optimizer.state_dict(),
                           "scaler": scaler.state_dict(), "rng": torch.get_rng_state(), "history": history, "best": best,
                           "settings": settings, "elapsed": time.time() - start}
             with atomic_path(output_dir/"checkpoint.pt") as tmp: torch.save(checkpoint, tmp)
     if keep_best and best["state"] is not None: model.load_state_dict(best["state"])
-    if output_dir:
+    if writes:
         kept = history[best["epoch"] - 1] if keep_best else history[-1]
         facts = {"epochs": epochs, "epochs_run": len(history), "kept_epoch": kept["epoch"], "monitor": monitor,
                  "n_train": len(train_loader.dataset), "n_valid": len(valid_loader.dataset) if valid_loader is not None else 0,
-                 "batch_size": train_loader.batch_size,
-                 "lr": lr, "train_seconds": time.time() - start, "device": str(device), "precision": precision}
+                 "batch_size": train_loader.batch_size, "world_size": ranks.size, "lr": lr,
+                 "train_seconds": time.time() - start, "device": str(device), "precision": precision}
         save_model(model, output_dir/"model.pt", tiling)
         with atomic_path(output_dir/"metrics.json") as tmp:
             tmp.write_text(json.dumps(_json_safe({k: v for k, v in kept.items() if k.startswith("val_")} | facts), indent=1))
+    barrier()  # the other ranks go on once rank 0's files are written
     return pd.DataFrame(history)
+
+def _check_shared(train_loader, world_size: int):
+    "Under DDP each rank must train on its own share of the bags, not all of them."
+    replicas = getattr(train_loader.sampler, "num_replicas", 1)
+    if replicas != world_size:
+        raise ValueError(f"train_loader is split {replicas} way(s), but {world_size} processes train together: make it with "
+                         f"bag_loader(..., shuffle=True, num_replicas={world_size}, rank=<this process's rank>)")
 
 def _validate(model, loader, device, precision) -> dict:
     preds = predict(model, loader, device, precision)
