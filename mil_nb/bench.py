@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import resource
+import socket
 import shutil
 import tempfile
 import time
@@ -19,6 +21,7 @@ from fastcore.script import call_parse
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.utils.flop_counter import FlopCounterMode
 
 from .data import Bag, bag_loader, collate_bags
@@ -35,7 +38,7 @@ from .training import fit
 
 # %% auto #0
 __all__ = ['MNIST_CONFIG', 'BENCHMARKS', 'bench_tile', 'matmul_peak_gflops', 'training_flops_per_bag', 'one_bag_per_step',
-           'random_tile_bags', 'bench_train', 'bench_infer', 'bench_cli']
+           'random_tile_bags', 'bench_train', 'bench_infer', 'bench_ddp', 'bench_cli']
 
 # %% ../nbs/13_bench.ipynb #07750c17
 def _decode(image_file, level: int) -> int:
@@ -113,10 +116,10 @@ def one_bag_per_step(model: torch.nn.Module, bags: list[Bag], lr: float = 5e-4, 
         optimizer.step()
     return (len(bags) - warmup) / (time.perf_counter() - start)
 
-def _fit_bags_per_s(model, bags: list[Bag], batch_size: int, epochs: int, precision: str) -> float:
-    "Training throughput of `fit` after its first (warm-up) epoch."
-    history = fit(model, bag_loader(bags, batch_size, shuffle=True), None, epochs=epochs, lr=5e-4, device="cpu",
-                  precision=precision, progress=False)
+def _fit_bags_per_s(model, bags: list[Bag], batch_size: int, epochs: int, precision: str, num_replicas: int = 1, rank: int = 0) -> float:
+    "Training throughput of `fit` (over all ranks) after its first (warm-up) epoch."
+    history = fit(model, bag_loader(bags, batch_size, shuffle=True, num_replicas=num_replicas, rank=rank), None, epochs=epochs,
+                  lr=5e-4, device="cpu", precision=precision, progress=False)
     return float(history.train_bags_per_s.iloc[1:].median())
 
 def _compare_training(config: MILConfig, bags: list[Bag], batch_size: int, epochs: int, loop_bags: int, seed: int = 0) -> dict:
@@ -191,11 +194,49 @@ def bench_infer() -> dict:
     "`predict` against one bag per forward pass, on MNIST-bags and on tile bags."
     return _measured(_bench_inference)
 
+# %% ../nbs/13_bench.ipynb #36e76a96
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
+
+def _ddp_rank(rank: int, world_size: int, port: int, bags: int, batch_size: int, epochs: int, result: str):
+    "One rank of the scaling run (spawned): rank 0 writes its figures to `result`."
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        set_seed(0); model = AttentionMIL(MILConfig())
+        rate = _fit_bags_per_s(model, random_tile_bags(bags), batch_size, epochs, resolve_precision("auto", torch.device("cpu")),
+                               world_size, rank)
+        gradients = torch.zeros(sum(p.numel() for p in model.parameters()))
+        times = []
+        for _ in range(6):
+            start = time.perf_counter(); dist.all_reduce(gradients); times.append(time.perf_counter() - start)
+        if rank == 0: Path(result).write_text(json.dumps({"bags_per_s": rate, "allreduce_ms": 1000 * float(np.median(times[1:]))}))
+    finally:
+        dist.destroy_process_group()
+
+def _bench_one_process(bags: int, batch_size: int, epochs: int) -> float:
+    set_seed(0)
+    return _fit_bags_per_s(AttentionMIL(MILConfig()), random_tile_bags(bags), batch_size, epochs, resolve_precision("auto", torch.device("cpu")))
+
+def bench_ddp(bags: int = 48, batch_size: int = 8, epochs: int = 4) -> dict:
+    "Training bags/s of `fit` on tile bags in 1 process and in 2 gloo processes, and the all-reduce time of a step."
+    _, _, rate_1 = _in_fresh_process(_bench_one_process, bags, batch_size, epochs)
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.multiprocessing.spawn(_ddp_rank, (2, _free_port(), bags, batch_size, epochs, f"{tmp}/rank0.json"), nprocs=2)
+        two = json.loads(Path(f"{tmp}/rank0.json").read_text())
+    parameters = sum(p.numel() for p in AttentionMIL(MILConfig()).parameters())
+    return {"bags_per_s_1": round(rate_1, 1), "bags_per_s_2": round(two["bags_per_s"], 1), "ratio": round(two["bags_per_s"] / rate_1, 2),
+            "batch_size_per_rank": batch_size, "step_ms_1": round(1000 * batch_size / rate_1, 1),
+            "gradient_mb": round(4 * parameters / 1e6, 1), "allreduce_ms_gloo": round(two["allreduce_ms"], 1),
+            "threads": os.cpu_count(), "backend": "gloo", "precision": resolve_precision("auto", torch.device("cpu"))}
+
 # %% ../nbs/13_bench.ipynb #f9a4c840
-BENCHMARKS = {"tile": bench_tile, "train": bench_train, "infer": bench_infer, "serve": bench_serve}
+BENCHMARKS = {"tile": bench_tile, "train": bench_train, "infer": bench_infer, "ddp": bench_ddp, "serve": bench_serve}
 
 @call_parse
-def bench_cli(what: str,  # which benchmark: tile, train, infer, serve
+def bench_cli(what: str,  # which benchmark: tile, train, infer, ddp, serve
               n_slides: int = 16,  # tile: generated slides
               size: int = 16384,  # tile: level-0 width and height of each slide, px
               level: int = 1,  # tile: pyramid level to tile
