@@ -9,7 +9,6 @@ import inspect
 import json
 import os
 import resource
-import socket
 import shutil
 import tempfile
 import time
@@ -25,12 +24,12 @@ import torch.distributed as dist
 from torch.utils.flop_counter import FlopCounterMode
 
 from .data import Bag, bag_loader, collate_bags
-from .devices import autocast, resolve_precision, set_seed
+from .devices import resolve_precision, set_seed
 from .evaluation import predict
 from .mnist_bags import mnist_bags, mnist_digits, split_digits, train_mnist_bags
 from .model import AttentionMIL, MILConfig, bag_loss
 from .parallel import parallel_map
-from .serve import bench_serve
+from .serve import bench_serve, free_port
 from .slides import open_slide
 from .synth import embedded_dataset
 from .tiling import slide_sources, tile_slides
@@ -195,10 +194,6 @@ def bench_infer() -> dict:
     return _measured(_bench_inference)
 
 # %% ../nbs/13_bench.ipynb #36e76a96
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
-
 def _ddp_rank(rank: int, world_size: int, port: int, bags: int, batch_size: int, epochs: int, result: str):
     "One rank of the scaling run (spawned): rank 0 writes its figures to `result`."
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -224,7 +219,7 @@ def bench_ddp(bags: int = 48, batch_size: int = 8, epochs: int = 4) -> dict:
     "Training bags/s of `fit` on tile bags in 1 process and in 2 gloo processes, and the all-reduce time of a step."
     _, _, rate_1 = _in_fresh_process(_bench_one_process, bags, batch_size, epochs)
     with tempfile.TemporaryDirectory() as tmp:
-        torch.multiprocessing.spawn(_ddp_rank, (2, _free_port(), bags, batch_size, epochs, f"{tmp}/rank0.json"), nprocs=2)
+        torch.multiprocessing.spawn(_ddp_rank, (2, free_port(), bags, batch_size, epochs, f"{tmp}/rank0.json"), nprocs=2)
         two = json.loads(Path(f"{tmp}/rank0.json").read_text())
     parameters = sum(p.numel() for p in AttentionMIL(MILConfig()).parameters())
     return {"bags_per_s_1": round(rate_1, 1), "bags_per_s_2": round(two["bags_per_s"], 1), "ratio": round(two["bags_per_s"] / rate_1, 2),

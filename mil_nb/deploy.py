@@ -6,15 +6,10 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 import tempfile
-from importlib.metadata import packages_distributions, requires
 from pathlib import Path
 
 import boto3
-from packaging.requirements import Requirement
-from packaging.utils import canonicalize_name
 from sagemaker.core import image_uris
 from sagemaker.core.common_utils import name_from_base, repack_model
 from sagemaker.core.helper.session_helper import Session
@@ -23,30 +18,22 @@ from sagemaker.core.shapes import ContainerDefinition, ProductionVariant
 
 import mil_nb
 from .devices import PRECISIONS
+from .launch import imported_requirements
 
 # %% auto #0
-__all__ = ['ENTRY_SCRIPT', 'serving_requirements', 'write_entry_source', 'serving_environment', 'deploy']
+__all__ = ['ENTRY_SCRIPT', 'write_entry_source', 'serving_environment', 'deploy']
 
 # %% ../nbs/22_deploy.ipynb #55af8a70
 ENTRY_SCRIPT = '''"SageMaker PyTorch container entry script: mil_nb's serving functions."
 from mil_nb.inference import input_fn, model_fn, output_fn, predict_fn
 '''
 
-def serving_requirements() -> list[str]:
-    "The requirements of `mil_nb` (as installed) that `mil_nb.inference` imports, torch excepted."
-    imported = subprocess.run([sys.executable, "-c", "import sys, mil_nb.inference; print(*sys.modules)"],
-                              capture_output=True, text=True, check=True).stdout.split()
-    distributions = packages_distributions()
-    used = {canonicalize_name(d) for module in imported for d in distributions.get(module.split(".")[0], [])}
-    needed = [Requirement(r) for r in requires("mil_nb") if Requirement(r).marker is None]
-    return [str(r) for r in needed if canonicalize_name(r.name) in used - {"torch"}]
-
 def write_entry_source(dest: str | Path) -> Path:
     "Write the container's `code/` folder to `dest`: the entry script, the `mil_nb` package and its serving requirements."
     dest = Path(dest)
     shutil.copytree(Path(mil_nb.__file__).parent, dest/"mil_nb", ignore=shutil.ignore_patterns("__pycache__"))
     (dest/"inference.py").write_text(ENTRY_SCRIPT)
-    (dest/"requirements.txt").write_text("\n".join(serving_requirements()) + "\n")
+    (dest/"requirements.txt").write_text("\n".join(imported_requirements(["mil_nb.inference"])) + "\n")
     return dest
 
 # %% ../nbs/22_deploy.ipynb #af9658e3

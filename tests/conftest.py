@@ -1,9 +1,11 @@
-"Shared fixtures: a small synthetic PANDA-format data set, and the main job on the embedded data, each made once per session."
+"Shared fixtures: a small synthetic PANDA-format data set, the main job on the embedded data (each made once per session), and moto's AWS."
 import os
 import subprocess
 from pathlib import Path
 
+import boto3
 import pytest
+from moto import mock_aws
 
 from mil_nb.synth import make_synthetic_panda
 
@@ -36,3 +38,26 @@ def main_job(tmp_path_factory, embedded_cache):
     run = papermill(out/"train.ipynb", "-p", "output_dir", str(out), env={**os.environ, "MIL_NB_CACHE": str(embedded_cache)})
     assert run.returncode == 0, run.stderr[-3000:]
     return out
+
+
+REGION = "us-east-1"
+ROLE = "arn:aws:iam::123456789012:role/SageMakerExecution"
+
+
+@pytest.fixture
+def aws(monkeypatch):
+    "moto's AWS, with fake credentials."
+    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_SESSION_TOKEN": "testing",
+                       "AWS_DEFAULT_REGION": REGION}.items():
+        monkeypatch.setenv(key, value)
+    with mock_aws(): yield
+
+
+def moto_session() -> boto3.Session:
+    """A boto3 session that drops the empty objects moto 5 returns for unset fields (VpcConfig, DataCaptureConfig):
+    sagemaker-core reads each resource back after creating it and rejects them."""
+    session = boto3.Session(region_name=REGION)
+    def drop_empty(parsed, **kwargs):
+        for key in [key for key, value in parsed.items() if value == {}]: del parsed[key]
+    session.events.register("after-call.sagemaker", drop_empty)
+    return session

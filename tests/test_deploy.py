@@ -10,35 +10,13 @@ import boto3
 import numpy as np
 import pytest
 import torch
-from moto import mock_aws
 
 from mil_nb.deploy import deploy
 from mil_nb.inference import npy_body
 from mil_nb.model import AttentionMIL, MILConfig, save_model
 from mil_nb.synth import make_synthetic_panda
 
-REGION = "us-east-1"
-ROLE = "arn:aws:iam::123456789012:role/SageMakerExecution"
-
-
-@pytest.fixture
-def aws(monkeypatch):
-    "moto's AWS, with fake credentials."
-    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_SESSION_TOKEN": "testing",
-                       "AWS_DEFAULT_REGION": REGION}.items():
-        monkeypatch.setenv(key, value)
-    with mock_aws(): yield
-
-
-def moto_session() -> boto3.Session:
-    """A boto3 session that drops the empty objects moto 5 returns for unset fields (VpcConfig, DataCaptureConfig):
-    sagemaker-core reads each resource back after creating it and rejects them."""
-    session = boto3.Session(region_name=REGION)
-    def drop_empty(parsed, **kwargs):
-        for key in [key for key, value in parsed.items() if value == {}]: del parsed[key]
-    session.events.register("after-call.sagemaker", drop_empty)
-    return session
-
+from conftest import REGION, ROLE, moto_session
 
 def model_tar_gz(tmp_path) -> bytes:
     "A training job's model.tar.gz: model.pt at its root."

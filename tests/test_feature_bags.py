@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 from mil_nb.data import BagDataset, bag_loader, split_slides
-from mil_nb.devices import set_seed
 from mil_nb.features import extract_features
 from mil_nb.model import AttentionMIL, MILConfig, load_model
 from mil_nb.panda import read_slide_table

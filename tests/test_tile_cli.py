@@ -7,7 +7,6 @@ import subprocess
 import time
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from mil_nb.slides import OpenSlideReader, open_slide, write_svs

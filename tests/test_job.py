@@ -1,0 +1,63 @@
+"The training job's contract, run here as `mil_nb_launch --local 2` runs it: torchrun, 2 gloo ranks, a SageMaker container's folders."
+import json
+import os
+import re
+import subprocess
+
+import nbformat
+import pytest
+
+from conftest import REPO
+from mil_nb.launch import METRIC_DEFINITIONS
+
+
+def launch_local(local_dir, *args, env=None) -> subprocess.CompletedProcess:
+    command = ["mil_nb_launch", "--local", "2", "--local_dir", str(local_dir), *map(str, args)]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
+
+
+SMALL = ("-p", "epochs", "1", "-p", "n_tiles", "8", "-p", "tile_size", "64", "-p", "num_workers", "0")
+
+
+def test_two_ranks_write_the_model_and_rank_0s_report(small_panda, tmp_path):
+    run = launch_local(tmp_path/"job", "--data_dir", small_panda, *SMALL)
+    assert run.returncode == 0, run.stderr[-3000:]
+    job = tmp_path/"job"
+    assert (job/"model"/"model.pt").exists() and (job/"model"/"metrics.json").exists()
+    report = job/"output"/"data"
+    assert {"train.ipynb", "metrics.json", "history.csv", "confusion_matrix.png", "roc_and_learning_curves.png"} <= {p.name for p in report.iterdir()}
+    metrics = json.loads((report/"metrics.json").read_text())
+    assert (metrics["world_size"], metrics["n_train"] + metrics["n_valid"]) == (2, 24)
+    executed = nbformat.read(report/"train.ipynb", as_version=4)
+    assert "process 0 of 2 on cpu (gloo)" in json.dumps(executed.cells[next(i for i, c in enumerate(executed.cells) if "init_distributed(" in c.source)].outputs)
+    # rank 0's notebook output is the job's log, where SageMaker's metric definitions find one value per epoch
+    charted = {d["Name"]: len(re.findall(d["Regex"], run.stdout + run.stderr)) for d in METRIC_DEFINITIONS}
+    assert charted == {"train:loss": 1, "validation:loss": 1, "validation:auc": 1, "validation:qwk": 0, "validation:accuracy": 1}
+
+
+def test_a_failing_rank_fails_the_job_and_keeps_its_notebook(small_panda, tmp_path):
+    run = launch_local(tmp_path/"job", "--data_dir", small_panda, *SMALL, "-p", "raise_on_rank", "1")
+    assert run.returncode != 0
+    assert "rank 1: train.ipynb failed in cell" in run.stderr and "RuntimeError: raise_on_rank=1" in run.stderr, run.stderr[-3000:]
+    saved = nbformat.read(tmp_path/"job"/"output"/"data"/"train.rank1.ipynb", as_version=4)
+    errors = [o for c in saved.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    assert errors and errors[0].ename == "RuntimeError"
+    assert not (tmp_path/"job"/"model"/"model.pt").exists()
+
+
+def test_a_misspelt_hyperparameter_stops_the_job(tmp_path):
+    run = launch_local(tmp_path/"job", "-p", "epoch", "2")
+    assert run.returncode != 0 and "hyperparameter(s) epoch: not parameters of" in run.stderr
+
+
+@pytest.mark.slow
+def test_local_job_on_the_embedded_data(embedded_cache, tmp_path):
+    "The issue's command: `mil_nb_launch --local 2 --local_dir DIR -p epochs 2` on the embedded data set."
+    run = launch_local(tmp_path/"job", "-p", "epochs", "2", env={**os.environ, "MIL_NB_CACHE": str(embedded_cache)})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (tmp_path/"job"/"model"/"model.pt").exists()
+    report = tmp_path/"job"/"output"/"data"
+    assert (report/"train.ipynb").exists() and len(list(report.glob("attention_*.png"))) == 4
+    metrics = json.loads((report/"metrics.json").read_text())
+    print("local 2-rank job on the embedded data:", {k: metrics[k] for k in ("val_auc", "val_accuracy", "world_size", "lr", "train_seconds")})
+    assert metrics["world_size"] == 2 and metrics["n_train"] + metrics["n_valid"] == 192
