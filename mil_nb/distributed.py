@@ -10,6 +10,7 @@ import importlib
 import math
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -57,8 +58,12 @@ def choose_backend(backend: str, device: torch.device) -> str:
     return backend
 
 # %% ../nbs/17_distributed.ipynb #c71b514e
-def init_distributed(backend: str = "auto", device: str | torch.device = "auto") -> tuple[World, torch.device]:
+_setup_group = None  # the gloo group `local_main_first` waits in
+
+def init_distributed(backend: str = "auto", device: str | torch.device = "auto",
+                     setup_timeout: timedelta = timedelta(hours=6)) -> tuple[World, torch.device]:
     "Join the process group torchrun describes in the environment (if any); this process's `World` and device."
+    global _setup_group
     device = resolve_device(device)
     if "WORLD_SIZE" not in os.environ or (dist.is_available() and dist.is_initialized()): return world(), device
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -66,6 +71,7 @@ def init_distributed(backend: str = "auto", device: str | torch.device = "auto")
         device = torch.device("cuda", local_rank if device.index is None else device.index)
         torch.cuda.set_device(device)
     dist.init_process_group(choose_backend(backend, device), device_id=device if device.type == "cuda" else None)
+    _setup_group = dist.new_group(backend="gloo", timeout=setup_timeout)
     return world(), device
 
 # %% ../nbs/17_distributed.ipynb #24f40d98
@@ -116,10 +122,10 @@ def _collective_device() -> torch.device:
 @contextlib.contextmanager
 def local_main_first():
     "Run the block in the first process of each machine before the others run it."
-    first = world().local_rank == 0
-    if not first: barrier()
+    first, wait = world().local_rank == 0, world().size > 1
+    if wait and not first: dist.barrier(group=_setup_group)
     yield
-    if first: barrier()
+    if wait and first: dist.barrier(group=_setup_group)
 
 # %% ../nbs/17_distributed.ipynb #8d1a245c
 LR_SCALINGS = ("none", "sqrt", "linear")

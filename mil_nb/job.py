@@ -79,10 +79,11 @@ def run_rank(parameters: dict, env: dict, notebook: str | os.PathLike = TRAIN_NO
     executed = report/"train.ipynb" if rank == 0 else output_dir/f"train.rank{rank}.ipynb"
     try:
         papermill.execute_notebook(str(notebook), str(executed), parameters, log_output=rank == 0, progress_bar=False)
-    except PapermillExecutionError as error:
-        if rank != 0: executed = _copy(executed, report)
-        print(f"rank {rank}: {Path(notebook).name} failed in cell {error.exec_count}: {error.ename}: {error.evalue}\n"
-              f"rank {rank}: its executed notebook: {executed}", file=sys.stderr)
+    except Exception as error:  # a cell raised (PapermillExecutionError), or the kernel died (out of memory, ...)
+        if rank != 0 and executed.exists(): executed = _copy(executed, report)
+        where = f"in cell {error.exec_count}: {error.ename}: {error.evalue}" if isinstance(error, PapermillExecutionError) else \
+                f"{type(error).__name__}: {error}"
+        print(f"rank {rank}: {Path(notebook).name} failed {where}\nrank {rank}: its executed notebook: {executed}", file=sys.stderr)
         return 1
     if rank == 0:
         for name in ("model.pt", "metrics.json"): _copy(output_dir/name, Path(env["SM_MODEL_DIR"]))
