@@ -23,6 +23,7 @@ from packaging.utils import canonicalize_name
 from sagemaker.core import image_uris
 from sagemaker.core.helper.session_helper import Session
 from sagemaker.core.resources import TrainingJob
+from sagemaker.core.shapes import CheckpointConfig
 from sagemaker.core.training.configs import (Compute, InputData, MetricDefinition, OutputDataConfig, SourceCode,
                                              StoppingCondition)
 from sagemaker.train import ModelTrainer
@@ -33,9 +34,9 @@ from .job import TRAIN_NOTEBOOK, parse_value
 from .serve import free_port
 
 # %% auto #0
-__all__ = ['JOB_ENTRY', 'JOB_ENTRY_SCRIPT', 'METRIC_DEFINITIONS', 'imported_requirements', 'notebook_imports', 'job_requirements',
-           'write_job_source', 'training_image', 'launch', 'hyperparameter_string', 'local_job_environment',
-           'run_local', 'launch_cli']
+__all__ = ['JOB_ENTRY', 'JOB_ENTRY_SCRIPT', 'CHECKPOINTS', 'METRIC_DEFINITIONS', 'imported_requirements', 'notebook_imports',
+           'job_requirements', 'write_job_source', 'training_image', 'launch', 'hyperparameter_string',
+           'local_job_environment', 'run_local', 'launch_cli']
 
 # %% ../nbs/19_launch.ipynb #777585be
 def imported_requirements(modules: list[str], extra=()) -> list[str]:
@@ -90,6 +91,8 @@ def training_image(region: str, instance_type: str, framework_version: str = "2.
     return image_uris.retrieve(framework="pytorch", region=region, version=framework_version, py_version=py_version,
                                instance_type=instance_type, image_scope="training")
 
+CHECKPOINTS = "/opt/ml/checkpoints"  # where the job's notebook writes checkpoint.pt (`mil_nb.job`: SM_MODEL_DIR/../checkpoints)
+
 METRIC_DEFINITIONS = [{"Name": name, "Regex": f"epoch [0-9]+: .*{label} (-?[0-9.]+)"}
                       for name, label in [("train:loss", "train loss"), ("validation:loss", "val loss"), ("validation:auc", "val auc"),
                                           ("validation:qwk", "val qwk"), ("validation:accuracy", "val accuracy")]]
@@ -97,11 +100,12 @@ METRIC_DEFINITIONS = [{"Name": name, "Regex": f"epoch [0-9]+: .*{label} (-?[0-9.
 # %% ../nbs/19_launch.ipynb #ca0bf5be
 def launch(role: str, instance_type: str = "ml.g5.12xlarge", instance_count: int = 1, processes_per_node: int | None = None,
            hyperparameters: dict | None = None, train_s3: str | None = None, output_s3: str | None = None,
+           checkpoint_s3: str | None = None,
            base_job_name: str = "mil-nb", volume_gb: int = 100, max_runtime_s: int = 24 * 3600,
            framework_version: str = "2.5", py_version: str = "py311", wait: bool = False, dry_run: bool = False,
            boto_session: boto3.Session | None = None) -> TrainingJob | None:
     "Run `nbs/train.ipynb` as a SageMaker training job under torchrun on `instance_count` x `instance_type`; the job (None for a dry run)."
-    for name, uri in {"train_s3": train_s3, "output_s3": output_s3}.items():
+    for name, uri in {"train_s3": train_s3, "output_s3": output_s3, "checkpoint_s3": checkpoint_s3}.items():
         if uri is not None and not uri.startswith("s3://"): raise ValueError(f"{name}={uri!r}: expected an S3 URI (s3://bucket/prefix/)")
     boto_session = boto_session or boto3.Session()
     if not boto_session.region_name:
@@ -117,6 +121,7 @@ def launch(role: str, instance_type: str = "ml.g5.12xlarge", instance_count: int
             stopping_condition=StoppingCondition(max_runtime_in_seconds=max_runtime_s),
             hyperparameters=hyperparameters or {}, output_data_config=OutputDataConfig(s3_output_path=output_s3),
         ).with_metric_definitions([MetricDefinition(name=d["Name"], regex=d["Regex"]) for d in METRIC_DEFINITIONS])
+        if checkpoint_s3: trainer = trainer.with_checkpoint_config(CheckpointConfig(s3_uri=checkpoint_s3, local_path=CHECKPOINTS))
         channels = [InputData(channel_name="train", data_source=train_s3)] if train_s3 else None
         trainer.train(input_data_config=channels, wait=wait, dry_run=dry_run)
     return None if dry_run else trainer._latest_training_job
@@ -181,6 +186,7 @@ def launch_cli(argv: list[str] | None = None):
     parser.add_argument("--processes_per_node", type=int, help="default: one per GPU")
     parser.add_argument("--train", help="S3 URI of the PANDA-layout data (default: the embedded data)")
     parser.add_argument("--output", help="S3 URI for the outputs (default: the session's default bucket)")
+    parser.add_argument("--checkpoints", help="S3 URI to keep checkpoints in; with -p resume True a restarted job continues")
     parser.add_argument("--base_job_name", default="mil-nb")
     parser.add_argument("--volume_gb", type=int, default=100, help="disk per instance; holds the train channel")
     parser.add_argument("--max_runtime_s", type=int, default=24 * 3600, help="the job is stopped after this long")
@@ -193,7 +199,8 @@ def launch_cli(argv: list[str] | None = None):
     if args.data_dir: parser.error("--data_dir is for --local runs: a SageMaker job reads its data from --train s3://...")
     try:
         job = launch(args.role, args.instance_type, args.instance_count, args.processes_per_node, hyperparameters, args.train,
-                     args.output, args.base_job_name, args.volume_gb, args.max_runtime_s, wait=args.wait, dry_run=args.dry_run)
+                     args.output, args.checkpoints, args.base_job_name, args.volume_gb, args.max_runtime_s, wait=args.wait,
+                     dry_run=args.dry_run)
     except ValueError as error: parser.error(str(error))
     if job is None:
         print("dry run: the request is valid; no job submitted")

@@ -35,7 +35,8 @@ def test_launch_submits_a_torchrun_job(sagemaker_aws):
     requests = []
     job = launch(ROLE, "ml.g5.12xlarge", instance_count=2, processes_per_node=4,
                  hyperparameters={"epochs": 100, "task": "isup", "patience": None, "lr": 2e-4},
-                 train_s3="s3://slides/panda/", output_s3="s3://runs/mil-nb/", boto_session=recording_session(requests))
+                 train_s3="s3://slides/panda/", output_s3="s3://runs/mil-nb/", checkpoint_s3="s3://runs/checkpoints/",
+                 boto_session=recording_session(requests))
 
     described = boto3.client("sagemaker", region_name=REGION).describe_training_job(TrainingJobName=job.training_job_name)
     assert job.training_job_name.startswith("mil-nb-")
@@ -45,6 +46,7 @@ def test_launch_submits_a_torchrun_job(sagemaker_aws):
     assert described["OutputDataConfig"]["S3OutputPath"] == "s3://runs/mil-nb/"
     assert described["StoppingCondition"]["MaxRuntimeInSeconds"] == 24 * 3600
     assert described["RoleArn"] == ROLE
+    assert described["CheckpointConfig"] == {"S3Uri": "s3://runs/checkpoints/", "LocalPath": "/opt/ml/checkpoints"}
     channels = {c["ChannelName"]: c["DataSource"]["S3DataSource"]["S3Uri"] for c in described["InputDataConfig"]}
     assert channels.keys() == {"train", "code", "sm_drivers"} and channels["train"] == "s3://slides/panda/"
     # moto describes every job with a canned metric definition: what SageMaker is asked for is in the request
