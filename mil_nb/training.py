@@ -103,6 +103,10 @@ def fit(model: torch.nn.Module, train_loader, valid_loader=None, epochs: int = 1
         history, best, elapsed = checkpoint["history"], checkpoint["best"], checkpoint["elapsed"]
         first_epoch = checkpoint["epoch"] + 1
         if progress: print(f"resuming {output_dir} after epoch {checkpoint['epoch']}")
+    main_first_epoch = agree(first_epoch)
+    if main_first_epoch != first_epoch:
+        raise ValueError(f"{output_dir/'checkpoint.pt'}: rank 0 resumes after epoch {main_first_epoch - 1}, rank {ranks.rank} after "
+                         f"epoch {first_epoch - 1}; to resume, every rank must see the same checkpoint (a shared or synced folder)")
     trained = model if ranks.size == 1 else torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device] if device.type == "cuda" else None)
     start = time.time() - elapsed
