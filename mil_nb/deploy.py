@@ -5,7 +5,6 @@
 # %% ../nbs/22_deploy.ipynb #ea1cc1f7
 from __future__ import annotations
 
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -16,9 +15,8 @@ from sagemaker.core.helper.session_helper import Session
 from sagemaker.core.resources import Endpoint, EndpointConfig, Model
 from sagemaker.core.shapes import ContainerDefinition, ProductionVariant
 
-import mil_nb
 from .devices import PRECISIONS
-from .launch import imported_requirements
+from .launch import copy_package, imported_requirements
 
 # %% auto #0
 __all__ = ['ENTRY_SCRIPT', 'write_entry_source', 'serving_environment', 'deploy']
@@ -31,7 +29,7 @@ from mil_nb.inference import input_fn, model_fn, output_fn, predict_fn
 def write_entry_source(dest: str | Path) -> Path:
     "Write the container's `code/` folder to `dest`: the entry script, the `mil_nb` package and its serving requirements."
     dest = Path(dest)
-    shutil.copytree(Path(mil_nb.__file__).parent, dest/"mil_nb", ignore=shutil.ignore_patterns("__pycache__"))
+    copy_package(dest)
     (dest/"inference.py").write_text(ENTRY_SCRIPT)
     (dest/"requirements.txt").write_text("\n".join(imported_requirements(["mil_nb.inference"])) + "\n")
     return dest

@@ -35,7 +35,7 @@ from .serve import free_port
 
 # %% auto #0
 __all__ = ['JOB_ENTRY', 'JOB_ENTRY_SCRIPT', 'CHECKPOINTS', 'METRIC_DEFINITIONS', 'imported_requirements', 'notebook_imports',
-           'job_requirements', 'write_job_source', 'training_image', 'launch', 'hyperparameter_string',
+           'job_requirements', 'copy_package', 'write_job_source', 'training_image', 'launch', 'hyperparameter_string',
            'local_job_environment', 'run_local', 'launch_cli']
 
 # %% ../nbs/19_launch.ipynb #777585be
@@ -75,10 +75,14 @@ def job_requirements() -> list[str]:
     "The requirements the training job installs: those of the training notebook's imports and `mil_nb.job`, papermill and ipykernel."
     return imported_requirements(notebook_imports(TRAIN_NOTEBOOK) + ["mil_nb.job"], extra=["papermill", "ipykernel"])
 
+def copy_package(dest: str | Path) -> Path:
+    "Copy the `mil_nb` package (as installed, without bytecode) to `dest/mil_nb`, for a job's or a model's source bundle."
+    return Path(shutil.copytree(Path(mil_nb.__file__).parent, Path(dest)/"mil_nb", ignore=shutil.ignore_patterns("__pycache__")))
+
 def write_job_source(dest: str | Path) -> Path:
     "Write the training job's source folder to `dest`: the `mil_nb` package, `nbs/train.ipynb`, the entry script and the requirements."
     dest = Path(dest)
-    shutil.copytree(Path(mil_nb.__file__).parent, dest/"mil_nb", ignore=shutil.ignore_patterns("__pycache__"))
+    copy_package(dest)
     (dest/"nbs").mkdir()
     shutil.copy(TRAIN_NOTEBOOK, dest/"nbs"/"train.ipynb")
     (dest/JOB_ENTRY).write_text(JOB_ENTRY_SCRIPT)
