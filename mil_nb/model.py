@@ -98,7 +98,7 @@ class AttentionPool(nn.Module):
         super().__init__()
         self.tanh_branch = nn.Sequential(nn.Linear(config.embed_dim, config.attention_dim), nn.Tanh())
         self.gate = nn.Sequential(nn.Linear(config.embed_dim, config.attention_dim), nn.Sigmoid()) if gated else None
-        self.score = nn.Linear(config.attention_dim, config.attention_branches)
+        self.score = nn.Linear(config.attention_dim, config.attention_branches, bias=False)  # softmax is shift-invariant
 
     def forward(self, embeddings: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         "Pooled embeddings (B, K*D) and weights (B, N), averaged over the K heads."
