@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['atomic_path', 'cache_dir']
+__all__ = ['atomic_path', 'cache_dir', 'project_root', 'project_path']
 
 # %% ../nbs/00_files.ipynb #859535bf
 @contextlib.contextmanager
@@ -33,3 +33,15 @@ def atomic_path(path: str | os.PathLike):
 def cache_dir() -> Path:
     "The folder where `mil_nb` caches data it makes itself (`$MIL_NB_CACHE` or `~/.cache/mil_nb`)."
     return Path(os.environ.get("MIL_NB_CACHE") or Path.home()/".cache"/"mil_nb")
+
+# %% ../nbs/00_files.ipynb #c5901f02
+def project_root(start: str | os.PathLike | None = None) -> Path | None:
+    "The nearest folder at or above `start` (default: the working directory) holding settings.ini and nbs/."
+    here = Path(start or Path.cwd()).absolute()
+    return next((d for d in (here, *here.parents) if (d/"settings.ini").is_file() and (d/"nbs").is_dir()), None)
+
+def project_path(path: str | os.PathLike | None) -> Path | None:
+    "`path` made absolute: a relative one against the project root (the working directory outside a project)."
+    if path is None: return None
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else (project_root() or Path.cwd())/path

@@ -41,15 +41,15 @@ def train(batch_size: int, num_replicas: int = 1, rank: int = 0, output_dir=None
     model = toy_model()
     share = dict(num_replicas=num_replicas, rank=rank)
     valid_loader = bag_loader(toy_bags(13, 1), batch_size, **share)
-    history = fit(model, bag_loader(toy_bags(32, 0), batch_size, shuffle=True, seed=0, **share), valid_loader,
-                  epochs=EPOCHS, lr=LR, device="cpu", precision="fp32", output_dir=output_dir, keep_best=False, progress=False)
-    return model, history, valid_loader
+    result = fit(model, bag_loader(toy_bags(32, 0), batch_size, shuffle=True, seed=0, **share), valid_loader,
+                 epochs=EPOCHS, lr=LR, device="cpu", precision="fp32", output_dir=output_dir, keep_best=False, progress=False)
+    return model, result.history, valid_loader
 
 
 if __name__ == "__main__":
     out, batch_size = Path(sys.argv[1]), int(sys.argv[2])
-    ranks, device = init_distributed("gloo", "cpu")
+    world, device = init_distributed("gloo", "cpu")
     torch.set_num_threads(1)
-    model, history, valid_loader = train(batch_size, ranks.size, ranks.rank, out)
+    model, history, valid_loader = train(batch_size, world.size, world.rank, out)
     metrics = task_metrics(predict(model, valid_loader))
-    (out/f"metrics.rank{ranks.rank}.json").write_text(json.dumps(metrics | {"world_size": ranks.size}))
+    (out/f"metrics.rank{world.rank}.json").write_text(json.dumps(metrics | {"world_size": world.size}))

@@ -14,6 +14,7 @@ import torch
 from mil_nb.deploy import deploy
 from mil_nb.inference import npy_body
 from mil_nb.model import AttentionMIL, MILConfig, save_model
+from mil_nb.tiling import TilingConfig
 from mil_nb.synth import make_synthetic_panda
 
 from conftest import REGION, ROLE, moto_session
@@ -21,7 +22,8 @@ from conftest import REGION, ROLE, moto_session
 def model_tar_gz(tmp_path) -> bytes:
     "A training job's model.tar.gz: model.pt at its root."
     torch.manual_seed(0)
-    save_model(AttentionMIL(MILConfig(tile_size=32)), tmp_path/"model.pt", tiling={"mode": "kaggle", "n_tiles": 8, "tile_size": 32, "level": 1})
+    save_model(AttentionMIL(MILConfig(tile_size=32)), tmp_path/"model.pt",
+               tiling=TilingConfig(n_tiles=8, tile_size=32, level=1))
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar: tar.add(tmp_path/"model.pt", arcname="model.pt")
     return buffer.getvalue()

@@ -36,7 +36,7 @@ def test_two_ranks_write_the_model_and_rank_0s_report(small_panda, tmp_path):
 
 
 def test_a_failing_rank_fails_the_job_and_keeps_its_notebook(small_panda, tmp_path):
-    run = launch_local(tmp_path/"job", "--data_dir", small_panda, *SMALL, "-p", "raise_on_rank", "1")
+    run = launch_local(tmp_path/"job", "--data_dir", small_panda, *SMALL, env={**os.environ, "MIL_NB_RAISE_ON_RANK": "1"})
     assert run.returncode != 0
     assert "rank 1: train.ipynb failed in cell" in run.stderr and "RuntimeError: raise_on_rank=1" in run.stderr, run.stderr[-3000:]
     saved = nbformat.read(tmp_path/"job"/"output"/"data"/"train.rank1.ipynb", as_version=4)

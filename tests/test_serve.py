@@ -20,7 +20,7 @@ def model_dir(tmp_path_factory):
     "A small random model (32 px tiles) saved with its tiling settings, as the main job saves one."
     path = tmp_path_factory.mktemp("model")
     torch.manual_seed(0)
-    save_model(AttentionMIL(MILConfig(tile_size=32)), path/"model.pt", tiling=TILING)
+    save_model(AttentionMIL(MILConfig(tile_size=32)), path/"model.pt", tiling=TilingConfig(**TILING))
     return path
 
 
@@ -44,8 +44,8 @@ def tiles():
 def direct(model_dir, tiles):
     "Probability and attention of the model itself on `tiles`, in fp32 through the one data path."
     batch = collate_bags([Bag(tiles)])
-    with torch.no_grad(): logits, weights = load_model(model_dir/"model.pt")(batch.tiles, batch.mask)
-    return torch.sigmoid(logits[0]).item(), weights[0].numpy()
+    with torch.no_grad(): logits, attention = load_model(model_dir/"model.pt")(batch.instances, batch.mask)
+    return torch.sigmoid(logits[0]).item(), attention[0].numpy()
 
 
 def test_npy_and_json_bags_get_the_models_own_answer(server, model_dir, tiles):
