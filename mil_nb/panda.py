@@ -12,7 +12,8 @@ import numpy as np
 import pandas as pd
 
 # %% auto #0
-__all__ = ['REQUIRED_COLUMNS', 'ISUP_GRADES', 'MALIGNANT_FROM', 'read_slide_table', 'image_path', 'mask_path', 'malignant_pixels']
+__all__ = ['REQUIRED_COLUMNS', 'ISUP_GRADES', 'MAX_ID_BYTES', 'MALIGNANT_FROM', 'read_slide_table', 'image_path', 'mask_path',
+           'shown_name', 'check_image_id', 'malignant_pixels']
 
 # %% ../nbs/04_panda.ipynb #f198296f
 REQUIRED_COLUMNS = ("image_id", "isup_grade")
@@ -24,7 +25,8 @@ def read_slide_table(data_dir: str | os.PathLike) -> pd.DataFrame:
     if not data_dir.is_dir(): raise FileNotFoundError(f"data_dir {data_dir}: no such folder")
     csv = data_dir/"train.csv"
     if not csv.is_file(): raise FileNotFoundError(f"{csv}: no such file (a PANDA-layout folder has train.csv)")
-    table = pd.read_csv(csv, dtype={"image_id": str})
+    try: table = pd.read_csv(csv, dtype={"image_id": str})
+    except UnicodeDecodeError: _not_utf8(csv)
     missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
     if missing: raise ValueError(f"{csv}: missing column(s) {missing}; found {list(table.columns)}")
     grades = pd.to_numeric(table.isup_grade, errors="coerce")
@@ -36,6 +38,16 @@ def read_slide_table(data_dir: str | os.PathLike) -> pd.DataFrame:
     if "data_provider" not in table.columns: table["data_provider"] = "unknown"
     return table.assign(isup_grade=grades.astype(int))
 
+def _not_utf8(csv: Path):
+    "Raise a ValueError naming the first byte of `csv` that is not UTF-8, and its line."
+    raw = csv.read_bytes()
+    try: raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw[:error.start].count(b"\n") + 1
+        byte = raw[error.start:error.start + 1]
+        raise ValueError(f"{csv}: not UTF-8 text: byte {error.start} (line {line}) is {byte!r}; "
+                         "save it as UTF-8") from None
+
 # %% ../nbs/04_panda.ipynb #ef53c69c
 def image_path(data_dir: str | os.PathLike, image_id: str) -> Path:
     "The slide image of `image_id` in a PANDA-layout folder."
@@ -44,6 +56,24 @@ def image_path(data_dir: str | os.PathLike, image_id: str) -> Path:
 def mask_path(data_dir: str | os.PathLike, image_id: str) -> Path:
     "The label mask of `image_id` in a PANDA-layout folder (not every slide has one)."
     return Path(data_dir)/"train_label_masks"/f"{image_id}_mask.tiff"
+
+# %% ../nbs/04_panda.ipynb #e2b9f6a3
+MAX_ID_BYTES = 200  # file names are at most 255 bytes, and suffixes such as "_mask.tiff" are added
+
+def shown_name(name: str) -> str:
+    "`name` printable and UTF-8: bytes of a file name that are not UTF-8 (surrogate escapes) as \\xNN."
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+def check_image_id(image_id: str) -> str:
+    "`image_id` if it is a safe file name (no path, no hidden name, valid UTF-8); a ValueError naming it otherwise."
+    if not isinstance(image_id, str) or not image_id: problem = "is empty"
+    elif any(sep in image_id for sep in "/\\:"): problem = "holds a path separator (/, \\ or :)"
+    elif image_id.startswith("."): problem = "starts with a dot (., .., hidden or temporary files)"
+    elif any(ord(c) < 32 or ord(c) == 127 for c in image_id): problem = "holds a control character"
+    elif shown_name(image_id) != image_id: problem = "is not valid UTF-8"
+    elif len(image_id.encode()) > MAX_ID_BYTES: problem = f"is longer than {MAX_ID_BYTES} bytes"
+    else: return image_id
+    raise ValueError(f"image_id {shown_name(str(image_id))!r} {problem}: an image_id must be a plain file name")
 
 # %% ../nbs/04_panda.ipynb #b3850a92
 MALIGNANT_FROM = {"radboud": 3, "karolinska": 2}

@@ -5,14 +5,17 @@
 # %% ../nbs/02_parallel.ipynb #045197f1
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
+import sys
 from concurrent.futures import ProcessPoolExecutor
 from typing import Callable, Iterable
 
 from tqdm.auto import tqdm
 
 # %% auto #0
-__all__ = ['parallel_map']
+__all__ = ['parallel_map', 'die_with_parent']
 
 # %% ../nbs/02_parallel.ipynb #194b8f63
 def parallel_map(fn: Callable, items: Iterable, num_workers: int | None = None, desc: str | None = None,
@@ -24,8 +27,19 @@ def parallel_map(fn: Callable, items: Iterable, num_workers: int | None = None, 
     with bar:
         if num_workers <= 1 or len(items) <= 1:
             return [_tick(bar, fn(*item)) for item in items]
-        with ProcessPoolExecutor(min(num_workers, len(items))) as pool:
+        workers = min(num_workers, len(items))
+        with ProcessPoolExecutor(workers, initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
             return [_tick(bar, result) for result in pool.map(fn, *zip(*items))]
+
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+def die_with_parent(parent: int,  # the pid of the process that started this one
+                    sig: int = signal.SIGKILL,  # the signal to get when it ends (SIGTERM: to shut down cleanly)
+                   ):
+    "In a child process: get `sig` when the parent process ends (Linux); if it already has, now."
+    if not sys.platform.startswith("linux"): return
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, sig)
+    if os.getppid() != parent: os.kill(os.getpid(), sig)  # the parent died before prctl took effect
 
 def _tick(bar, result):
     bar.update()

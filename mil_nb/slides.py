@@ -5,7 +5,9 @@
 # %% ../nbs/05_slides.ipynb #09083e45
 from __future__ import annotations
 
+import dataclasses
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,46 @@ import tifffile
 import zarr
 
 # %% auto #0
-__all__ = ['TIFF_SUFFIXES', 'SLIDE_SUFFIXES', 'SlideReader', 'TiffReader', 'OpenSlideReader', 'open_slide', 'write_svs']
+__all__ = ['LIMIT_VARIABLES', 'PHOTOMETRICS', 'TIFF_SUFFIXES', 'SLIDE_SUFFIXES', 'SlideLimits', 'SlideReader', 'TiffReader',
+           'OpenSlideReader', 'open_slide', 'write_bomb', 'write_svs']
+
+# %% ../nbs/05_slides.ipynb #4c0e9a61
+LIMIT_VARIABLES = {"level_pixels": "MIL_NB_MAX_LEVEL_PIXELS", "thumbnail_pixels": "MIL_NB_MAX_THUMBNAIL_PIXELS",
+                   "slide_pixels": "MIL_NB_MAX_SLIDE_PIXELS"}
+
+@dataclass(frozen=True)
+class SlideLimits:
+    "The most pixels a slide may make a reader decode, checked against the file's declared dimensions first."
+    level_pixels: int = 2**28  # one decode: a region, a whole level, a TIFF tile or strip
+    thumbnail_pixels: int = 2**26  # the coarsest level, decoded whole to find tissue
+    slide_pixels: int = 2**36  # all pyramid levels together, as declared
+
+    @classmethod
+    def strict(cls) -> SlideLimits:
+        "A budget for servers: one request decodes at most 64 Mpx at once (192 MB of RGB)."
+        return cls(level_pixels=2**26, thumbnail_pixels=2**24, slide_pixels=2**34)
+
+    @classmethod
+    def from_env(cls, defaults: SlideLimits | None = None) -> SlideLimits:
+        "`defaults` (or the default budget) with the limits set by `MIL_NB_MAX_*_PIXELS` environment variables."
+        values = {}
+        for field, variable in LIMIT_VARIABLES.items():
+            text = os.environ.get(variable, "").strip()
+            if not text: continue
+            try: values[field] = int(float(text))
+            except ValueError: raise ValueError(f"{variable}={text!r}: expected a number of pixels") from None
+        return dataclasses.replace(defaults or cls(), **values)
+
+    def __post_init__(self):
+        for field in LIMIT_VARIABLES:
+            if getattr(self, field) < 1: raise ValueError(f"SlideLimits: {field}={getattr(self, field)}, must be > 0")
+
+    def check(self, source, what: str, pixels: int, field: str):
+        "Refuse (ValueError naming `source`, `what` and the limit) if `pixels` is over the limit `field`."
+        limit = getattr(self, field)
+        if pixels > limit:
+            raise ValueError(f"{source}: {what} is {pixels:,} px, over the limit of {limit:,} px ({field}; raise it "
+                             f"with {LIMIT_VARIABLES[field]}=... or mil_nb_tile --max_{field} ...)")
 
 # %% ../nbs/05_slides.ipynb #c8fe71ab
 class SlideReader:
@@ -22,6 +63,7 @@ class SlideReader:
     path: Path
     dimensions: list[tuple[int, int]]  # (width, height) of each level
     mpp: float | None  # microns per pixel at level 0, where the file says
+    limits: SlideLimits  # the pixel budget every read is checked against
 
     @property
     def level_count(self) -> int: return len(self.dimensions)
@@ -42,10 +84,33 @@ class SlideReader:
         width, height = self.dimensions[self._check_level(level)]
         return self.read_region(level, 0, 0, width, height)
 
+    def read_thumbnail(self) -> np.ndarray:
+        "The coarsest level whole (to find tissue), refused if it is over `limits.thumbnail_pixels`."
+        width, height = self.dimensions[-1]
+        self.limits.check(self.path, f"the coarsest level ({self.level_count - 1}: {width} x {height} px), read whole "
+                          "to find tissue,", width * height, "thumbnail_pixels")
+        return self.read_level(-1)
+
     def _check_level(self, level: int) -> int:
         if not -self.level_count <= level < self.level_count:
             raise ValueError(f"{self.path}: has {self.level_count} pyramid level(s); level {level} was asked for")
         return level % self.level_count
+
+    def _check_read(self, level: int, width: int, height: int) -> int:
+        "`level` checked, after the `width` x `height` px it would decode are checked against the budget."
+        level = self._check_level(level)
+        level_w, level_h = self.dimensions[level]
+        what = f"level {level} ({width} x {height} px)" if (width, height) == (level_w, level_h) else \
+            f"a {width} x {height} px region of level {level}"
+        self.limits.check(self.path, what, int(width) * int(height), "level_pixels")
+        return level
+
+    def _check_pyramid(self):
+        "Refuse a slide whose declared levels are together over `limits.slide_pixels`."
+        total = sum(w * h for w, h in self.dimensions)
+        width, height = self.dimensions[0]
+        self.limits.check(self.path, f"the pyramid ({self.level_count} levels, level 0: {width} x {height} px)", total,
+                          "slide_pixels")
 
     def close(self): pass
     def __enter__(self): return self
@@ -54,11 +119,16 @@ class SlideReader:
         return f"{type(self).__name__}({self.path.name}, levels {self.dimensions}, mpp {self.mpp})"
 
 # %% ../nbs/05_slides.ipynb #802516f9
-def _rgb(image: np.ndarray, source) -> np.ndarray:
-    "3-channel uint8 from grey, RGB or RGBA."
+def _rgb(image: np.ndarray, source, fill: int = 255) -> np.ndarray:
+    "3-channel uint8 from grey, grey and alpha, RGB or RGBA; fully transparent pixels become `fill`."
     if image.dtype != np.uint8: raise ValueError(f"{source}: pixels are {image.dtype}, expected 8-bit (uint8)")
-    if image.ndim == 2: return np.repeat(image[..., None], 3, axis=-1)
-    return image[..., :3]
+    image = image[..., None] if image.ndim == 2 else image
+    samples = image.shape[-1]
+    if samples not in (1, 2, 3, 4): raise ValueError(f"{source}: {samples} samples per pixel; expected grey or RGB")
+    colour = image[..., :3] if samples >= 3 else np.repeat(image[..., :1], 3, axis=-1)
+    return np.where(image[..., -1:] == 0, np.uint8(fill), colour) if samples in (2, 4) else colour
+
+PHOTOMETRICS = ("MINISBLACK", "RGB", "YCBCR")  # TIFF colour spaces tifffile decodes to grey or RGB
 
 def _tiff_mpp(page) -> float | None:
     "Level-0 microns per pixel from a TIFF page's resolution tags, where they have a unit."
@@ -70,9 +140,9 @@ def _tiff_mpp(page) -> float | None:
 
 class TiffReader(SlideReader):
     "A tiled TIFF pyramid read with tifffile (regions decode only the tiles they touch)."
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        self._tif = tifffile.TiffFile(self.path)
+    def __init__(self, path: str | os.PathLike, limits: SlideLimits | None = None):
+        self.path, self.limits = Path(path), limits or SlideLimits.from_env()
+        self._tif = tifffile.TiffFile(self.path)  # parses the headers only: no pixel is decoded here
         try:
             self._levels = self._tif.series[0].levels
             self.dimensions = [(level.shape[1], level.shape[0]) for level in self._levels]
@@ -81,22 +151,34 @@ class TiffReader(SlideReader):
             self._tif.close(); raise
         self._zarr = {}
 
+    def _check_pyramid(self):
+        super()._check_pyramid()
+        for level, series in enumerate(self._levels):
+            page = series.keyframe
+            if page.photometric.name not in PHOTOMETRICS:
+                raise ValueError(f"{self.path}: level {level} is {page.photometric.name}, expected grey or RGB")
+            chunk_h, chunk_w = page.chunks[:2]  # a tile, or a strip, is decoded whole by any read that touches it
+            self.limits.check(self.path, f"a {chunk_w} x {chunk_h} px {'tile' if page.is_tiled else 'strip'} of "
+                              f"level {level}", chunk_w * chunk_h, "level_pixels")
+
     def _array(self, level: int):
         if level not in self._zarr: self._zarr[level] = zarr.open(self._tif.aszarr(level=level), mode="r")
         return self._zarr[level]
 
     def read_level(self, level: int) -> np.ndarray:
-        return _rgb(self._levels[self._check_level(level)].asarray(maxworkers=1), self.path)
+        level = self._check_read(level, *self.dimensions[self._check_level(level)])
+        return _rgb(self._levels[level].asarray(maxworkers=1), self.path)
 
     def read_region(self, level, x, y, width, height, fill=255):
-        level = self._check_level(level)
+        level = self._check_read(level, width, height)
         scale = self.downsamples[level]
         left, top = int(round(x / scale)), int(round(y / scale))
         level_w, level_h = self.dimensions[level]
         out = np.full((height, width, 3), fill, np.uint8)
         x0, y0, x1, y1 = max(left, 0), max(top, 0), min(left + width, level_w), min(top + height, level_h)
         if x0 < x1 and y0 < y1:
-            out[y0 - top:y1 - top, x0 - left:x1 - left] = _rgb(np.asarray(self._array(level)[y0:y1, x0:x1]), self.path)
+            region = np.asarray(self._array(level)[y0:y1, x0:x1])
+            out[y0 - top:y1 - top, x0 - left:x1 - left] = _rgb(region, self.path, fill)
         return out
 
     def close(self): self._tif.close()
@@ -104,8 +186,8 @@ class TiffReader(SlideReader):
 # %% ../nbs/05_slides.ipynb #735f32e0
 class OpenSlideReader(SlideReader):
     "Any slide OpenSlide can read."
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
+    def __init__(self, path: str | os.PathLike, limits: SlideLimits | None = None):
+        self.path, self.limits = Path(path), limits or SlideLimits.from_env()
         self._slide = openslide.OpenSlide(self.path)
         self.dimensions = list(self._slide.level_dimensions)
         mpp = self._slide.properties.get(openslide.PROPERTY_NAME_MPP_X)
@@ -115,7 +197,8 @@ class OpenSlideReader(SlideReader):
     def downsamples(self) -> list[float]: return list(self._slide.level_downsamples)
 
     def read_region(self, level, x, y, width, height, fill=255):
-        rgba = np.asarray(self._slide.read_region((int(x), int(y)), self._check_level(level), (int(width), int(height))))
+        level = self._check_read(level, width, height)
+        rgba = np.asarray(self._slide.read_region((int(round(x)), int(round(y))), level, (int(width), int(height))))
         return np.where(rgba[..., 3:] == 0, np.uint8(fill), rgba[..., :3])
 
     def close(self): self._slide.close()
@@ -124,23 +207,47 @@ class OpenSlideReader(SlideReader):
 TIFF_SUFFIXES = {".tif", ".tiff"}
 SLIDE_SUFFIXES = TIFF_SUFFIXES | {".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".svslide", ".dcm"}
 
-def open_slide(path: str | os.PathLike, backend: str = "auto") -> SlideReader:
-    "A reader for the slide at `path`: tifffile for tiled TIFF pyramids, OpenSlide otherwise ('auto')."
+def open_slide(path: str | os.PathLike,  # the slide file
+               backend: str = "auto",  # auto (tifffile for tiled TIFF pyramids, else OpenSlide), tifffile, openslide
+               limits: SlideLimits | None = None,  # the pixel budget (default: `SlideLimits.from_env()`)
+              ) -> SlideReader:
+    "A reader for the slide at `path`, refused at once if its declared pyramid is over `limits`."
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"{path}: no such file")
     if backend not in ("auto", "tifffile", "openslide"): raise ValueError(f"backend={backend!r}: expected auto, tifffile or openslide")
+    reader = _open_reader(path, backend, limits or SlideLimits.from_env())
+    try: reader._check_pyramid()
+    except Exception:
+        reader.close(); raise
+    return reader
+
+def _open_reader(path: Path, backend: str, limits: SlideLimits) -> SlideReader:
     errors = []
     if backend == "tifffile" or (backend == "auto" and path.suffix.lower() in TIFF_SUFFIXES):
         try:
-            reader = TiffReader(path)
+            reader = TiffReader(path, limits)
             if backend == "tifffile" or reader._levels[0].keyframe.is_tiled: return reader
             reader.close()  # a striped TIFF: OpenSlide may know it better
         except Exception as error:
             errors.append(f"tifffile: {error}")
     if backend != "tifffile":
-        try: return OpenSlideReader(path)
+        try: return OpenSlideReader(path, limits)
         except Exception as error: errors.append(f"OpenSlide: {type(error).__name__}: {error}")
     raise ValueError(f"{path}: not a slide that can be read ({'; '.join(errors)})")
+
+# %% ../nbs/05_slides.ipynb #7e21c4d9
+def write_bomb(path: str | os.PathLike, side: int = 70_000, levels: int = 4, tile: int = 512):
+    "A small TIFF declaring a huge pyramid (`side` px, each level 2x smaller) of two pre-encoded tiles, for tests."
+    import imagecodecs
+    pink = np.empty((tile, tile, 3), np.uint8); pink[:] = (200, 120, 170)
+    encoded = [imagecodecs.zstd_encode(np.full_like(pink, 255).tobytes()), imagecodecs.zstd_encode(pink.tobytes())]
+    with tifffile.TiffWriter(path, bigtiff=True) as tif:
+        for level in range(levels):
+            size = side // 2**level
+            n = -(-size // tile)
+            tiles = (encoded[(i // n + i % n) % 3 == 0] for i in range(n * n))
+            tif.write(tiles, shape=(size, size, 3), dtype=np.uint8, photometric="rgb", tile=(tile, tile),
+                      compression="zstd", subfiletype=1 if level else 0, metadata=None)
 
 # %% ../nbs/05_slides.ipynb #efd52ae5
 def write_svs(path: str | os.PathLike, image: np.ndarray, mpp: float = 0.5, levels: int = 2):

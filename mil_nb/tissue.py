@@ -38,6 +38,7 @@ def _saturation_value(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def tissue_mask(thumbnail: np.ndarray, min_area: float = 0.001, min_saturation: float = 0.05) -> np.ndarray:
     "Boolean map of tissue in an RGB uint8 thumbnail (no pen ink, black artefacts, or regions under `min_area`)."
     saturation, value = _saturation_value(thumbnail[..., :3])
+    if not saturation.any(): saturation = 1 - value  # a greyscale slide: tissue is darker than the glass
     threshold = max(threshold_otsu(saturation), min_saturation) if saturation.max() > saturation.min() else np.inf
     tissue = (saturation > threshold) & ~_ink_or_black(thumbnail[..., :3], saturation, value)
     return remove_small_objects(tissue, max_size=max(1, int(min_area * tissue.size)))

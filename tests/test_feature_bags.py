@@ -12,7 +12,7 @@ from mil_nb.data import BagDataset, bag_loader, split_slides
 from mil_nb.features import extract_features
 from mil_nb.model import AttentionMIL, MILConfig, load_model
 from mil_nb.panda import read_slide_table
-from mil_nb.tiling import TileStore
+from mil_nb.tile_store import TileStore
 from mil_nb.training import fit
 
 

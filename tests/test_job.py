@@ -1,10 +1,13 @@
 "The training job's contract, run here as `mil_nb_launch --local 2` runs it: torchrun, 2 gloo ranks, a SageMaker container's folders."
+import contextlib
 import json
 import os
 import re
 import subprocess
+import time
 
 import nbformat
+import psutil
 import pytest
 
 from conftest import REPO
@@ -61,3 +64,53 @@ def test_local_job_on_the_embedded_data(embedded_cache, tmp_path):
     metrics = json.loads((report/"metrics.json").read_text())
     print("local 2-rank job on the embedded data:", {k: metrics[k] for k in ("val_auc", "val_accuracy", "world_size", "lr", "train_seconds")})
     assert metrics["world_size"] == 2 and metrics["n_train"] + metrics["n_valid"] == 192
+
+
+def test_killing_a_rank_leaves_no_process_behind(small_panda, tmp_path):
+    "SIGKILL one rank mid-epoch: the job fails, and within 10 s no process it started (kernels, loader workers) is left."
+    command = ["mil_nb_launch", "--local", "2", "--local_dir", str(tmp_path/"job"), "--data_dir", str(small_panda),
+               "-p", "epochs", "50", "-p", "n_tiles", "8", "-p", "tile_size", "64", "-p", "num_workers", "1"]
+    launcher = psutil.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    started = []
+    try:
+        rank = wait_for(lambda: next((p for p in launcher.children(recursive=True) if is_rank(p, 1) and has_worker(p)), None),
+                        timeout=300)
+        started = launcher.children(recursive=True)
+        rank.kill()
+        killed_at = time.monotonic()
+        launcher.wait(60)
+        wait_for(lambda: [] if not alive(started) else None, timeout=10 - (time.monotonic() - killed_at))
+        assert launcher.returncode != 0 and not (tmp_path/"job"/"tmp").exists()  # no kernel connection file left
+        assert not alive(started), [" ".join(p.cmdline())[:200] for p in alive(started)]
+    finally:
+        for process in [launcher, *started]:
+            with contextlib.suppress(psutil.Error): process.kill()
+
+
+def wait_for(found, timeout: float):
+    "`found()` once it is not None, polling every 0.2 s; None after `timeout` seconds."
+    deadline = time.monotonic() + timeout
+    while (value := found()) is None and time.monotonic() < deadline: time.sleep(0.2)
+    return value
+
+
+def is_rank(process: psutil.Process, rank: int) -> bool:
+    with contextlib.suppress(psutil.Error):
+        return "mil_nb_job.py" in " ".join(process.cmdline()) and process.environ().get("RANK") == str(rank)
+    return False
+
+
+def has_worker(rank: psutil.Process) -> bool:
+    "Whether the rank's notebook kernel has started a DataLoader worker (a kernel's child)."
+    with contextlib.suppress(psutil.Error):
+        return any(kernel.children() for kernel in rank.children() if "ipykernel" in " ".join(kernel.cmdline()))
+    return False
+
+
+def alive(processes: list[psutil.Process]) -> list[psutil.Process]:
+    "Those of `processes` still running (zombies waiting for their parent to reap them count as ended)."
+    running = []
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            if process.is_running() and process.status() != psutil.STATUS_ZOMBIE: running.append(process)
+    return running

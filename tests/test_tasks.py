@@ -12,7 +12,7 @@ from mil_nb.inference import ServedModel, predict_bag
 from mil_nb.model import AttentionMIL, MILConfig, load_model
 from mil_nb.panda import read_slide_table
 from mil_nb.tasks import TASKS, Task, register_task
-from mil_nb.tiling import tile_slides
+from mil_nb.tile_store import tile_slides
 from mil_nb.training import fit
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from mil_nb.slides import OpenSlideReader, open_slide, write_svs
 from mil_nb.synth import make_synthetic_panda, write_pyramid
-from mil_nb.tiling import TileStore, tile_slides
+from mil_nb.tile_store import TileStore, tile_slides
 
 
 @pytest.fixture(scope="module")

@@ -5,14 +5,18 @@ The fast tests run it on a small data set for 2 epochs; the slow one runs the de
 """
 import json
 import os
+import shutil
+import subprocess
 import sys
+import time
+import uuid
 from pathlib import Path
 
 import nbformat
 import numpy as np
 import pytest
 import torch
-from conftest import papermill
+from conftest import REPO, papermill
 
 
 def figures(notebook: Path) -> int:
@@ -75,3 +79,33 @@ def test_isup_grading_on_the_embedded_data(tmp_path, main_job, embedded_cache):
     print(json.dumps({k: metrics[k] for k in ("val_qwk", "val_accuracy", "val_auc", "kept_epoch")}), file=sys.stderr)
     assert np.array(metrics["val_confusion_matrix"]).shape == (6, 6) and np.sum(metrics["val_confusion_matrix"]) == metrics["n_valid"]
     assert metrics["val_qwk"] >= 0.7 and metrics["val_auc"] >= 0.9  # measured: QWK 0.82, AUC 1.0
+
+
+def test_the_notebook_source_keeps_test_hooks_and_second_passes_out():
+    "The reader's view: no raw front-matter cell, no test-only parameter, no metrics.json read back, no second predict."
+    nb = nbformat.read(REPO/"nbs"/"train.ipynb", as_version=4)
+    source = "\n".join(cell.source for cell in nb.cells)
+    assert not [cell for cell in nb.cells if cell.cell_type == "raw"]
+    assert "raise_on_rank" not in source and "metrics.json\").read_text" not in source and "predict(" not in source
+
+
+def test_relative_paths_resolve_against_the_repository(tmp_path, small_panda):
+    "Run from nbs/ (as JupyterLab's kernel is), a relative output_dir still lands in <repo>/runs/, not nbs/runs/."
+    name = f"runs/test-relative-{uuid.uuid4().hex[:8]}"
+    command = ["papermill", "train.ipynb", str(tmp_path/"x.ipynb"), "-p", "output_dir", name, "-p", "data_dir",
+               str(small_panda), "-p", "epochs", "1", "-p", "tile_size", "32", "-p", "n_tiles", "4"]
+    try:
+        run = subprocess.run(command, cwd=REPO/"nbs", capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert (REPO/name/"model.pt").exists() and not (REPO/"nbs"/name).exists()
+    finally:
+        shutil.rmtree(REPO/name, ignore_errors=True); shutil.rmtree(REPO/"nbs"/name, ignore_errors=True)
+
+
+@pytest.mark.parametrize("parameter, value", [("epochs", "0"), ("tile_size", "7"), ("valid_frac", "1.5"), ("task", "foo")])
+def test_a_bad_parameter_stops_the_notebook_before_any_work(tmp_path, parameter, value):
+    start = time.monotonic()
+    run = papermill(tmp_path/"x.ipynb", "-p", parameter, value, "-p", "output_dir", str(tmp_path/"out"))
+    assert run.returncode != 0 and time.monotonic() - start < 15
+    assert f"{parameter}={value if parameter != 'task' else repr(value)}" in run.stderr + run.stdout
+    assert not (tmp_path/"out"/"tiles").exists()

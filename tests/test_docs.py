@@ -1,0 +1,20 @@
+"`show_doc` documents every parameter of the functions a user calls: each has a docment (an inline comment)."
+import inspect
+
+import pytest
+from fastcore.docments import docments
+from nbdev.showdoc import show_doc
+
+from mil_nb import data, deploy, evaluation, inference, launch, tile_store, tiling, training
+
+PUBLIC = [training.fit, data.bag_loader, tile_store.tile_slides, tiling.tile_slide, launch.launch, deploy.deploy,
+          evaluation.predict, inference.predict, inference.predict_bag]
+
+
+@pytest.mark.parametrize("function", PUBLIC, ids=lambda f: f"{f.__module__}.{f.__name__}")
+def test_every_parameter_has_a_description(function):
+    described = docments(function)
+    missing = [name for name in inspect.signature(function).parameters if not described.get(name)]
+    assert not missing, f"{function.__name__}: no docment for {missing}"
+    shown = show_doc(function)._repr_markdown_()
+    assert all(name in shown for name in inspect.signature(function).parameters)
