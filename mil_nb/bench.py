@@ -57,7 +57,7 @@ def _tile_all(src: Path, mode: str, level: int, workers: int) -> int:
         shutil.rmtree(dest, ignore_errors=True)
 
 def _timed(fn, *args) -> tuple[float, float, object]:
-    "Run `fn(*args)` in this (fresh) process: seconds, the peak RSS in MB of this process or its largest worker, and the result."
+    "Run `fn(*args)` in this (fresh) process: seconds, peak RSS in MB (this process or its largest worker), result."
     start = time.perf_counter()
     result = fn(*args)
     rss = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
@@ -74,16 +74,25 @@ def bench_tile(n_slides: int = 16, size: int = 16384, level: int = 1, workers: i
     results = {}
     for mode in ("kaggle", "tissue"):
         tile_s, rss, tiled = _in_fresh_process(_tile_all, src, mode, level, workers)
-        results[mode] = {"slides": tiled, "tile_s": round(tile_s, 3), "decode_only_s": round(decode_s, 3),
-                         "ratio": round(tile_s / decode_s, 3), "slides_per_s": round(tiled / tile_s, 2),
-                         "mb_per_s": round(nbytes / 2**20 / tile_s, 1), "decode_only_mb_per_s": round(nbytes / 2**20 / decode_s, 1),
-                         "peak_rss_mb": round(rss, 1), "decode_only_peak_rss_mb": round(decode_rss, 1),
-                         "level": level, "level0_px": size, "workers": workers}
+        results[mode] = {
+            "slides": tiled,
+            "tile_s": round(tile_s, 3),
+            "decode_only_s": round(decode_s, 3),
+            "ratio": round(tile_s / decode_s, 3),
+            "slides_per_s": round(tiled / tile_s, 2),
+            "mb_per_s": round(nbytes / 2**20 / tile_s, 1),
+            "decode_only_mb_per_s": round(nbytes / 2**20 / decode_s, 1),
+            "peak_rss_mb": round(rss, 1),
+            "decode_only_peak_rss_mb": round(decode_rss, 1),
+            "level": level,
+            "level0_px": size,
+            "workers": workers,
+        }
     return results
 
 # %% ../nbs/29_bench.ipynb #4f2a8c3d
 def matmul_peak_gflops(dtype: torch.dtype, n: int = 2048, seconds: float = 1.0) -> float:
-    "GFLOP/s of repeated n x n matmuls in `dtype` on the CPU: the practical peak the training runs are measured against."
+    "GFLOP/s of repeated n x n matmuls in `dtype` on the CPU: the practical peak training is measured against."
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
     runs, start = 0, time.perf_counter()
@@ -101,8 +110,10 @@ def training_flops_per_bag(model: torch.nn.Module, bags: list[Bag]) -> float:
     return counter.get_total_flops() / len(bags)
 
 # %% ../nbs/29_bench.ipynb #d00c32d2
-def one_bag_per_step(model: torch.nn.Module, bags: list[Bag], lr: float = 5e-4, weight_decay: float = 1e-4, warmup: int = 8) -> float:
-    "Train `model` one bag per Adam step in fp32, the reference implementation's way (one forward pass); bags per second."
+def one_bag_per_step(
+    model: torch.nn.Module, bags: list[Bag], lr: float = 5e-4, weight_decay: float = 1e-4, warmup: int = 8
+) -> float:
+    "Train `model` one bag per Adam step in fp32, the reference implementation's way; bags per second."
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay)
     model.train()
     for k, bag in enumerate(bags):
@@ -115,24 +126,46 @@ def one_bag_per_step(model: torch.nn.Module, bags: list[Bag], lr: float = 5e-4, 
         optimizer.step()
     return (len(bags) - warmup) / (time.perf_counter() - start)
 
-def _fit_bags_per_s(model, bags: list[Bag], batch_size: int, epochs: int, precision: str, num_replicas: int = 1, rank: int = 0) -> float:
+def _fit_bags_per_s(
+    model, bags: list[Bag], batch_size: int, epochs: int, precision: str, num_replicas: int = 1, rank: int = 0
+) -> float:
     "Training throughput of `fit` (over all ranks) after its first (warm-up) epoch."
-    history = fit(model, bag_loader(bags, batch_size, shuffle=True, num_replicas=num_replicas, rank=rank), None, epochs=epochs,
-                  lr=5e-4, device="cpu", precision=precision, progress=False).history
+    history = fit(
+        model,
+        bag_loader(bags, batch_size, shuffle=True, num_replicas=num_replicas, rank=rank),
+        None,
+        epochs=epochs,
+        lr=5e-4,
+        device="cpu",
+        precision=precision,
+        progress=False,
+    ).history
     return float(history.train_bags_per_s.iloc[1:].median())
 
-def _compare_training(config: MILConfig, bags: list[Bag], batch_size: int, epochs: int, loop_bags: int, seed: int = 0) -> dict:
+def _compare_training(
+    config: MILConfig, bags: list[Bag], batch_size: int, epochs: int, loop_bags: int, seed: int = 0
+) -> dict:
     precision = resolve_precision("auto", torch.device("cpu"))
     peaks = {"fp32": matmul_peak_gflops(torch.float32), "bf16": matmul_peak_gflops(torch.bfloat16)}
     set_seed(seed); model = AttentionMIL(config)
     flops = training_flops_per_bag(model, bags[:batch_size])
     fit_rate = _fit_bags_per_s(model, bags, batch_size, epochs, precision)
     set_seed(seed); loop_rate = one_bag_per_step(AttentionMIL(config), bags[:loop_bags])
-    return {"fit_bags_per_s": round(fit_rate, 1), "loop_bags_per_s": round(loop_rate, 1), "speedup": round(fit_rate / loop_rate, 2),
-            "gflops": round(flops * fit_rate / 1e9, 1), "peak_fraction": round(flops * fit_rate / 1e9 / peaks[precision], 4),
-            "loop_gflops": round(flops * loop_rate / 1e9, 1), "loop_peak_fraction": round(flops * loop_rate / 1e9 / peaks["fp32"], 4),
-            "matmul_peak_gflops": {k: round(v, 1) for k, v in peaks.items()}, "precision": precision, "batch_size": batch_size,
-            "gflop_per_bag": round(flops / 1e9, 3), "bags": len(bags), "threads": torch.get_num_threads()}
+    return {
+        "fit_bags_per_s": round(fit_rate, 1),
+        "loop_bags_per_s": round(loop_rate, 1),
+        "speedup": round(fit_rate / loop_rate, 2),
+        "gflops": round(flops * fit_rate / 1e9, 1),
+        "peak_fraction": round(flops * fit_rate / 1e9 / peaks[precision], 4),
+        "loop_gflops": round(flops * loop_rate / 1e9, 1),
+        "loop_peak_fraction": round(flops * loop_rate / 1e9 / peaks["fp32"], 4),
+        "matmul_peak_gflops": {k: round(v, 1) for k, v in peaks.items()},
+        "precision": precision,
+        "batch_size": batch_size,
+        "gflop_per_bag": round(flops / 1e9, 3),
+        "bags": len(bags),
+        "threads": torch.get_num_threads(),
+    }
 
 # %% ../nbs/29_bench.ipynb #c454814a
 MNIST_CONFIG = MILConfig(encoder="mnist", tile_size=28, channels=1, embed_dim=500)
@@ -140,14 +173,19 @@ MNIST_CONFIG = MILConfig(encoder="mnist", tile_size=28, channels=1, embed_dim=50
 def _bench_mnist_training(epochs: int = 4) -> dict:
     images, labels = mnist_digits()
     train_digits, _ = split_digits(images, labels)
-    result = _compare_training(MNIST_CONFIG, mnist_bags(*train_digits, 200), batch_size=16, epochs=epochs, loop_bags=108)
+    result = _compare_training(
+        MNIST_CONFIG, mnist_bags(*train_digits, 200), batch_size=16, epochs=epochs, loop_bags=108
+    )
     default = train_mnist_bags()
     return result | {"test_auc": round(default["test_auc"], 4), "train_s": round(default["train_s"], 2)}
 
 def random_tile_bags(n_bags: int, n_tiles: int = 16, tile_size: int = 128, seed: int = 0) -> list[Bag]:
     "Bags of random RGB tiles (for timing: they cost what tissue costs), alternately labelled 1 and 0."
     rng = np.random.default_rng(seed)
-    return [Bag(rng.integers(0, 256, (n_tiles, tile_size, tile_size, 3), dtype=np.uint8), float(i % 2), f"bag{i}") for i in range(n_bags)]
+    return [
+        Bag(rng.integers(0, 256, (n_tiles, tile_size, tile_size, 3), dtype=np.uint8), float(i % 2), f"bag{i}")
+        for i in range(n_bags)
+    ]
 
 def _bench_tile_training(epochs: int = 3) -> dict:
     return _compare_training(MILConfig(), random_tile_bags(48), batch_size=8, epochs=epochs, loop_bags=32)
@@ -210,21 +248,40 @@ def _ddp_rank(rank: int, world_size: int, port: int, bags: int, batch_size: int,
     times = []
     for _ in range(6):
         start = time.perf_counter(); dist.all_reduce(gradients); times.append(time.perf_counter() - start)
-    if rank == 0: Path(result).write_text(json.dumps({"bags_per_s": rate, "allreduce_ms": 1000 * float(np.median(times[1:])),
-                                                      "gradient_mb": 4 * len(gradients) / 1e6}))
+    if rank == 0:
+        Path(result).write_text(
+            json.dumps(
+                {
+                    "bags_per_s": rate,
+                    "allreduce_ms": 1000 * float(np.median(times[1:])),
+                    "gradient_mb": 4 * len(gradients) / 1e6,
+                }
+            )
+        )
     dist.barrier()
-    os._exit(0)  # skip the interpreter's teardown, in which a thread of torch's gloo group aborts the process now and then
+    # skip the interpreter's teardown, in which a thread of torch's gloo group aborts the process now and then
+    os._exit(0)
 
 def bench_ddp(bags: int = 48, batch_size: int = 8, epochs: int = 4) -> dict:
     "Training bags/s of `fit` on tile bags in 1 process and in 2 gloo processes, and the all-reduce time of a step."
     _, _, rate_1 = _in_fresh_process(_tile_fit_rate, bags, batch_size, epochs)
     with tempfile.TemporaryDirectory() as tmp:
-        torch.multiprocessing.spawn(_ddp_rank, (2, free_port(), bags, batch_size, epochs, f"{tmp}/rank0.json"), nprocs=2)
+        torch.multiprocessing.spawn(
+            _ddp_rank, (2, free_port(), bags, batch_size, epochs, f"{tmp}/rank0.json"), nprocs=2
+        )
         two = json.loads(Path(f"{tmp}/rank0.json").read_text())
-    return {"bags_per_s_1": round(rate_1, 1), "bags_per_s_2": round(two["bags_per_s"], 1), "ratio": round(two["bags_per_s"] / rate_1, 2),
-            "batch_size_per_rank": batch_size, "step_ms_1": round(1000 * batch_size / rate_1, 1),
-            "gradient_mb": round(two["gradient_mb"], 1), "allreduce_ms_gloo": round(two["allreduce_ms"], 1),
-            "threads": os.cpu_count(), "backend": "gloo", "precision": resolve_precision("auto", torch.device("cpu"))}
+    return {
+        "bags_per_s_1": round(rate_1, 1),
+        "bags_per_s_2": round(two["bags_per_s"], 1),
+        "ratio": round(two["bags_per_s"] / rate_1, 2),
+        "batch_size_per_rank": batch_size,
+        "step_ms_1": round(1000 * batch_size / rate_1, 1),
+        "gradient_mb": round(two["gradient_mb"], 1),
+        "allreduce_ms_gloo": round(two["allreduce_ms"], 1),
+        "threads": os.cpu_count(),
+        "backend": "gloo",
+        "precision": resolve_precision("auto", torch.device("cpu")),
+    }
 
 # %% ../nbs/29_bench.ipynb #f9a4c840
 BENCHMARKS = {"tile": bench_tile, "train": bench_train, "infer": bench_infer, "ddp": bench_ddp, "serve": bench_serve}
@@ -238,7 +295,15 @@ def bench_cli(what: str,  # which benchmark: tile, train, infer, ddp, serve
               clients: int = 8,  # serve: concurrent clients
               requests: int = 25):  # serve: requests per client
     "Run a benchmark and print its figures as one JSON object."
-    if what not in BENCHMARKS: raise SystemExit(f"mil_nb_bench: unknown benchmark {what!r}; known: {', '.join(BENCHMARKS)}")
+    if what not in BENCHMARKS:
+        raise SystemExit(f"mil_nb_bench: unknown benchmark {what!r}; known: {', '.join(BENCHMARKS)}")
     benchmark = BENCHMARKS[what]
-    options = {"n_slides": n_slides, "size": size, "level": level, "workers": workers, "clients": clients, "requests": requests}
+    options = {
+        "n_slides": n_slides,
+        "size": size,
+        "level": level,
+        "workers": workers,
+        "clients": clients,
+        "requests": requests,
+    }
     print(json.dumps(benchmark(**{k: v for k, v in options.items() if k in inspect.signature(benchmark).parameters})))

@@ -23,9 +23,17 @@ __all__ = ['imported_requirements', 'notebook_imports', 'copy_package']
 
 # %% ../nbs/23_bundle.ipynb #777585be
 def imported_requirements(modules: list[str], extra=()) -> list[str]:
-    "The requirements of `mil_nb` (as installed) that importing `modules` loads, plus those named in `extra`; torch excepted."
-    run = subprocess.run([sys.executable, "-c", "import importlib, sys\nfor m in sys.argv[1:]: importlib.import_module(m)\nprint(*sys.modules)",
-                          *modules], capture_output=True, text=True)
+    "The requirements of `mil_nb` that importing `modules` loads, plus those named in `extra`; torch excepted."
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import importlib, sys\nfor m in sys.argv[1:]: importlib.import_module(m)\nprint(*sys.modules)",
+            *modules,
+        ],
+        capture_output=True,
+        text=True,
+    )
     if run.returncode: raise ImportError(f"importing {modules}: {run.stderr.strip().splitlines()[-1]}")
     distributions = packages_distributions()
     used = {canonicalize_name(d) for module in run.stdout.split() for d in distributions.get(module.split(".")[0], [])}
@@ -47,5 +55,9 @@ def notebook_imports(notebook: str | Path) -> list[str]:
     return list(dict.fromkeys(modules))
 
 def copy_package(dest: str | Path) -> Path:
-    "Copy the `mil_nb` package (as installed, without bytecode) to `dest/mil_nb`, for a job's or a model's source bundle."
-    return Path(shutil.copytree(Path(mil_nb.__file__).parent, Path(dest)/"mil_nb", ignore=shutil.ignore_patterns("__pycache__")))
+    "Copy the `mil_nb` package (as installed, without bytecode) to `dest/mil_nb`, for a source bundle."
+    return Path(
+        shutil.copytree(
+            Path(mil_nb.__file__).parent, Path(dest) / "mil_nb", ignore=shutil.ignore_patterns("__pycache__")
+        )
+    )

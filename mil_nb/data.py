@@ -86,15 +86,20 @@ def _check_bag(bag: Bag):
     name = bag.image_id or "(unnamed)"
     if len(bag) == 0: raise ValueError(f"bag {name} has no instances")
     instances = bag.instances
-    if not ((instances.ndim == 4 and instances.dtype == np.uint8) or (instances.ndim == 2 and instances.dtype == np.float32)):
-        raise ValueError(f"bag {name}: instances must be uint8 tiles (n, height, width, channels) or float32 features (n, d), "
-                         f"got {instances.dtype} {instances.shape}")
+    if not (
+        (instances.ndim == 4 and instances.dtype == np.uint8) or (instances.ndim == 2 and instances.dtype == np.float32)
+    ):
+        raise ValueError(
+            f"bag {name}: instances must be uint8 tiles (n, height, width, channels) or float32 features (n, d), "
+            f"got {instances.dtype} {instances.shape}"
+        )
 
 def collate_bags(bags: list[Bag]) -> Batch:
     "Pad bags of any sizes into one `Batch` with a mask."
     for bag in bags: _check_bag(bag)
     shapes = {(bag.instances.shape[1:], bag.instances.dtype.name) for bag in bags}
-    if len(shapes) > 1: raise ValueError(f"bags in one batch must have instances of one shape and dtype, got {sorted(shapes)}")
+    if len(shapes) > 1:
+        raise ValueError(f"bags in one batch must have instances of one shape and dtype, got {sorted(shapes)}")
     n_max = max(len(bag) for bag in bags)
     first = bags[0].instances
     instances = torch.zeros((len(bags), n_max, *first.shape[1:]), dtype=torch.from_numpy(first[:0]).dtype)
@@ -136,7 +141,9 @@ class InstanceSampling(Dataset):
         rng = np.random.default_rng([self.seed, epoch, index])
         keep = np.sort(rng.choice(len(bag), self.max_instances, replace=False))
         take = lambda a: None if a is None else a[keep]
-        return Bag(bag.instances[keep], bag.label, bag.image_id, bag.isup_grade, take(bag.coords), take(bag.instance_labels))
+        return Bag(
+            bag.instances[keep], bag.label, bag.image_id, bag.isup_grade, take(bag.coords), take(bag.instance_labels)
+        )
 
 def bag_loader(dataset: Dataset,  # a `BagDataset`, or any data set of `Bag`s
                batch_size: int = 8,  # bags per batch (per process under torchrun)
@@ -151,7 +158,8 @@ def bag_loader(dataset: Dataset,  # a `BagDataset`, or any data set of `Bag`s
     "A DataLoader of padded `Batch`es over `dataset`, shuffled per epoch from `seed` when `shuffle`."
     if shuffle:
         sampler = DistributedSampler(dataset, num_replicas, rank, shuffle=True, seed=seed)
-        if max_instances is not None: sampler, dataset = EpochSampler(sampler), InstanceSampling(dataset, max_instances, seed)
+        if max_instances is not None:
+            sampler, dataset = EpochSampler(sampler), InstanceSampling(dataset, max_instances, seed)
     else: sampler = ShardSampler(len(dataset), num_replicas, rank) if num_replicas > 1 else None
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_bags, num_workers=num_workers,
                       pin_memory=pin_memory, persistent_workers=num_workers > 0, worker_init_fn=_die_with_parent)

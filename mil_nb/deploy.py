@@ -27,7 +27,7 @@ from mil_nb.inference import input_fn, model_fn, output_fn, predict_fn
 '''
 
 def write_entry_source(dest: str | Path) -> Path:
-    "Write the container's `code/` folder to `dest`: the entry script, the `mil_nb` package and its serving requirements."
+    "Write the container's `code/` folder to `dest`: the entry script, `mil_nb` and its serving requirements."
     dest = Path(dest)
     copy_package(dest)
     (dest/"inference.py").write_text(ENTRY_SCRIPT)
@@ -53,12 +53,15 @@ def deploy(model_data_s3: str,  # S3 URI of the model.tar.gz a training job wrot
            boto_session: boto3.Session | None = None,  # region and credentials (None: the default session)
            wait: bool = False,  # return only once the endpoint is InService
           ) -> Endpoint:
-    "Deploy the model in `model_data_s3` (a `model.tar.gz` holding `model.pt`) to a SageMaker endpoint on `instance_type`."
+    "Deploy the model in `model_data_s3` (a `model.tar.gz` holding `model.pt`) to a SageMaker endpoint."
     if not (model_data_s3.startswith("s3://") and model_data_s3.endswith(".tar.gz")):
-        raise ValueError(f"model_data_s3={model_data_s3!r}: expected the S3 URI of a model.tar.gz (s3://bucket/.../model.tar.gz)")
+        raise ValueError(
+            f"model_data_s3={model_data_s3!r}: expected the S3 URI of a model.tar.gz (s3://bucket/.../model.tar.gz)"
+        )
     boto_session = boto_session or boto3.Session()
     region = boto_session.region_name
-    if not region: raise ValueError("no AWS region: pass boto_session=boto3.Session(region_name=...) or set AWS_DEFAULT_REGION")
+    if not region:
+        raise ValueError("no AWS region: pass boto_session=boto3.Session(region_name=...) or set AWS_DEFAULT_REGION")
     name = name or name_from_base("mil-nb")
     environment = serving_environment(region, precision)
     image = image_uris.retrieve(framework="pytorch", region=region, version=framework_version, py_version=py_version,
@@ -67,8 +70,13 @@ def deploy(model_data_s3: str,  # S3 URI of the model.tar.gz a training job wrot
     with tempfile.TemporaryDirectory() as tmp:
         repack_model("inference.py", str(write_entry_source(Path(tmp)/"code")), [], model_data_s3, model_data,
                      Session(boto_session=boto_session))
-    Model.create(model_name=name, primary_container=ContainerDefinition(image=image, model_data_url=model_data, environment=environment),
-                 execution_role_arn=role, session=boto_session, region=region)
+    Model.create(
+        model_name=name,
+        primary_container=ContainerDefinition(image=image, model_data_url=model_data, environment=environment),
+        execution_role_arn=role,
+        session=boto_session,
+        region=region,
+    )
     variant = ProductionVariant(variant_name="AllTraffic", model_name=name, initial_instance_count=instance_count,
                                 instance_type=instance_type)
     EndpointConfig.create(endpoint_config_name=name, production_variants=[variant], session=boto_session, region=region)

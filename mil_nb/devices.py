@@ -28,7 +28,9 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 def _bf16_is_native(device: torch.device) -> bool:
     if device.type == "cuda": return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return (
+        device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    )
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     "The precision to train in on `device`: 'fp32', 'bf16' or 'fp16' ('auto': bf16 where native, else fp32)."

@@ -49,12 +49,16 @@ def choose_backend(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS: raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
     if backend == "auto": return "nccl" if device.type == "cuda" else "gloo"
     if backend in ("nccl", "smddp") and device.type != "cuda":
-        raise ValueError(f"backend={backend!r} moves tensors between GPUs, but this process trains on {device}; use 'gloo' on CPU")
+        raise ValueError(
+            f"backend={backend!r} moves tensors between GPUs, but this process trains on {device}; use 'gloo' on CPU"
+        )
     if backend == "smddp":
         try: importlib.import_module("smdistributed.dataparallel.torch.torch_smddp")  # registers the 'smddp' backend
         except ImportError as error:
-            raise ValueError("backend='smddp' needs the SageMaker data-parallel library (smdistributed.dataparallel), which this "
-                             f"Python cannot import ({error}); use 'nccl'") from None
+            raise ValueError(
+                "backend='smddp' needs the SageMaker data-parallel library (smdistributed.dataparallel), which this "
+                f"Python cannot import ({error}); use 'nccl'"
+            ) from None
     return backend
 
 # %% ../nbs/10_distributed.ipynb #c71b514e
@@ -116,7 +120,11 @@ def barrier():
     if current_world().size > 1: dist.barrier()
 
 def _collective_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() in ("nccl", "smddp") else torch.device("cpu")
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if dist.get_backend() in ("nccl", "smddp")
+        else torch.device("cpu")
+    )
 
 # %% ../nbs/10_distributed.ipynb #fda912b9
 @contextlib.contextmanager

@@ -23,7 +23,9 @@ __all__ = ['encode_tiles', 'extract_features']
 
 # %% ../nbs/19_features.ipynb #c0444b3a
 @torch.no_grad()
-def encode_tiles(encoder: torch.nn.Module, tiles: np.ndarray, batch_size: int, device: torch.device, precision: str) -> np.ndarray:
+def encode_tiles(
+    encoder: torch.nn.Module, tiles: np.ndarray, batch_size: int, device: torch.device, precision: str
+) -> np.ndarray:
     "Features (n, D) float32 of tiles (n, S, S, C) uint8, `batch_size` tiles per call."
     features = []
     for start in range(0, len(tiles), batch_size):
@@ -31,8 +33,15 @@ def encode_tiles(encoder: torch.nn.Module, tiles: np.ndarray, batch_size: int, d
         with autocast(device, precision): features.append(encoder(batch).float().flatten(1).cpu())
     return torch.cat(features).numpy()
 
-def extract_features(encoder: torch.nn.Module, store: TileStore | str | os.PathLike, dest: str | os.PathLike,
-                     batch_size: int = 256, device: str = "auto", precision: str = "auto", progress: bool = True) -> TileStore:
+def extract_features(
+    encoder: torch.nn.Module,
+    store: TileStore | str | os.PathLike,
+    dest: str | os.PathLike,
+    batch_size: int = 256,
+    device: str = "auto",
+    precision: str = "auto",
+    progress: bool = True,
+) -> TileStore:
     "Encode every bag of the tile store `store` with `encoder` into a feature-bag store at `dest` (resumable)."
     store = store if isinstance(store, TileStore) else TileStore(store)
     dest, device = Path(dest), resolve_device(device)
@@ -46,7 +55,11 @@ def extract_features(encoder: torch.nn.Module, store: TileStore | str | os.PathL
         with atomic_path(out) as tmp, open(tmp, "wb") as f: np.savez(f, **arrays)
     n_features = int(np.load(dest/"bags"/store.bag_file(store.image_ids[0]).name)["features"].shape[1]) \
         if store.image_ids else 0
-    meta = store.meta | {"tile_store": str(store.path.resolve()), "encoder": type(encoder).__name__, "features": n_features}
+    meta = store.meta | {
+        "tile_store": str(store.path.resolve()),
+        "encoder": type(encoder).__name__,
+        "features": n_features,
+    }
     with atomic_path(dest/"meta.json") as tmp: tmp.write_text(json.dumps(meta, indent=1))
     for name in ("failures.csv", "index.csv"):  # index last: a store is complete once it has one
         with atomic_path(dest/name) as tmp: shutil.copyfile(store.path/name, tmp)

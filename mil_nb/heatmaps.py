@@ -20,10 +20,13 @@ from .tiling import TilingConfig, tile_side_level0
 __all__ = ['attention_map', 'plot_attention_heatmap', 'plot_slide_attention']
 
 # %% ../nbs/20_heatmaps.ipynb #0bd9c39f
-def attention_map(coords: np.ndarray, attention: np.ndarray, side0: float, shape: tuple[int, int], scale: float) -> np.ndarray:
-    "An image of `shape` (a thumbnail at `scale` x level 0): each tile's weight times n on its footprint, NaN elsewhere."
+def attention_map(
+    coords: np.ndarray, attention: np.ndarray, side0: float, shape: tuple[int, int], scale: float
+) -> np.ndarray:
+    "An image of `shape` (a thumbnail at `scale` x level 0): each tile's attention times n on it, NaN elsewhere."
     heat = np.full(shape, np.nan)
-    for (x, y), weight in sorted(zip(coords, attention * len(attention)), key=lambda t: t[1]):  # the larger weight on top where tiles overlap
+    # the larger weight on top where tiles overlap
+    for (x, y), weight in sorted(zip(coords, attention * len(attention)), key=lambda t: t[1]):
         if np.isnan(x): continue
         x0, y0 = int(x * scale), int(y * scale)
         heat[max(y0, 0):int((y + side0) * scale), max(x0, 0):int((x + side0) * scale)] = weight
@@ -37,8 +40,17 @@ def _thumbnail(reader, max_px: int) -> tuple[np.ndarray, float]:
     step = int(np.ceil(max(image.shape[:2]) / max_px))
     return image[::step, ::step], 1 / (reader.downsamples[level] * step)
 
-def plot_attention_heatmap(slide_file: str | os.PathLike, coords: np.ndarray, attention: np.ndarray, tiling: TilingConfig,
-                           top_k: int = 4, max_px: int = 1024, ax=None, cmap: str = "inferno", title: str | None = None):
+def plot_attention_heatmap(
+    slide_file: str | os.PathLike,
+    coords: np.ndarray,
+    attention: np.ndarray,
+    tiling: TilingConfig,
+    top_k: int = 4,
+    max_px: int = 1024,
+    ax=None,
+    cmap: str = "inferno",
+    title: str | None = None,
+):
     "Attention over the slide's thumbnail, with a colour bar and the `top_k` tiles outlined and numbered."
     with open_slide(slide_file) as reader:
         thumbnail, scale = _thumbnail(reader, max_px)
@@ -46,7 +58,9 @@ def plot_attention_heatmap(slide_file: str | os.PathLike, coords: np.ndarray, at
     ax = ax or plt.subplots(figsize=(7, 7 * thumbnail.shape[0] / thumbnail.shape[1]))[1]
     ax.imshow(thumbnail)
     heat = attention_map(coords, attention, side0, thumbnail.shape[:2], scale)
-    shown = ax.imshow(heat, cmap=cmap, alpha=0.55, vmin=0, vmax=max(2.0, np.nanmax(heat) if np.isfinite(heat).any() else 2.0))
+    shown = ax.imshow(
+        heat, cmap=cmap, alpha=0.55, vmin=0, vmax=max(2.0, np.nanmax(heat) if np.isfinite(heat).any() else 2.0)
+    )
     plt.colorbar(shown, ax=ax, fraction=0.046, pad=0.02, label="attention x tiles in bag (1 = average)")
     for rank, k in enumerate(np.argsort(-attention)[:top_k], start=1):
         if np.isnan(coords[k, 0]): continue

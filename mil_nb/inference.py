@@ -33,7 +33,8 @@ __all__ = ['ENCODE_CHUNK', 'DECODERS', 'BadRequest', 'setting', 'RequestLimits',
            'output_fn']
 
 # %% ../nbs/26_inference.ipynb #1aa25a27
-try: from sagemaker_inference.errors import BaseInferenceToolkitError as _ToolkitError  # only in AWS's serving containers
+# only in AWS's serving containers
+try: from sagemaker_inference.errors import BaseInferenceToolkitError as _ToolkitError
 except ImportError: _ToolkitError = Exception
 
 class BadRequest(ValueError, _ToolkitError):
@@ -123,11 +124,14 @@ def check_tiles(tiles: np.ndarray, config: MILConfig):
     "Raise `BadRequest` naming what is wrong unless `tiles` is a bag this model takes: (n >= 1, S, S, C) uint8."
     expected = (config.tile_size, config.tile_size, config.channels)
     if tiles.ndim >= 1 and len(tiles) == 0: raise BadRequest("the bag is empty: send at least one tile")
-    if tiles.ndim != 4: raise BadRequest(f"tiles must be 4-d (n, {', '.join(map(str, expected))}); got shape {tiles.shape}")
+    if tiles.ndim != 4:
+        raise BadRequest(f"tiles must be 4-d (n, {', '.join(map(str, expected))}); got shape {tiles.shape}")
     if tiles.dtype != np.uint8: raise BadRequest(f"tiles must be uint8 (0-255); got {tiles.dtype}")
     if tiles.shape[1:] != expected:
-        raise BadRequest(f"tiles must be {config.tile_size} x {config.tile_size} px with {config.channels} channels "
-                         f"(this model's tile size); got {tiles.shape[1]} x {tiles.shape[2]} px with {tiles.shape[3]} channels")
+        raise BadRequest(
+            f"tiles must be {config.tile_size} x {config.tile_size} px with {config.channels} channels "
+            f"(this model's tile size); got {tiles.shape[1]} x {tiles.shape[2]} px with {tiles.shape[3]} channels"
+        )
 
 # %% ../nbs/26_inference.ipynb #e01420f4
 def _coords(coords: np.ndarray) -> list:
@@ -276,7 +280,8 @@ def accepts_json(accept: str | None) -> bool:
 
 def encode_answer(prediction: dict, accept: str | None) -> str:
     "The prediction as JSON, if the client accepts JSON."
-    if not accepts_json(accept): raise BadRequest(f"answers are application/json; the request accepts only {accept!r}", 406)
+    if not accepts_json(accept):
+        raise BadRequest(f"answers are application/json; the request accepts only {accept!r}", 406)
     return json.dumps(prediction)
 
 # %% ../nbs/26_inference.ipynb #ed72285a

@@ -28,7 +28,8 @@ __all__ = ['TRAIN_NOTEBOOK', 'REPORT_FILES', 'parse_value', 'job_hyperparameters
            'main']
 
 # %% ../nbs/24_job.ipynb #ccc54c8a
-TRAIN_NOTEBOOK = Path(mil_nb.__file__).parents[1]/"nbs"/"train.ipynb"  # in the repository and in the job's source bundle
+# in the repository and in the job's source bundle
+TRAIN_NOTEBOOK = Path(mil_nb.__file__).parents[1]/"nbs"/"train.ipynb"
 
 # %% ../nbs/24_job.ipynb #1cee9273
 _WORDS = {"none": None, "null": None, "true": True, "false": False}
@@ -73,8 +74,13 @@ def job_parameters(hyperparameters: dict, env: dict, notebook: str | os.PathLike
     container = Path(env["SM_MODEL_DIR"]).parent  # /opt/ml
     parameters = {"output_dir": str(container/"checkpoints"), "tiles_dir": str(container/"tiles")}
     channel_dir = env.get(f"SM_CHANNEL_{(channel or 'train').upper()}")
-    if channel_dir: parameters["data_dir"] = channel_dir
-    elif channel: raise ValueError(f"data_channel={channel!r}: the job has no input channel of that name (its channels: {env.get('SM_CHANNELS', '[]')})")
+    if channel_dir:
+        parameters["data_dir"] = channel_dir
+    elif channel:
+        raise ValueError(
+            f"data_channel={channel!r}: the job has no input channel of that name "
+            f"(its channels: {env.get('SM_CHANNELS', '[]')})"
+        )
     return parameters | hyperparameters
 
 # %% ../nbs/24_job.ipynb #8b94cc07
@@ -89,9 +95,15 @@ def run_rank(parameters: dict, env: dict, notebook: str | os.PathLike = TRAIN_NO
         papermill.execute_notebook(str(notebook), str(executed), parameters, log_output=rank == 0, progress_bar=False)
     except Exception as error:  # a cell raised (PapermillExecutionError), or the kernel died (out of memory, ...)
         if rank != 0 and executed.exists(): executed = _copy(executed, report)
-        where = f"in cell {error.exec_count}: {error.ename}: {error.evalue}" if isinstance(error, PapermillExecutionError) else \
-                f"{type(error).__name__}: {error}"
-        print(f"rank {rank}: {Path(notebook).name} failed {where}\nrank {rank}: its executed notebook: {executed}", file=sys.stderr)
+        where = (
+            f"in cell {error.exec_count}: {error.ename}: {error.evalue}"
+            if isinstance(error, PapermillExecutionError)
+            else f"{type(error).__name__}: {error}"
+        )
+        print(
+            f"rank {rank}: {Path(notebook).name} failed {where}\nrank {rank}: its executed notebook: {executed}",
+            file=sys.stderr,
+        )
         return 1
     if rank == 0:
         for name in ("model.pt", "metrics.json"): _copy(output_dir/name, Path(env["SM_MODEL_DIR"]))

@@ -38,19 +38,19 @@ __all__ = ['JOB_ENTRY', 'JOB_ENTRY_SCRIPT', 'CHECKPOINTS', 'METRIC_DEFINITIONS',
 
 # %% ../nbs/25_launch.ipynb #b916e32c
 JOB_ENTRY = "mil_nb_job.py"
-JOB_ENTRY_SCRIPT = '''"SageMaker training job entry, run by torchrun in every process: nbs/train.ipynb through papermill."
+JOB_ENTRY_SCRIPT = """"SageMaker training job entry, run by torchrun in every process: train.ipynb through papermill."
 from mil_nb.job import main
 
 if __name__ == "__main__":
     main()
-'''
+"""
 
 def job_requirements() -> list[str]:
-    "The requirements the training job installs: those of the training notebook's imports and `mil_nb.job`, papermill and ipykernel."
+    "What the training job installs: the training notebook's and `mil_nb.job`'s imports, papermill and ipykernel."
     return imported_requirements(notebook_imports(TRAIN_NOTEBOOK) + ["mil_nb.job"], extra=["papermill", "ipykernel"])
 
 def write_job_source(dest: str | Path) -> Path:
-    "Write the training job's source folder to `dest`: the `mil_nb` package, `nbs/train.ipynb`, the entry script and the requirements."
+    "Write the training job's source folder to `dest`: `mil_nb`, `nbs/train.ipynb`, the entry script, the requirements."
     dest = Path(dest)
     copy_package(dest)
     (dest/"nbs").mkdir()
@@ -65,11 +65,19 @@ def training_image(region: str, instance_type: str, framework_version: str = "2.
     return image_uris.retrieve(framework="pytorch", region=region, version=framework_version, py_version=py_version,
                                instance_type=instance_type, image_scope="training")
 
-CHECKPOINTS = "/opt/ml/checkpoints"  # where the job's notebook writes checkpoint.pt (`mil_nb.job`: SM_MODEL_DIR/../checkpoints)
+# where the job's notebook writes checkpoint.pt (`mil_nb.job`: SM_MODEL_DIR/../checkpoints)
+CHECKPOINTS = "/opt/ml/checkpoints"
 
-METRIC_DEFINITIONS = [{"Name": name, "Regex": f"epoch [0-9]+: .*{label} (-?[0-9.]+)"}
-                      for name, label in [("train:loss", "train loss"), ("validation:loss", "val loss"), ("validation:auc", "val auc"),
-                                          ("validation:qwk", "val qwk"), ("validation:accuracy", "val accuracy")]]
+METRIC_DEFINITIONS = [
+    {"Name": name, "Regex": f"epoch [0-9]+: .*{label} (-?[0-9.]+)"}
+    for name, label in [
+        ("train:loss", "train loss"),
+        ("validation:loss", "val loss"),
+        ("validation:auc", "val auc"),
+        ("validation:qwk", "val qwk"),
+        ("validation:accuracy", "val accuracy"),
+    ]
+]
 
 # %% ../nbs/25_launch.ipynb #ca0bf5be
 def launch(role: str,  # ARN of the SageMaker execution role the job runs as
@@ -89,9 +97,10 @@ def launch(role: str,  # ARN of the SageMaker execution role the job runs as
            dry_run: bool = False,  # validate the request, submit nothing
            boto_session: boto3.Session | None = None,  # region and credentials (None: the default session)
           ) -> TrainingJob | None:
-    "Run `nbs/train.ipynb` as a SageMaker training job under torchrun on `instance_count` x `instance_type`; the job (None for a dry run)."
+    "Run `nbs/train.ipynb` as a SageMaker training job under torchrun; the job (None for a dry run)."
     for name, uri in {"train_s3": train_s3, "output_s3": output_s3, "checkpoint_s3": checkpoint_s3}.items():
-        if uri is not None and not uri.startswith("s3://"): raise ValueError(f"{name}={uri!r}: expected an S3 URI (s3://bucket/prefix/)")
+        if uri is not None and not uri.startswith("s3://"):
+            raise ValueError(f"{name}={uri!r}: expected an S3 URI (s3://bucket/prefix/)")
     boto_session = boto_session or boto3.Session()
     if not boto_session.region_name:
         raise ValueError("no AWS region: pass boto_session=boto3.Session(region_name=...) or set AWS_DEFAULT_REGION")
@@ -106,7 +115,8 @@ def launch(role: str,  # ARN of the SageMaker execution role the job runs as
             stopping_condition=StoppingCondition(max_runtime_in_seconds=max_runtime_s),
             hyperparameters=hyperparameters or {}, output_data_config=OutputDataConfig(s3_output_path=output_s3),
         ).with_metric_definitions([MetricDefinition(name=d["Name"], regex=d["Regex"]) for d in METRIC_DEFINITIONS])
-        if checkpoint_s3: trainer = trainer.with_checkpoint_config(CheckpointConfig(s3_uri=checkpoint_s3, local_path=CHECKPOINTS))
+        if checkpoint_s3:
+            trainer = trainer.with_checkpoint_config(CheckpointConfig(s3_uri=checkpoint_s3, local_path=CHECKPOINTS))
         channels = [InputData(channel_name="train", data_source=train_s3)] if train_s3 else None
         trainer.train(input_data_config=channels, wait=wait, dry_run=dry_run)
     return None if dry_run else trainer._latest_training_job
@@ -123,21 +133,38 @@ def local_job_environment(local_dir: str | Path, processes: int, hyperparameters
     data = local_dir/"input"/"data"
     cpus = os.cpu_count() or 1
     environment = {
-        "SM_MODEL_DIR": local_dir/"model", "SM_INPUT_DIR": local_dir/"input", "SM_INPUT_DATA_DIR": data,
-        "SM_OUTPUT_DIR": local_dir/"output", "SM_OUTPUT_DATA_DIR": local_dir/"output"/"data",
-        "SM_SOURCE_DIR": data/"code", "SM_ENTRY_SCRIPT": JOB_ENTRY,
-        "SM_CHANNELS": json.dumps(channels), **{f"SM_CHANNEL_{channel.upper()}": data/channel for channel in channels},
+        "SM_MODEL_DIR": local_dir / "model",
+        "SM_INPUT_DIR": local_dir / "input",
+        "SM_INPUT_DATA_DIR": data,
+        "SM_OUTPUT_DIR": local_dir / "output",
+        "SM_OUTPUT_DATA_DIR": local_dir / "output" / "data",
+        "SM_SOURCE_DIR": data / "code",
+        "SM_ENTRY_SCRIPT": JOB_ENTRY,
+        "SM_CHANNELS": json.dumps(channels),
+        **{f"SM_CHANNEL_{channel.upper()}": data / channel for channel in channels},
         "SM_HPS": json.dumps(hyperparameters),
-        **{f"SM_HP_{key.replace('-', '_').upper()}": hyperparameter_string(value) for key, value in hyperparameters.items()},
-        "SM_HOSTS": json.dumps(["algo-1"]), "SM_CURRENT_HOST": "algo-1", "SM_HOST_COUNT": 1, "SM_CURRENT_HOST_RANK": 0,
-        "SM_MASTER_ADDR": "127.0.0.1", "SM_MASTER_PORT": master_port,
-        "SM_NUM_GPUS": torch.cuda.device_count(), "SM_NUM_CPUS": cpus,
-        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", max(1, cpus // processes))}
+        **{
+            f"SM_HP_{key.replace('-', '_').upper()}": hyperparameter_string(value)
+            for key, value in hyperparameters.items()
+        },
+        "SM_HOSTS": json.dumps(["algo-1"]),
+        "SM_CURRENT_HOST": "algo-1",
+        "SM_HOST_COUNT": 1,
+        "SM_CURRENT_HOST_RANK": 0,
+        "SM_MASTER_ADDR": "127.0.0.1",
+        "SM_MASTER_PORT": master_port,
+        "SM_NUM_GPUS": torch.cuda.device_count(),
+        "SM_NUM_CPUS": cpus,
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", max(1, cpus // processes)),
+    }
     return {key: str(value) for key, value in environment.items()}
 
-def run_local(processes: int, local_dir: str | Path, hyperparameters: dict | None = None, data_dir: str | Path | None = None) -> int:
-    "Run the training job here under torchrun with `processes` processes, laid out as in a SageMaker container under `local_dir`; torchrun's exit code."
-    if data_dir is not None and not Path(data_dir).is_dir(): raise FileNotFoundError(f"data_dir={str(data_dir)!r}: no such folder")
+def run_local(
+    processes: int, local_dir: str | Path, hyperparameters: dict | None = None, data_dir: str | Path | None = None
+) -> int:
+    "The training job here: torchrun with `processes` processes, `local_dir` as the container's /opt/ml; its exit code."
+    if data_dir is not None and not Path(data_dir).is_dir():
+        raise FileNotFoundError(f"data_dir={str(data_dir)!r}: no such folder")
     local_dir, hyperparameters = Path(local_dir).absolute(), hyperparameters or {}
     data = local_dir/"input"/"data"
     shutil.rmtree(data/"code", ignore_errors=True)
@@ -160,20 +187,26 @@ def run_local(processes: int, local_dir: str | Path, hyperparameters: dict | Non
 # %% ../nbs/25_launch.ipynb #7aa99298
 def launch_cli(argv: list[str] | None = None):
     "mil_nb_launch: run nbs/train.ipynb under torchrun here (--local N) or as a SageMaker training job (--role ARN)."
-    parser = argparse.ArgumentParser(prog="mil_nb_launch", description="Run nbs/train.ipynb under torchrun here (--local N) "
-                                     "or as a SageMaker training job (--role ARN).")
+    parser = argparse.ArgumentParser(
+        prog="mil_nb_launch",
+        description="Run nbs/train.ipynb under torchrun here (--local N) or as a SageMaker training job (--role ARN).",
+    )
     parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
                         help="a notebook parameter, typed as papermill's -p types it (repeatable)")
     parser.add_argument("--local", type=int, metavar="N", help="run here with N torchrun processes, not on SageMaker")
     parser.add_argument("--local_dir", default="runs/job", help="local run: the job's /opt/ml (code, model, output)")
-    parser.add_argument("--data_dir", help="local run: PANDA-layout folder for the train channel (default: the embedded data)")
+    parser.add_argument(
+        "--data_dir", help="local run: PANDA-layout folder for the train channel (default: the embedded data)"
+    )
     parser.add_argument("--role", help="SageMaker: the execution role's ARN")
     parser.add_argument("--instance_type", default="ml.g5.12xlarge")
     parser.add_argument("--instance_count", type=int, default=1)
     parser.add_argument("--processes_per_node", type=int, help="default: one per GPU")
     parser.add_argument("--train", help="S3 URI of the PANDA-layout data (default: the embedded data)")
     parser.add_argument("--output", help="S3 URI for the outputs (default: the session's default bucket)")
-    parser.add_argument("--checkpoints", help="S3 URI to keep checkpoints in; with -p resume True a restarted job continues")
+    parser.add_argument(
+        "--checkpoints", help="S3 URI to keep checkpoints in; with -p resume True a restarted job continues"
+    )
     parser.add_argument("--base_job_name", default="mil-nb")
     parser.add_argument("--volume_gb", type=int, default=100, help="disk per instance; holds the train channel")
     parser.add_argument("--max_runtime_s", type=int, default=24 * 3600, help="the job is stopped after this long")
@@ -183,15 +216,31 @@ def launch_cli(argv: list[str] | None = None):
     hyperparameters = {key: parse_value(value) for key, value in args.parameter}
     if args.local: sys.exit(run_local(args.local, args.local_dir, hyperparameters, args.data_dir))
     if not args.role: parser.error("--role ARN is needed to run on SageMaker (or --local N to run here)")
-    if args.data_dir: parser.error("--data_dir is for --local runs: a SageMaker job reads its data from --train s3://...")
+    if args.data_dir:
+        parser.error("--data_dir is for --local runs: a SageMaker job reads its data from --train s3://...")
     try:
-        job = launch(args.role, args.instance_type, args.instance_count, args.processes_per_node, hyperparameters, args.train,
-                     args.output, args.checkpoints, args.base_job_name, args.volume_gb, args.max_runtime_s, wait=args.wait,
-                     dry_run=args.dry_run)
+        job = launch(
+            args.role,
+            args.instance_type,
+            args.instance_count,
+            args.processes_per_node,
+            hyperparameters,
+            args.train,
+            args.output,
+            args.checkpoints,
+            args.base_job_name,
+            args.volume_gb,
+            args.max_runtime_s,
+            wait=args.wait,
+            dry_run=args.dry_run,
+        )
     except ValueError as error: parser.error(str(error))
     if job is None:
         print("dry run: the request is valid; no job submitted")
         return
     output = job.output_data_config.s3_output_path.rstrip("/")
-    print(f"{job.training_job_name}: {job.training_job_status}; model: {output}/{job.training_job_name}/output/model.tar.gz")
+    print(
+        f"{job.training_job_name}: {job.training_job_status}; "
+        f"model: {output}/{job.training_job_name}/output/model.tar.gz"
+    )
     if args.wait and job.training_job_status != "Completed": sys.exit(1)

@@ -29,7 +29,9 @@ def mnist_digits() -> tuple[np.ndarray, np.ndarray]:
 
 def split_digits(images: np.ndarray, labels: np.ndarray, test_frac: float = 0.2, seed: int = 0):
     "Train and test digits (images, labels) each, stratified by digit."
-    train_x, test_x, train_y, test_y = train_test_split(images, labels, test_size=test_frac, random_state=seed, stratify=labels)
+    train_x, test_x, train_y, test_y = train_test_split(
+        images, labels, test_size=test_frac, random_state=seed, stratify=labels
+    )
     return (train_x, train_y), (test_x, test_y)
 
 # %% ../nbs/18_mnist_bags.ipynb #87f0e615
@@ -38,7 +40,9 @@ def mnist_bags(images: np.ndarray, labels: np.ndarray, n_bags: int, target: int 
     "`n_bags` bags of digits (n, 28, 28, 1) uint8, labelled 1 when they hold `target`; instance labels kept."
     if len(images) != len(labels): raise ValueError(f"{len(images)} images but {len(labels)} labels")
     if not (labels == target).any() or (labels == target).all():
-        raise ValueError(f"target digit {target}: the digits need both {target}s and other digits to make bags of both labels")
+        raise ValueError(
+            f"target digit {target}: the digits need both {target}s and other digits to make bags of both labels"
+        )
     rng = np.random.default_rng(seed)
     bags = []
     while len(bags) < n_bags:

@@ -50,11 +50,14 @@ class MILConfig:
         for field, allowed in allowed_values:
             value = getattr(self, field)
             if value not in allowed: raise ValueError(f"MILConfig.{field}={value!r}: expected one of {allowed}")
-        if self.attention_branches < 1: raise ValueError(f"MILConfig.attention_branches={self.attention_branches}: need at least 1")
+        if self.attention_branches < 1:
+            raise ValueError(f"MILConfig.attention_branches={self.attention_branches}: need at least 1")
         if self.encoder in _CONV_KERNELS and _conv_side(self.tile_size, _CONV_KERNELS[self.encoder]) < 1:
             smallest = next(s for s in range(1, 1000) if _conv_side(s, _CONV_KERNELS[self.encoder]) >= 1)
-            raise ValueError(f"MILConfig.tile_size={self.tile_size}: the {self.encoder} encoder needs tiles of at least "
-                             f"{smallest} px")
+            raise ValueError(
+                f"MILConfig.tile_size={self.tile_size}: the {self.encoder} encoder needs tiles of at least "
+                f"{smallest} px"
+            )
 
     @property
     def n_outputs(self) -> int:
@@ -94,7 +97,9 @@ class FeatureInput(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         if features.shape[-1] != self.embed_dim:
-            raise ValueError(f"feature bags have {features.shape[-1]} features per instance; this model takes {self.embed_dim}")
+            raise ValueError(
+                f"feature bags have {features.shape[-1]} features per instance; this model takes {self.embed_dim}"
+            )
         return features.float()
 
 _ENCODER_CLASSES = {"tile": TileEncoder, "mnist": MNISTEncoder, "identity": FeatureInput}
@@ -111,7 +116,8 @@ class AttentionPool(nn.Module):
         super().__init__()
         self.tanh_branch = nn.Sequential(nn.Linear(config.embed_dim, config.attention_dim), nn.Tanh())
         self.gate = nn.Sequential(nn.Linear(config.embed_dim, config.attention_dim), nn.Sigmoid()) if gated else None
-        self.score = nn.Linear(config.attention_dim, config.attention_branches, bias=False)  # softmax is shift-invariant
+        # softmax is shift-invariant
+        self.score = nn.Linear(config.attention_dim, config.attention_branches, bias=False)
 
     def forward(self, embeddings: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         "Pooled embeddings (B, K*D) and weights (B, N), averaged over the K heads."
@@ -167,14 +173,21 @@ class AttentionMIL(nn.Module):
     def _encode_padded(self, instances: torch.Tensor) -> torch.Tensor:
         "Embeddings of (n, ...) instances, encoded in one call padded to the next of a few sizes per power of 2."
         n = len(instances)
-        padding = -n % (1 << max(n.bit_length() - 3, 0))  # n in [2^k, 2^(k+1)) rounds up to a multiple of 2^(k-2): < 25% more
+        # n in [2^k, 2^(k+1)) rounds up to a multiple of 2^(k-2): < 25% more
+        padding = -n % (1 << max(n.bit_length() - 3, 0))
         if padding: instances = torch.cat([instances, instances.new_zeros((padding, *instances.shape[1:]))])
         return self.encoder(instances)[:n]
 
     def _check(self, instances: torch.Tensor, mask: torch.Tensor):
         if instances.shape[:2] != mask.shape:
-            raise ValueError(f"instances {tuple(instances.shape)} and mask {tuple(mask.shape)} disagree on (bags, instances)")
-        if self.config.encoder != "identity" and tuple(instances.shape[2:]) != (self.config.tile_size, self.config.tile_size, self.config.channels):
+            raise ValueError(
+                f"instances {tuple(instances.shape)} and mask {tuple(mask.shape)} disagree on (bags, instances)"
+            )
+        if self.config.encoder != "identity" and tuple(instances.shape[2:]) != (
+            self.config.tile_size,
+            self.config.tile_size,
+            self.config.channels,
+        ):
             raise ValueError(f"instances are {tuple(instances.shape[2:])}; this model takes "
                              f"{self.config.tile_size} x {self.config.tile_size} x {self.config.channels} tiles")
         if not mask.any(dim=1).all(): raise ValueError("every bag needs at least one instance (mask has an empty row)")
@@ -199,7 +212,7 @@ class AttentionMIL(nn.Module):
 
 # %% ../nbs/12_model.ipynb #d5e6f038
 def check_mil_invariants(model: AttentionMIL, bags: list, eps: float = 1e-5):
-    "Assert the MIL properties of `model` on `bags` (a list of `Bag`s of different sizes): masking, permutation invariance."
+    "Assert the MIL properties of `model` on `bags` (`Bag`s of different sizes): masking, permutation invariance."
     model.eval()
     batch = collate_bags(bags)
     with torch.no_grad():
@@ -212,13 +225,21 @@ def check_mil_invariants(model: AttentionMIL, bags: list, eps: float = 1e-5):
         for i, bag in enumerate(bags):
             alone = collate_bags([bag])
             logit_alone, attention_alone = model(alone.instances, alone.mask)
-            assert torch.allclose(logit_alone[0], logits[i], atol=eps), f"bag {i}: padding in a batch changed its output"
-            assert torch.allclose(attention_alone[0], attention[i, :len(bag)], atol=eps), f"bag {i}: padding changed its weights"
+            assert torch.allclose(logit_alone[0], logits[i], atol=eps), (
+                f"bag {i}: padding in a batch changed its output"
+            )
+            assert torch.allclose(attention_alone[0], attention[i, : len(bag)], atol=eps), (
+                f"bag {i}: padding changed its weights"
+            )
             perm = torch.randperm(len(bag), generator=generator).numpy()
             shuffled = collate_bags([Bag(bag.instances[perm], bag.label, bag.image_id)])
             logit_shuffled, attention_shuffled = model(shuffled.instances, shuffled.mask)
-            assert torch.allclose(logit_shuffled[0], logits[i], atol=eps), f"bag {i}: shuffling its instances changed its output"
-            assert torch.allclose(attention_shuffled[0], attention_alone[0][perm], atol=eps), f"bag {i}: an instance's weight moved"
+            assert torch.allclose(logit_shuffled[0], logits[i], atol=eps), (
+                f"bag {i}: shuffling its instances changed its output"
+            )
+            assert torch.allclose(attention_shuffled[0], attention_alone[0][perm], atol=eps), (
+                f"bag {i}: an instance's weight moved"
+            )
 
 # %% ../nbs/12_model.ipynb #6251c2fd
 def save_model(model: AttentionMIL, path: str | os.PathLike, tiling: TilingConfig | None = None):

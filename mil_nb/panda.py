@@ -34,7 +34,9 @@ def read_slide_table(data_dir: str | os.PathLike) -> pd.DataFrame:
     if len(bad): raise ValueError(f"{csv}: column isup_grade must be an integer 0-5; row {bad.index[0] + 2} "
                                   f"(image_id {bad.image_id.iloc[0]}) has {bad.isup_grade.iloc[0]!r}")
     if table.image_id.duplicated().any():
-        raise ValueError(f"{csv}: column image_id has duplicates, e.g. {table.image_id[table.image_id.duplicated()].iloc[0]}")
+        raise ValueError(
+            f"{csv}: column image_id has duplicates, e.g. {table.image_id[table.image_id.duplicated()].iloc[0]}"
+        )
     if "data_provider" not in table.columns: table["data_provider"] = "unknown"
     return table.assign(isup_grade=grades.astype(int))
 

@@ -41,7 +41,8 @@ def _one_of(allowed):
 def _path(none: bool):
     def check(value):
         if none and value is None: return None
-        if not isinstance(value, (str, os.PathLike)) or not str(value): return f"expected {'None or ' if none else ''}a path"
+        if not isinstance(value, (str, os.PathLike)) or not str(value):
+            return f"expected {'None or ' if none else ''}a path"
     return check
 
 def _boolean(value): return None if isinstance(value, bool) else "expected True or False"
@@ -52,14 +53,32 @@ def _device(value):
     except (RuntimeError, TypeError): return "expected 'auto', 'cpu', 'cuda' or 'cuda:<index>'"
 
 TRAIN_PARAMETER_CHECKS = {
-    "data_dir": _path(none=True), "output_dir": _path(none=False), "tiles_dir": _path(none=True),
-    "n_slides": _integer(8), "tile_mode": _one_of(MODES), "n_tiles": _integer(0), "max_instances": _integer(1, none=True), "tile_size": _integer(1),
-    "level": _integer(0, none=True), "valid_frac": _number(0, 1, low_open=True, high_open=True),
-    "task": _one_of(TASKS), "pooling": _one_of(POOLINGS), "attention_branches": _integer(1),
-    "epochs": _integer(1), "patience": _integer(1, none=True), "resume": _boolean, "batch_size": _integer(1),
-    "lr": _number(0, low_open=True), "lr_scaling": _one_of(LR_SCALINGS), "weight_decay": _number(0),
-    "seed": _integer(0), "num_workers": _integer(0), "device": _device, "precision": _one_of(PRECISIONS),
-    "backend": _one_of(BACKENDS)}
+    "data_dir": _path(none=True),
+    "output_dir": _path(none=False),
+    "tiles_dir": _path(none=True),
+    "n_slides": _integer(8),
+    "tile_mode": _one_of(MODES),
+    "n_tiles": _integer(0),
+    "max_instances": _integer(1, none=True),
+    "tile_size": _integer(1),
+    "level": _integer(0, none=True),
+    "valid_frac": _number(0, 1, low_open=True, high_open=True),
+    "task": _one_of(TASKS),
+    "pooling": _one_of(POOLINGS),
+    "attention_branches": _integer(1),
+    "epochs": _integer(1),
+    "patience": _integer(1, none=True),
+    "resume": _boolean,
+    "batch_size": _integer(1),
+    "lr": _number(0, low_open=True),
+    "lr_scaling": _one_of(LR_SCALINGS),
+    "weight_decay": _number(0),
+    "seed": _integer(0),
+    "num_workers": _integer(0),
+    "device": _device,
+    "precision": _one_of(PRECISIONS),
+    "backend": _one_of(BACKENDS),
+}
 
 # %% ../nbs/21_parameters.ipynb #f6a7b007
 def check_train_parameters(parameters: dict):

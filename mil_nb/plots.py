@@ -29,7 +29,9 @@ def plot_learning_curves(history: pd.DataFrame, axs=None):
     axs = axs if axs is not None else plt.subplots(1, 2, figsize=(10, 3.5))[1]
     history.plot(x="epoch", y=["train_loss", "val_loss"], marker="o", ax=axs[0], title="loss")
     scores = [c for c in ("val_qwk", "val_auc", "val_accuracy") if c in history]
-    history.plot(x="epoch", y=scores, marker="o", ax=axs[1], title="validation", ylim=(min(0, history[scores].min().min()), 1.02))
+    history.plot(
+        x="epoch", y=scores, marker="o", ax=axs[1], title="validation", ylim=(min(0, history[scores].min().min()), 1.02)
+    )
     return axs
 
 def plot_confusion_matrix(matrix, ax=None, title: str = "validation"):
@@ -46,7 +48,9 @@ def show_tile(ax, bag: Bag, attention: np.ndarray, k: int, prefix: str = ""):
     "Tile `k` of `bag` on `ax`, titled with its attention weight and, where known, its tumour fraction."
     ax.imshow(bag.instances[k])
     known = bag.instance_labels is not None and not np.isnan(bag.instance_labels[k])
-    ax.set_title(f"{prefix}a={attention[k]:.2f}" + (f"\ntumour {bag.instance_labels[k]:.0%}" if known else ""), fontsize=8)
+    ax.set_title(
+        f"{prefix}a={attention[k]:.2f}" + (f"\ntumour {bag.instance_labels[k]:.0%}" if known else ""), fontsize=8
+    )
 
 def plot_bag_attention(bag: Bag, attention: np.ndarray, prob: float | None = None, max_tiles: int = 16, cols: int = 8):
     "A bag's tiles sorted by attention weight, titled with weight and malignant fraction."

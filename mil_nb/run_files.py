@@ -26,7 +26,7 @@ def json_safe(values: dict) -> dict:
     return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in values.items()}
 
 class RunFolder:
-    "The files of a training run in `path`: checkpoint.pt and history.csv every epoch, model.pt and metrics.json at the end."
+    "A training run's files in `path`: checkpoint.pt, history.csv every epoch; model.pt, metrics.json at the end."
     def __init__(self, path: str | os.PathLike): self.path = Path(path)
 
     @property
@@ -49,6 +49,8 @@ class RunFolder:
         checkpoint = torch.load(self.checkpoint_file, map_location="cpu", weights_only=True)
         for key, value in settings.items():
             if checkpoint["settings"].get(key) != value:
-                raise ValueError(f"{self.checkpoint_file}: made with {key}={checkpoint['settings'].get(key)!r}, this run "
-                                 f"has {key}={value!r}; resume with the same settings or use another output_dir")
+                raise ValueError(
+                    f"{self.checkpoint_file}: made with {key}={checkpoint['settings'].get(key)!r}, this run "
+                    f"has {key}={value!r}; resume with the same settings or use another output_dir"
+                )
         return checkpoint

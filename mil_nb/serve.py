@@ -149,7 +149,7 @@ def serve_cli(model_dir: str = "/opt/ml/model",  # folder holding model.pt (Sage
               max_level_pixels: int = None,  # slide px decoded at once (default: $MIL_NB_MAX_LEVEL_PIXELS or 2**26)
               max_thumbnail_pixels: int = None,  # a slide's coarsest level ($MIL_NB_MAX_THUMBNAIL_PIXELS or 2**24)
               max_slide_pixels: int = None):  # px a slide's pyramid declares ($MIL_NB_MAX_SLIDE_PIXELS or 2**34)
-    "Serve the model in MODEL_DIR over HTTP: GET /ping, POST /invocations (application/x-npy, application/json, image/tiff)."
+    "Serve the model in MODEL_DIR over HTTP: GET /ping, POST /invocations (x-npy, JSON or TIFF bodies)."
     try:
         options = _server_options(port, max_concurrency, max_queue, body_timeout_s)
         limits = RequestLimits.from_env(max_body_mb, max_tiles, level_pixels=max_level_pixels,
@@ -163,7 +163,8 @@ def wait_for_ping(url: str, process: subprocess.Popen, timeout: float = 60):
     "Return once `url/ping` answers 200; raise if `process` exits or `timeout` seconds pass first."
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if process.poll() is not None: raise RuntimeError(f"the server exited with status {process.returncode} before answering /ping")
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited with status {process.returncode} before answering /ping")
         try:
             with urllib.request.urlopen(f"{url}/ping", timeout=1) as response:
                 if response.status == 200: return
@@ -175,12 +176,17 @@ class ServerURL(str):
     process: subprocess.Popen
 
 @contextlib.contextmanager
-def running_server(model_dir, *options: str, command=(sys.executable, "-m", "mil_nb.serve"), log=None, timeout: float = 60):
+def running_server(
+    model_dir, *options: str, command=(sys.executable, "-m", "mil_nb.serve"), log=None, timeout: float = 60
+):
     "Run `command` (default: this Python's `mil_nb.serve`) on `model_dir` at a free local port; yield its URL."
     port = free_port()
-    process = subprocess.Popen([*command, "--model_dir", str(model_dir), "--host", "127.0.0.1", "--port", str(port), *options],
-                               stdout=log, stderr=subprocess.STDOUT if log else None,
-                               preexec_fn=functools.partial(die_with_parent, os.getpid()))
+    process = subprocess.Popen(
+        [*command, "--model_dir", str(model_dir), "--host", "127.0.0.1", "--port", str(port), *options],
+        stdout=log,
+        stderr=subprocess.STDOUT if log else None,
+        preexec_fn=functools.partial(die_with_parent, os.getpid()),
+    )
     try:
         url = ServerURL(f"http://127.0.0.1:{port}")
         url.process = process
@@ -227,10 +233,23 @@ def bench_serve(clients: int = 8, requests: int = 25, n_tiles: int = 16, tile_si
             if status != 200: raise RuntimeError(f"the warm-up request failed: {status} {reply}")
             start = time.perf_counter()
             with ThreadPoolExecutor(clients) as pool:
-                latencies = [ms for client in pool.map(_client, [url] * clients, [body] * clients, [requests] * clients) for ms in client]
+                latencies = [
+                    ms
+                    for client in pool.map(_client, [url] * clients, [body] * clients, [requests] * clients)
+                    for ms in client
+                ]
             seconds = time.perf_counter() - start
     done = [ms for ms in latencies if ms is not None]
     percentile = lambda q: round(float(np.percentile(done, q)), 1) if done else None
-    return {"clients": clients, "requests": requests, "total_requests": len(latencies), "errors": len(latencies) - len(done),
-            "p50_ms": percentile(50), "p95_ms": percentile(95), "rps": round(len(done) / seconds, 1),
-            "n_tiles": n_tiles, "tile_size": tile_size, "precision": precision}
+    return {
+        "clients": clients,
+        "requests": requests,
+        "total_requests": len(latencies),
+        "errors": len(latencies) - len(done),
+        "p50_ms": percentile(50),
+        "p95_ms": percentile(95),
+        "rps": round(len(done) / seconds, 1),
+        "n_tiles": n_tiles,
+        "tile_size": tile_size,
+        "precision": precision,
+    }

@@ -214,7 +214,8 @@ def open_slide(path: str | os.PathLike,  # the slide file
     "A reader for the slide at `path`, refused at once if its declared pyramid is over `limits`."
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"{path}: no such file")
-    if backend not in ("auto", "tifffile", "openslide"): raise ValueError(f"backend={backend!r}: expected auto, tifffile or openslide")
+    if backend not in ("auto", "tifffile", "openslide"):
+        raise ValueError(f"backend={backend!r}: expected auto, tifffile or openslide")
     reader = _open_reader(path, backend, limits or SlideLimits.from_env())
     try: reader._check_pyramid()
     except Exception:

@@ -44,8 +44,10 @@ def smooth_field(rng: np.random.Generator, shape: tuple[int, int], sigma) -> np.
 
 # %% ../nbs/03_synth.ipynb #2eda238c
 RAMP_Z = np.array([-3.0, -1.0, -0.6, 0.2, 0.6, 3.0], dtype=np.float32)
-RAMP_RGB = np.array([[238, 222, 234], [230, 205, 224], [112, 58, 150], [150, 92, 178], [224, 140, 190], [236, 162, 204]],
-                    dtype=np.float32)
+RAMP_RGB = np.array(
+    [[238, 222, 234], [230, 205, 224], [112, 58, 150], [150, 92, 178], [224, 140, 190], [236, 162, 204]],
+    dtype=np.float32,
+)
 
 def colour(field: np.ndarray, stain: np.ndarray) -> np.ndarray:
     "RGB float colours for field values, through the H&E ramp scaled per channel by `stain`."
@@ -85,7 +87,9 @@ def draw_artefacts(rng: np.random.Generator, rgb: np.ndarray, tissue: np.ndarray
     rgb[border & glass] = (12, 12, 14)
 
 # %% ../nbs/03_synth.ipynb #ff9bf3cb
-def render_slide(rng: np.random.Generator, isup: int, size: int, artefacts: bool = False) -> tuple[np.ndarray, np.ndarray, tuple | None]:
+def render_slide(
+    rng: np.random.Generator, isup: int, size: int, artefacts: bool = False
+) -> tuple[np.ndarray, np.ndarray, tuple | None]:
     "RGB uint8 image and radboud label map (`size` x `size`) of a slide of ISUP grade `isup`, and its patterns."
     tissue = region(coarse_field(rng, size), rng.uniform(0.15, 0.25))
     jitter = rng.uniform(0.85, 1.15)
@@ -95,7 +99,11 @@ def render_slide(rng: np.random.Generator, isup: int, size: int, artefacts: bool
     if isup > 0:
         patterns = GLEASON_BY_ISUP[isup][rng.integers(len(GLEASON_BY_ISUP[isup]))]
         tumour = region(coarse_field(rng, size), rng.uniform(0.15, 0.35), within=tissue)
-        primary = region(coarse_field(rng, size), rng.uniform(0.55, 0.8), within=tumour) if patterns[0] != patterns[1] else tumour
+        primary = (
+            region(coarse_field(rng, size), rng.uniform(0.55, 0.8), within=tumour)
+            if patterns[0] != patterns[1]
+            else tumour
+        )
         for pattern, where in ((patterns[0], primary), (patterns[1], tumour & ~primary)):
             field[where] = smooth_field(rng, (size, size), TEXTURE_SIGMA[pattern])[where]
             labels[where] = pattern
@@ -135,7 +143,11 @@ def write_pyramid(path: str | os.PathLike, level1: np.ndarray, labels: bool = Fa
     "Write a 3-level tiled TIFF at `path` from an RGB image at level 1 (`labels`: a lossless label mask)."
     compression, args = ("zlib", {"level": 1}) if labels else ("jpeg", {"level": 90})
     h, w = level1.shape[:2]
-    levels = [(_level0_tiles(level1), (h * LEVEL_DOWNSAMPLE, w * LEVEL_DOWNSAMPLE, 3)), (level1, None), (_level2(level1, labels), None)]
+    levels = [
+        (_level0_tiles(level1), (h * LEVEL_DOWNSAMPLE, w * LEVEL_DOWNSAMPLE, 3)),
+        (level1, None),
+        (_level2(level1, labels), None),
+    ]
     with atomic_path(path) as tmp, tifffile.TiffWriter(tmp) as tif:
         for level, (image, shape) in enumerate(levels):
             px_per_cm = 1e4 / (LEVEL0_MPP * LEVEL_DOWNSAMPLE**level)

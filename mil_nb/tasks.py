@@ -51,11 +51,16 @@ def classification_metrics(targets: np.ndarray, logits: np.ndarray, threshold: f
     labels, probability = np.asarray(targets).astype(int), sigmoid(logits)
     predicted = (probability >= threshold).astype(int)
     loss = float(bce_loss(torch.from_numpy(np.asarray(logits)), torch.from_numpy(labels.astype(np.float32))))
-    return {"loss": loss, "accuracy": metrics.accuracy_score(labels, predicted), "auc": malignant_auc(labels, probability),
-            "precision": metrics.precision_score(labels, predicted, zero_division=0),
-            "recall": metrics.recall_score(labels, predicted, zero_division=0),
-            "f1": metrics.f1_score(labels, predicted, zero_division=0),
-            "confusion_matrix": metrics.confusion_matrix(labels, predicted, labels=[0, 1]).tolist(), "n": len(labels)}
+    return {
+        "loss": loss,
+        "accuracy": metrics.accuracy_score(labels, predicted),
+        "auc": malignant_auc(labels, probability),
+        "precision": metrics.precision_score(labels, predicted, zero_division=0),
+        "recall": metrics.recall_score(labels, predicted, zero_division=0),
+        "f1": metrics.f1_score(labels, predicted, zero_division=0),
+        "confusion_matrix": metrics.confusion_matrix(labels, predicted, labels=[0, 1]).tolist(),
+        "n": len(labels),
+    }
 
 BINARY = Task("binary", n_outputs=1, label=lambda row: float(row["isup_grade"] > 0), loss=bce_loss,
               metrics=classification_metrics, monitor="auc",
@@ -81,10 +86,14 @@ def grading_metrics(grades: np.ndarray, logits: np.ndarray) -> dict:
     "Loss, quadratic weighted kappa, accuracy, 6x6 confusion matrix and malignant-vs-benign AUC of ISUP predictions."
     grades, predicted = np.asarray(grades).astype(int), ordinal_grade(logits)
     loss = float(ordinal_loss(torch.from_numpy(np.asarray(logits)), torch.from_numpy(grades.astype(np.float32))))
-    return {"loss": loss, "qwk": metrics.cohen_kappa_score(grades, predicted, labels=range(N_GRADES), weights="quadratic"),
-            "accuracy": metrics.accuracy_score(grades, predicted), "auc": malignant_auc(grades > 0, sigmoid(logits[:, 0])),
-            "confusion_matrix": metrics.confusion_matrix(grades, predicted, labels=range(N_GRADES)).tolist(),
-            "n": len(grades)}
+    return {
+        "loss": loss,
+        "qwk": metrics.cohen_kappa_score(grades, predicted, labels=range(N_GRADES), weights="quadratic"),
+        "accuracy": metrics.accuracy_score(grades, predicted),
+        "auc": malignant_auc(grades > 0, sigmoid(logits[:, 0])),
+        "confusion_matrix": metrics.confusion_matrix(grades, predicted, labels=range(N_GRADES)).tolist(),
+        "n": len(grades),
+    }
 
 ISUP = Task("isup", n_outputs=N_GRADES - 1, label=lambda row: float(row["isup_grade"]), loss=ordinal_loss,
             metrics=grading_metrics, monitor="qwk",
@@ -103,6 +112,7 @@ def get_task(task: str | Task) -> Task:
 
 def register_task(task: Task) -> Task:
     "Add `task` to `TASKS`, so that models, data sets and `fit` take it by name; the task."
-    if task.name in TASKS and TASKS[task.name] is not task: raise ValueError(f"a task called {task.name!r} is registered")
+    if task.name in TASKS and TASKS[task.name] is not task:
+        raise ValueError(f"a task called {task.name!r} is registered")
     TASKS[task.name] = task
     return task

@@ -33,10 +33,17 @@ def slide_sources(src: str | os.PathLike) -> pd.DataFrame:
     if not src.is_dir(): raise FileNotFoundError(f"{src}: no such folder")
     if (src/"train.csv").exists():
         table = read_slide_table(src)
-        return pd.DataFrame({"image_id": table.image_id, "image_file": [image_path(src, i) for i in table.image_id],
-                             "mask_file": [mask_path(src, i) for i in table.image_id], "data_provider": table.data_provider})
+        return pd.DataFrame(
+            {
+                "image_id": table.image_id,
+                "image_file": [image_path(src, i) for i in table.image_id],
+                "mask_file": [mask_path(src, i) for i in table.image_id],
+                "data_provider": table.data_provider,
+            }
+        )
     files = sorted(p for p in src.iterdir() if p.suffix.lower() in SLIDE_SUFFIXES and p.is_file())
-    if not files: raise FileNotFoundError(f"{src}: neither train.csv nor any slide ({', '.join(sorted(SLIDE_SUFFIXES))})")
+    if not files:
+        raise FileNotFoundError(f"{src}: neither train.csv nor any slide ({', '.join(sorted(SLIDE_SUFFIXES))})")
     ids = pd.Series([p.stem for p in files], dtype=object)  # object: a name that is not UTF-8 is kept, to be reported
     return pd.DataFrame({"image_id": ids, "image_file": files, "mask_file": None, "data_provider": "unknown"})
 
@@ -45,7 +52,8 @@ class TileStore:
     "A folder of tile bags written by `tile_slides`."
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        if not (self.path/"index.csv").exists(): raise FileNotFoundError(f"{self.path}: not a tile store (no index.csv)")
+        if not (self.path / "index.csv").exists():
+            raise FileNotFoundError(f"{self.path}: not a tile store (no index.csv)")
         self.meta = json.loads((self.path/"meta.json").read_text())
         self.index = pd.read_csv(self.path/"index.csv", dtype={"image_id": str})
         self.failures = pd.read_csv(self.path/"failures.csv", dtype={"image_id": str})
@@ -64,7 +72,8 @@ class TileStore:
         "The arrays of one slide's bag."
         with np.load(self.bag_file(image_id)) as bag: return dict(bag)
 
-    def __repr__(self): return f"TileStore({self.path}, {len(self.index)} bags, {len(self.failures)} failed, {self.meta})"
+    def __repr__(self):
+        return f"TileStore({self.path}, {len(self.index)} bags, {len(self.failures)} failed, {self.meta})"
 
 # %% ../nbs/08_tile_store.ipynb #608496fb
 def _tile_into_store(dest: Path, image_id: str, image_file, mask_file, provider: str, config: TilingConfig, png: bool,
@@ -128,7 +137,9 @@ def tile_slides(src: str | os.PathLike,  # PANDA-layout folder (train.csv, train
                            for i, f, e in zip(slides.image_id, slides.image_file, errors) if e],
                           columns=["image_id", "file", "error"])
     _write_csv(failed, dest/"failures.csv")
-    _write_csv(pd.DataFrame({"image_id": slides.image_id[[e is None for e in errors]], "n_tiles": n_tiles}), dest/"index.csv")
+    _write_csv(
+        pd.DataFrame({"image_id": slides.image_id[[e is None for e in errors]], "n_tiles": n_tiles}), dest / "index.csv"
+    )
     summary = {"slides": len(slides), "tiled": len(slides) - len(failed), "already_tiled": done_before,
                "failed": len(failed), "seconds": round(time.time() - start, 2)}
     with atomic_path(dest/"summary.json") as tmp: tmp.write_text(json.dumps(summary, indent=1))

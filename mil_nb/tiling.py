@@ -22,7 +22,7 @@ __all__ = ['MODES', 'STRIP_PIXELS', 'grid_tiles', 'kaggle_order', 'take_tiles', 
 
 # %% ../nbs/07_tiling.ipynb #c0df7a58
 def grid_tiles(image: np.ndarray, tile_size: int, fill) -> tuple[np.ndarray, np.ndarray]:
-    "Pad `image` evenly with `fill` to multiples of `tile_size`; a (rows, S, cols, S, C) view of its grid, and row-major tile origins (x, y)."
+    "Pad `image` with `fill` to multiples of `tile_size`; a (rows, S, cols, S, C) view, row-major tile origins (x, y)."
     height, width = image.shape[:2]
     pad_y, pad_x = -height % tile_size, -width % tile_size
     top, left = pad_y // 2, pad_x // 2
@@ -34,7 +34,7 @@ def grid_tiles(image: np.ndarray, tile_size: int, fill) -> tuple[np.ndarray, np.
     return image.reshape(rows, tile_size, cols, tile_size, image.shape[2]), origins
 
 def kaggle_order(blocks: np.ndarray, n_tiles: int) -> np.ndarray:
-    "Row-major indices of the `n_tiles` grid tiles with the lowest pixel sum; indices past the grid stand for added white tiles."
+    "Row-major indices of the `n_tiles` grid tiles with the lowest pixel sum; those past the grid: added white tiles."
     sums = blocks.sum(axis=(1, 3, 4), dtype=np.int64).ravel()
     white = np.full(max(0, n_tiles - len(sums)), 255 * blocks[0, :, 0].size, dtype=np.int64)
     return np.argsort(np.concatenate([sums, white]), kind="stable")[:n_tiles]
@@ -79,7 +79,8 @@ class TilingConfig:
 def _level_for(reader: SlideReader, config: TilingConfig) -> tuple[int, int]:
     "The level to read and the side (in that level's px) of the region that becomes one tile."
     if config.mpp is None: return reader._check_level(config.level), config.tile_size
-    if reader.mpp is None: raise ValueError(f"{reader.path}: the file gives no microns per pixel; tile it with a level instead of mpp")
+    if reader.mpp is None:
+        raise ValueError(f"{reader.path}: the file gives no microns per pixel; tile it with a level instead of mpp")
     mpps = np.array([reader.level_mpp(level) for level in range(reader.level_count)])
     finer = np.nonzero(mpps <= config.mpp * 1.01)[0]
     level = int(finer[-1]) if len(finer) else 0
@@ -126,8 +127,11 @@ def _tissue_selection(reader: SlideReader, level: int, side: int, config: Tiling
     clean = box_fractions(artefact_mask(thumbnail, mask), mask_downsample, origins, side0) == 0
     keep = np.argsort(-fractions, kind="stable")
     keep = keep[(fractions[keep] >= config.min_tissue) & clean[keep]][:config.n_tiles]
-    if not len(keep): raise ValueError(f"{reader.path}: no tile of {side} px at level {level} has {config.min_tissue:.0%} tissue")
-    tiles = np.stack([_resized(reader.read_region(level, x, y, side, side), config.tile_size) for x, y in origins[keep]])
+    if not len(keep):
+        raise ValueError(f"{reader.path}: no tile of {side} px at level {level} has {config.min_tissue:.0%} tissue")
+    tiles = np.stack(
+        [_resized(reader.read_region(level, x, y, side, side), config.tile_size) for x, y in origins[keep]]
+    )
     return tiles, origins[keep].astype(float)
 
 def _resized(region: np.ndarray, size: int, nearest: bool = False) -> np.ndarray:

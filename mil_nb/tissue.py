@@ -44,7 +44,7 @@ def tissue_mask(thumbnail: np.ndarray, min_area: float = 0.001, min_saturation: 
     return remove_small_objects(tissue, max_size=max(1, int(min_area * tissue.size)))
 
 def artefact_mask(thumbnail: np.ndarray, tissue: np.ndarray) -> np.ndarray:
-    "Pen ink and black artefacts in an RGB uint8 thumbnail that reach the glass (not specks enclosed by `tissue`), grown by one pixel."
+    "Pen ink and black artefacts in an RGB thumbnail that reach the glass (not specks inside `tissue`), grown by 1 px."
     artefacts = _ink_or_black(thumbnail[..., :3], *_saturation_value(thumbnail[..., :3]))
     components, _ = label(artefacts)
     around = grey_dilation(components, size=3)  # each pixel next to a component takes its label

@@ -54,9 +54,16 @@ def improved(score: float, best: float | None, monitor: str) -> bool:
 # %% ../nbs/16_training.ipynb #f7dd8115
 def _settings(model, train_loader, lr, betas, weight_decay, monitor) -> dict:
     "What a checkpoint must have been made with for this run to resume from it."
-    return {"model": asdict(model.config) if hasattr(model, "config") else type(model).__name__, "lr": lr,
-            "betas": list(betas), "weight_decay": weight_decay, "monitor": monitor, "batch_size": train_loader.batch_size,
-            "n_train": len(train_loader.dataset), "world_size": current_world().size}
+    return {
+        "model": asdict(model.config) if hasattr(model, "config") else type(model).__name__,
+        "lr": lr,
+        "betas": list(betas),
+        "weight_decay": weight_decay,
+        "monitor": monitor,
+        "batch_size": train_loader.batch_size,
+        "n_train": len(train_loader.dataset),
+        "world_size": current_world().size,
+    }
 
 def _cpu_state(model: torch.nn.Module) -> dict:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
@@ -78,7 +85,7 @@ class FitResult:
     predictions: Predictions | None  # the kept model's predictions on the validation bags (None without them)
 
     def summary(self, output_dir: str | os.PathLike | None = None) -> str:
-        "A few lines for a report: the kept epoch, the headline metrics, where the files are, and a short run's warning."
+        "A few lines for a report: kept epoch, headline metrics, where the files are, a warning for a short run."
         m, monitor = self.metrics, self.metrics.get("monitor", "")
         headline = ", ".join(f"{k} {m['val_' + k]:.3f}" for k in ("auc", "qwk", "accuracy", "loss")
                              if isinstance(m.get("val_" + k), float))
@@ -140,7 +147,12 @@ def fit(model: torch.nn.Module,  # the model to train (an `AttentionMIL`); it en
     checkpoint = folder.read_checkpoint(settings) if resume else None
     if checkpoint:
         _restore(checkpoint, model, optimizer, scaler)
-        history, best, elapsed, first_epoch = checkpoint["history"], checkpoint["best"], checkpoint["elapsed"], checkpoint["epoch"] + 1
+        history, best, elapsed, first_epoch = (
+            checkpoint["history"],
+            checkpoint["best"],
+            checkpoint["elapsed"],
+            checkpoint["epoch"] + 1,
+        )
         if progress: print(f"resuming {output_dir} after epoch {checkpoint['epoch']}")
     _check_same_start(first_epoch, folder)
     trained = model if world.size == 1 else torch.nn.parallel.DistributedDataParallel(
@@ -165,17 +177,40 @@ def fit(model: torch.nn.Module,  # the model to train (an `AttentionMIL`); it en
         if progress: print(f"epoch {epoch}: train loss {train_loss:.4f}" + "".join(
             f", val {k} {valid[k]:.4f}" for k in ("loss", "auc", "qwk", "accuracy") if k in valid))
         if writes:
-            folder.write_epoch(history, {"epoch": epoch, "model": _cpu_state(model), "optimizer": optimizer.state_dict(),
-                                         "scaler": scaler.state_dict(), "rng": torch.get_rng_state(), "history": history,
-                                         "best": best, "settings": settings, "elapsed": time.time() - start})
+            folder.write_epoch(
+                history,
+                {
+                    "epoch": epoch,
+                    "model": _cpu_state(model),
+                    "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "rng": torch.get_rng_state(),
+                    "history": history,
+                    "best": best,
+                    "settings": settings,
+                    "elapsed": time.time() - start,
+                },
+            )
     if keep_best and best["state"] is not None: model.load_state_dict(best["state"])
     kept = (history[best["epoch"] - 1] if keep_best else history[-1]) if history else {}
     if valid_loader is not None and history and (kept_predictions is None or not keep_best):
-        kept_predictions = last_predictions if not keep_best and last_predictions else predict(model, valid_loader, device, precision)
-    facts = {"epochs": epochs, "epochs_run": len(history), "kept_epoch": kept.get("epoch"), "monitor": monitor,
-             "n_train": len(train_loader.dataset), "n_valid": len(valid_loader.dataset) if valid_loader is not None else 0,
-             "batch_size": train_loader.batch_size, "world_size": world.size, "lr": lr,
-             "train_seconds": time.time() - start, "device": str(device), "precision": precision}
+        kept_predictions = (
+            last_predictions if not keep_best and last_predictions else predict(model, valid_loader, device, precision)
+        )
+    facts = {
+        "epochs": epochs,
+        "epochs_run": len(history),
+        "kept_epoch": kept.get("epoch"),
+        "monitor": monitor,
+        "n_train": len(train_loader.dataset),
+        "n_valid": len(valid_loader.dataset) if valid_loader is not None else 0,
+        "batch_size": train_loader.batch_size,
+        "world_size": world.size,
+        "lr": lr,
+        "train_seconds": time.time() - start,
+        "device": str(device),
+        "precision": precision,
+    }
     metrics = {k: v for k, v in kept.items() if k.startswith("val_")} | facts
     if writes: folder.write_result(model, metrics, tiling)
     barrier()  # the other ranks go on once rank 0's files are written
@@ -185,9 +220,11 @@ def _check_same_start(first_epoch: int, folder: RunFolder | None):
     "Under DDP every rank must resume after the same epoch."
     main_first_epoch = agree(first_epoch)
     if main_first_epoch != first_epoch:
-        raise ValueError(f"{folder.checkpoint_file}: rank 0 resumes after epoch {main_first_epoch - 1}, rank "
-                         f"{current_world().rank} after epoch {first_epoch - 1}; to resume, every rank must see the same "
-                         "checkpoint (a shared or synced folder)")
+        raise ValueError(
+            f"{folder.checkpoint_file}: rank 0 resumes after epoch {main_first_epoch - 1}, rank "
+            f"{current_world().rank} after epoch {first_epoch - 1}; to resume, every rank must see the same "
+            "checkpoint (a shared or synced folder)"
+        )
 
 def _check_shared(train_loader, world_size: int):
     "Under DDP each rank must train on its own share of the bags, not all of them."

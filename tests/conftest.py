@@ -35,7 +35,9 @@ def papermill(output: Path, *params: str, env=None) -> subprocess.CompletedProce
 def main_job(tmp_path_factory, embedded_cache):
     "The README's main job with its defaults on the embedded data set (about 4 minutes on 2 cores): its output folder."
     out = tmp_path_factory.mktemp("main_job")
-    run = papermill(out/"train.ipynb", "-p", "output_dir", str(out), env={**os.environ, "MIL_NB_CACHE": str(embedded_cache)})
+    run = papermill(
+        out / "train.ipynb", "-p", "output_dir", str(out), env={**os.environ, "MIL_NB_CACHE": str(embedded_cache)}
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     return out
 
@@ -47,8 +49,12 @@ ROLE = "arn:aws:iam::123456789012:role/SageMakerExecution"
 @pytest.fixture
 def aws(monkeypatch):
     "moto's AWS, with fake credentials."
-    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_SESSION_TOKEN": "testing",
-                       "AWS_DEFAULT_REGION": REGION}.items():
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_SESSION_TOKEN": "testing",
+        "AWS_DEFAULT_REGION": REGION,
+    }.items():
         monkeypatch.setenv(key, value)
     with mock_aws(): yield
 

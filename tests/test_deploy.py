@@ -58,7 +58,11 @@ print(json.dumps(answers))
 
 
 def test_deploy_creates_model_and_endpoint_that_serve(aws, tmp_path):
-    slide_file = next((make_synthetic_panda(tmp_path/"panda", n_slides=1, size=1024, progress=False)/"train_images").glob("*.tiff"))
+    slide_file = next(
+        (make_synthetic_panda(tmp_path / "panda", n_slides=1, size=1024, progress=False) / "train_images").glob(
+            "*.tiff"
+        )
+    )
     s3 = boto3.client("s3", region_name=REGION)
     s3.create_bucket(Bucket="models")
     s3.put_object(Bucket="models", Key="train-1/output/model.tar.gz", Body=model_tar_gz(tmp_path))
@@ -73,8 +77,16 @@ def test_deploy_creates_model_and_endpoint_that_serve(aws, tmp_path):
     assert container["Environment"]["SAGEMAKER_PROGRAM"] == "inference.py"
     assert container["Environment"]["MIL_NB_PRECISION"] == "fp32"
     variant, = sagemaker.describe_endpoint_config(EndpointConfigName="mil-nb-test")["ProductionVariants"]
-    assert (variant["InstanceType"], variant["InitialInstanceCount"], variant["ModelName"]) == ("ml.g4dn.xlarge", 1, "mil-nb-test")
-    assert sagemaker.describe_endpoint(EndpointName="mil-nb-test")["EndpointConfigName"] == endpoint.endpoint_config_name == "mil-nb-test"
+    assert (variant["InstanceType"], variant["InitialInstanceCount"], variant["ModelName"]) == (
+        "ml.g4dn.xlarge",
+        1,
+        "mil-nb-test",
+    )
+    assert (
+        sagemaker.describe_endpoint(EndpointName="mil-nb-test")["EndpointConfigName"]
+        == endpoint.endpoint_config_name
+        == "mil-nb-test"
+    )
 
     # the repacked artifact, unpacked as the container unpacks it in /opt/ml/model, answers requests through the toolkit
     model_dir = tmp_path/"opt-ml-model"
@@ -89,8 +101,13 @@ def test_deploy_creates_model_and_endpoint_that_serve(aws, tmp_path):
         (tmp_path/file).write_bytes(body)
         args += [str(tmp_path/file), content_type]
     code = model_dir/"code"
-    run = subprocess.run([sys.executable, "-c", CONTAINER, str(code), str(model_dir), *args], cwd=code, capture_output=True, text=True,
-                         env={**os.environ, "SAGEMAKER_PROGRAM": "inference.py"})
+    run = subprocess.run(
+        [sys.executable, "-c", CONTAINER, str(code), str(model_dir), *args],
+        cwd=code,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "SAGEMAKER_PROGRAM": "inference.py"},
+    )
     assert run.returncode == 0, run.stderr
     (bag_status, bag), (slide_status, slide), empty = json.loads(run.stdout.splitlines()[-1])
     assert (bag_status, bag["n_tiles"], slide_status, len(slide["coords"])) == (200, 5, 200, 8)

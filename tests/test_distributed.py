@@ -45,5 +45,7 @@ def test_gathered_validation_metrics_equal_one_process_metrics(two_ranks):
     for rank in (0, 1):
         gathered = json.loads((two_ranks/f"metrics.rank{rank}.json").read_text())
         assert gathered["world_size"] == 2 and gathered["n"] == 13
-        assert {k: gathered[k] for k in one_process if k != "loss"} == {k: v for k, v in one_process.items() if k != "loss"}
+        assert {k: gathered[k] for k in one_process if k != "loss"} == {
+            k: v for k, v in one_process.items() if k != "loss"
+        }
         assert abs(gathered["loss"] - one_process["loss"]) < 1e-6

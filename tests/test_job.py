@@ -28,20 +28,34 @@ def test_two_ranks_write_the_model_and_rank_0s_report(small_panda, tmp_path):
     job = tmp_path/"job"
     assert (job/"model"/"model.pt").exists() and (job/"model"/"metrics.json").exists()
     report = job/"output"/"data"
-    assert {"train.ipynb", "metrics.json", "history.csv", "confusion_matrix.png", "roc_and_learning_curves.png"} <= {p.name for p in report.iterdir()}
+    assert {"train.ipynb", "metrics.json", "history.csv", "confusion_matrix.png", "roc_and_learning_curves.png"} <= {
+        p.name for p in report.iterdir()
+    }
     metrics = json.loads((report/"metrics.json").read_text())
     assert (metrics["world_size"], metrics["n_train"] + metrics["n_valid"]) == (2, 24)
     executed = nbformat.read(report/"train.ipynb", as_version=4)
-    assert "process 0 of 2 on cpu (gloo)" in json.dumps(executed.cells[next(i for i, c in enumerate(executed.cells) if "init_distributed(" in c.source)].outputs)
+    assert "process 0 of 2 on cpu (gloo)" in json.dumps(
+        executed.cells[next(i for i, c in enumerate(executed.cells) if "init_distributed(" in c.source)].outputs
+    )
     # rank 0's notebook output is the job's log, where SageMaker's metric definitions find one value per epoch
     charted = {d["Name"]: len(re.findall(d["Regex"], run.stdout + run.stderr)) for d in METRIC_DEFINITIONS}
-    assert charted == {"train:loss": 1, "validation:loss": 1, "validation:auc": 1, "validation:qwk": 0, "validation:accuracy": 1}
+    assert charted == {
+        "train:loss": 1,
+        "validation:loss": 1,
+        "validation:auc": 1,
+        "validation:qwk": 0,
+        "validation:accuracy": 1,
+    }
 
 
 def test_a_failing_rank_fails_the_job_and_keeps_its_notebook(small_panda, tmp_path):
-    run = launch_local(tmp_path/"job", "--data_dir", small_panda, *SMALL, env={**os.environ, "MIL_NB_RAISE_ON_RANK": "1"})
+    run = launch_local(
+        tmp_path / "job", "--data_dir", small_panda, *SMALL, env={**os.environ, "MIL_NB_RAISE_ON_RANK": "1"}
+    )
     assert run.returncode != 0
-    assert "rank 1: train.ipynb failed in cell" in run.stderr and "RuntimeError: raise_on_rank=1" in run.stderr, run.stderr[-3000:]
+    assert "rank 1: train.ipynb failed in cell" in run.stderr and "RuntimeError: raise_on_rank=1" in run.stderr, (
+        run.stderr[-3000:]
+    )
     saved = nbformat.read(tmp_path/"job"/"output"/"data"/"train.rank1.ipynb", as_version=4)
     errors = [o for c in saved.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert errors and errors[0].ename == "RuntimeError"
@@ -62,19 +76,24 @@ def test_local_job_on_the_embedded_data(embedded_cache, tmp_path):
     report = tmp_path/"job"/"output"/"data"
     assert (report/"train.ipynb").exists() and len(list(report.glob("attention_*.png"))) == 4
     metrics = json.loads((report/"metrics.json").read_text())
-    print("local 2-rank job on the embedded data:", {k: metrics[k] for k in ("val_auc", "val_accuracy", "world_size", "lr", "train_seconds")})
+    print(
+        "local 2-rank job on the embedded data:",
+        {k: metrics[k] for k in ("val_auc", "val_accuracy", "world_size", "lr", "train_seconds")},
+    )
     assert metrics["world_size"] == 2 and metrics["n_train"] + metrics["n_valid"] == 192
 
 
 def test_killing_a_rank_leaves_no_process_behind(small_panda, tmp_path):
-    "SIGKILL one rank mid-epoch: the job fails, and within 10 s no process it started (kernels, loader workers) is left."
+    "SIGKILL one rank mid-epoch: the job fails, and within 10 s no process it started (kernel, loader workers) is left."
     command = ["mil_nb_launch", "--local", "2", "--local_dir", str(tmp_path/"job"), "--data_dir", str(small_panda),
                "-p", "epochs", "50", "-p", "n_tiles", "8", "-p", "tile_size", "64", "-p", "num_workers", "1"]
     launcher = psutil.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     started = []
     try:
-        rank = wait_for(lambda: next((p for p in launcher.children(recursive=True) if is_rank(p, 1) and has_worker(p)), None),
-                        timeout=300)
+        rank = wait_for(
+            lambda: next((p for p in launcher.children(recursive=True) if is_rank(p, 1) and has_worker(p)), None),
+            timeout=300,
+        )
         started = launcher.children(recursive=True)
         rank.kill()
         killed_at = time.monotonic()

@@ -19,7 +19,9 @@ def sagemaker_aws(aws, monkeypatch):
 def recording_session(requests: list) -> boto3.Session:
     "`moto_session()`, which also appends the parameters of every CreateTrainingJob call to `requests`."
     session = moto_session()
-    session.events.register("provide-client-params.sagemaker.CreateTrainingJob", lambda params, **kwargs: requests.append(params))
+    session.events.register(
+        "provide-client-params.sagemaker.CreateTrainingJob", lambda params, **kwargs: requests.append(params)
+    )
     return session
 
 
@@ -38,9 +40,14 @@ def test_launch_submits_a_torchrun_job(sagemaker_aws):
                  train_s3="s3://slides/panda/", output_s3="s3://runs/mil-nb/", checkpoint_s3="s3://runs/checkpoints/",
                  boto_session=recording_session(requests))
 
-    described = boto3.client("sagemaker", region_name=REGION).describe_training_job(TrainingJobName=job.training_job_name)
+    described = boto3.client("sagemaker", region_name=REGION).describe_training_job(
+        TrainingJobName=job.training_job_name
+    )
     assert job.training_job_name.startswith("mil-nb-")
-    assert described["AlgorithmSpecification"]["TrainingImage"] == "763104351884.dkr.ecr.us-east-1.amazonaws.com/pytorch-training:2.5-gpu-py311"
+    assert (
+        described["AlgorithmSpecification"]["TrainingImage"]
+        == "763104351884.dkr.ecr.us-east-1.amazonaws.com/pytorch-training:2.5-gpu-py311"
+    )
     assert described["ResourceConfig"] == {"InstanceType": "ml.g5.12xlarge", "InstanceCount": 2, "VolumeSizeInGB": 100}
     assert described["HyperParameters"] == {"epochs": "100", "task": "isup", "patience": "null", "lr": "0.0002"}
     assert described["OutputDataConfig"]["S3OutputPath"] == "s3://runs/mil-nb/"
@@ -54,15 +61,27 @@ def test_launch_submits_a_torchrun_job(sagemaker_aws):
     assert request["AlgorithmSpecification"]["MetricDefinitions"] == METRIC_DEFINITIONS
 
     # torchrun: the container runs the SDK's sm_train.sh, whose torchrun driver reads distributed.json
-    assert described["AlgorithmSpecification"]["ContainerArguments"][-1].endswith("/opt/ml/input/data/sm_drivers/sm_train.sh")
+    assert described["AlgorithmSpecification"]["ContainerArguments"][-1].endswith(
+        "/opt/ml/input/data/sm_drivers/sm_train.sh"
+    )
     drivers = s3_files(channels["sm_drivers"])
     assert json.loads(drivers["distributed.json"]) == {"process_count_per_node": 4, "smp": None}
     assert json.loads(drivers["sourcecode.json"])["entry_script"] == "mil_nb_job.py"
     train_script = drivers["sm_train.sh"].decode()
-    assert "install_requirements.py requirements.txt" in train_script and "distributed_drivers/torchrun_driver.py" in train_script
+    assert (
+        "install_requirements.py requirements.txt" in train_script
+        and "distributed_drivers/torchrun_driver.py" in train_script
+    )
 
     code = s3_files(channels["code"])
-    assert {"mil_nb_job.py", "requirements.txt", "nbs/train.ipynb", "mil_nb/__init__.py", "mil_nb/job.py", "mil_nb/training.py"} <= code.keys()
+    assert {
+        "mil_nb_job.py",
+        "requirements.txt",
+        "nbs/train.ipynb",
+        "mil_nb/__init__.py",
+        "mil_nb/job.py",
+        "mil_nb/training.py",
+    } <= code.keys()
     assert b"from mil_nb.job import main" in code["mil_nb_job.py"]
     requirements = {re.split("[<>=!~]", r)[0] for r in code["requirements.txt"].decode().split()}
     assert {"papermill", "ipykernel"} <= requirements and not {"torch", "sagemaker"} & requirements
@@ -71,7 +90,9 @@ def test_launch_submits_a_torchrun_job(sagemaker_aws):
 def test_launch_defaults(sagemaker_aws):
     "No data: no train channel (the job uses the notebook's embedded data); one process per GPU; the default bucket."
     job = launch(ROLE, "ml.g5.2xlarge", boto_session=moto_session())
-    described = boto3.client("sagemaker", region_name=REGION).describe_training_job(TrainingJobName=job.training_job_name)
+    described = boto3.client("sagemaker", region_name=REGION).describe_training_job(
+        TrainingJobName=job.training_job_name
+    )
     channels = {c["ChannelName"]: c["DataSource"]["S3DataSource"]["S3Uri"] for c in described["InputDataConfig"]}
     assert channels.keys() == {"code", "sm_drivers"}
     assert json.loads(s3_files(channels["sm_drivers"])["distributed.json"])["process_count_per_node"] is None
@@ -80,7 +101,8 @@ def test_launch_defaults(sagemaker_aws):
 
 
 def test_launch_refuses_bad_input(sagemaker_aws, monkeypatch, tmp_path):
-    with pytest.raises(ValueError, match="train_s3='/data/panda': expected an S3 URI"): launch(ROLE, train_s3="/data/panda")
+    with pytest.raises(ValueError, match="train_s3='/data/panda': expected an S3 URI"):
+        launch(ROLE, train_s3="/data/panda")
     with pytest.raises(ValueError, match="output_s3='runs/'"): launch(ROLE, output_s3="runs/")
     for name in ("AWS_DEFAULT_REGION", "AWS_REGION"): monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path/"no_config"))
@@ -88,14 +110,19 @@ def test_launch_refuses_bad_input(sagemaker_aws, monkeypatch, tmp_path):
 
 
 def test_cli_dry_run_submits_nothing(sagemaker_aws, capsys):
-    launch_cli(["--role", ROLE, "--instance_type", "ml.m5.xlarge", "--dry_run", "-p", "epochs", "2", "-p", "task", "isup"])
+    launch_cli(
+        ["--role", ROLE, "--instance_type", "ml.m5.xlarge", "--dry_run", "-p", "epochs", "2", "-p", "task", "isup"]
+    )
     assert "no job submitted" in capsys.readouterr().out
     assert boto3.client("sagemaker", region_name=REGION).list_training_jobs()["TrainingJobSummaries"] == []
 
 
 def test_cli_usage_errors(capsys):
-    for argv, error in [(["-p", "epochs", "2"], "--role ARN is needed"), (["--role", ROLE, "-p", "epochs"], "expected 2 arguments"),
-                        (["--role", ROLE, "--train", "panda/"], "train_s3='panda/'"),
-                        (["--role", ROLE, "--data_dir", "/data/panda"], "--data_dir is for --local runs")]:
+    for argv, error in [
+        (["-p", "epochs", "2"], "--role ARN is needed"),
+        (["--role", ROLE, "-p", "epochs"], "expected 2 arguments"),
+        (["--role", ROLE, "--train", "panda/"], "train_s3='panda/'"),
+        (["--role", ROLE, "--data_dir", "/data/panda"], "--data_dir is for --local runs"),
+    ]:
         with pytest.raises(SystemExit) as exit: launch_cli(argv)
         assert exit.value.code == 2 and error in capsys.readouterr().err

@@ -53,8 +53,11 @@ def test_notebooks_import_only_lower_notebooks():
     wrong = []
     for notebook in sorted((REPO/"nbs").glob("[0-9][0-9]_*.ipynb")):
         number = int(notebook.name[:2])
-        wrong += [f"{notebook.name} imports {other} ({numbers[other]:02d})" for other in imported_modules(code(notebook))
-                  if other in numbers and numbers[other] > number]
+        wrong += [
+            f"{notebook.name} imports {other} ({numbers[other]:02d})"
+            for other in imported_modules(code(notebook))
+            if other in numbers and numbers[other] > number
+        ]
     assert not wrong, wrong
 
 

@@ -21,8 +21,9 @@ from mil_nb.training import fit
 train_digits, test_digits = split_digits(*mnist_digits())
 set_seed(0)
 model = AttentionMIL(MILConfig(encoder="mnist", tile_size=28, channels=1, embed_dim=500))
-fit(model, bag_loader(mnist_bags(*train_digits, 400), 8, shuffle=True, seed=0), bag_loader(mnist_bags(*test_digits, 100, seed=1), 50),
-    epochs=3, lr=5e-4, device="cpu", precision="fp32", output_dir=sys.argv[1], resume=sys.argv[2] == "resume", progress=False)
+fit(model, bag_loader(mnist_bags(*train_digits, 400), 8, shuffle=True, seed=0),
+    bag_loader(mnist_bags(*test_digits, 100, seed=1), 50), epochs=3, lr=5e-4, device="cpu", precision="fp32",
+    output_dir=sys.argv[1], resume=sys.argv[2] == "resume", progress=False)
 """
 
 
@@ -57,5 +58,8 @@ def test_killed_mid_epoch_then_resumed_equals_uninterrupted(tmp_path):
     assert expected["kept_epoch"] == got["kept_epoch"]
     a, b = (torch.load(d/"model.pt", weights_only=True)["state_dict"] for d in (complete, killed))
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
-    pd.testing.assert_frame_equal(pd.read_csv(complete/"history.csv").drop(columns=["train_bags_per_s", "seconds"]),
-                                  pd.read_csv(killed/"history.csv").drop(columns=["train_bags_per_s", "seconds"]), atol=1e-6)
+    pd.testing.assert_frame_equal(
+        pd.read_csv(complete / "history.csv").drop(columns=["train_bags_per_s", "seconds"]),
+        pd.read_csv(killed / "history.csv").drop(columns=["train_bags_per_s", "seconds"]),
+        atol=1e-6,
+    )
