@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import pandas as pd
 import torch
@@ -54,26 +54,46 @@ def improved(score: float, best: float | None, monitor: str) -> bool:
 # %% ../nbs/16_training.ipynb #f7dd8115
 def _settings(model, train_loader, lr, betas, weight_decay, monitor) -> dict:
     "What a checkpoint must have been made with for this run to resume from it."
-    return {
-        "model": asdict(model.config) if hasattr(model, "config") else type(model).__name__,
-        "lr": lr,
-        "betas": list(betas),
-        "weight_decay": weight_decay,
-        "monitor": monitor,
-        "batch_size": train_loader.batch_size,
-        "n_train": len(train_loader.dataset),
-        "world_size": current_world().size,
-    }
+    return {"model": asdict(model.config) if hasattr(model, "config") else type(model).__name__, "lr": lr,
+            "betas": list(betas), "weight_decay": weight_decay, "monitor": monitor,
+            "batch_size": train_loader.batch_size, "n_train": len(train_loader.dataset),
+            "world_size": current_world().size}
 
 def _cpu_state(model: torch.nn.Module) -> dict:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
-def _restore(checkpoint: dict, model, optimizer, scaler):
-    "Put the model, optimiser, loss scaler and random state back as `checkpoint` saved them."
-    model.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    scaler.load_state_dict(checkpoint["scaler"])
-    torch.set_rng_state(checkpoint["rng"])
+@dataclass
+class _RunState:
+    "What a run has done so far: saved in every checkpoint, restored by `resume`."
+    history: list[dict] = field(default_factory=list)  # one row per epoch
+    best: dict = field(default_factory=lambda: {"epoch": None, "score": None, "loss": None, "state": None})
+    elapsed: float = 0.0  # seconds of training so far
+    next_epoch: int = 1
+
+    @classmethod
+    def restore(cls, checkpoint: dict | None, model, optimizer, scaler) -> "_RunState":
+        "A new run's state, or (from `checkpoint`) the model, optimiser, loss scaler, random state and run resumed."
+        if checkpoint is None: return cls()
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        torch.set_rng_state(checkpoint["rng"])
+        return cls(checkpoint["history"], checkpoint["best"], checkpoint["elapsed"], checkpoint["epoch"] + 1)
+
+    def checkpoint(self, model, optimizer, scaler, settings: dict, elapsed: float) -> dict:
+        "Everything to resume from after the last epoch (tensors and plain values: loads with weights_only=True)."
+        return {"epoch": self.history[-1]["epoch"], "model": _cpu_state(model), "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(), "rng": torch.get_rng_state(), "history": self.history,
+                "best": self.best, "settings": settings, "elapsed": elapsed}
+
+    def keep_if_best(self, valid: dict, monitor: str, model) -> bool:
+        "Whether the last epoch's `valid` metrics are the best so far; if so they (and `model`'s weights) are kept."
+        best, epoch = self.best, self.history[-1]["epoch"]
+        tie_but_lower_loss = valid and valid[monitor] == best["score"] and valid["loss"] < best["loss"]
+        if not (valid and (improved(valid[monitor], best["score"], monitor) or tie_but_lower_loss)): return False
+        self.best = {"epoch": epoch, "score": valid[monitor], "loss": valid["loss"],
+                     "state": None if model is None else _cpu_state(model)}
+        return True
 
 # %% ../nbs/16_training.ipynb #841a7bd8
 @dataclass
@@ -132,8 +152,7 @@ def fit(model: torch.nn.Module,  # the model to train (an `AttentionMIL`); it en
     _check_arguments(epochs, lr, weight_decay, patience, resume, output_dir)
     device = resolve_device(device)
     precision = resolve_precision(precision, device)
-    monitor = monitor or model_task(model).monitor
-    world = current_world()
+    monitor, world = monitor or model_task(model).monitor, current_world()
     _check_shared(train_loader, world.size)
     folder = RunFolder(output_dir) if output_dir is not None else None
     writes, progress = folder is not None and world.is_main, progress and world.is_main
@@ -143,78 +162,49 @@ def fit(model: torch.nn.Module,  # the model to train (an `AttentionMIL`); it en
                                  fused=device.type in ("cpu", "cuda"))
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     settings = _settings(model, train_loader, lr, betas, weight_decay, monitor)
-    history, best, first_epoch, elapsed = [], {"epoch": None, "score": None, "loss": None, "state": None}, 1, 0.0
-    checkpoint = folder.read_checkpoint(settings) if resume else None
-    if checkpoint:
-        _restore(checkpoint, model, optimizer, scaler)
-        history, best, elapsed, first_epoch = (
-            checkpoint["history"],
-            checkpoint["best"],
-            checkpoint["elapsed"],
-            checkpoint["epoch"] + 1,
-        )
-        if progress: print(f"resuming {output_dir} after epoch {checkpoint['epoch']}")
-    _check_same_start(first_epoch, folder)
+    run = _RunState.restore(folder.read_checkpoint(settings) if resume else None, model, optimizer, scaler)
+    if progress and run.history: print(f"resuming {output_dir} after epoch {run.next_epoch - 1}")
+    _check_same_start(run.next_epoch, folder)
     trained = model if world.size == 1 else torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device] if device.type == "cuda" else None)
-    start, kept_predictions, last_predictions = time.time() - elapsed, None, None
-    for epoch in range(first_epoch, epochs + 1):
-        if agree(best["epoch"] is not None and patience is not None and epoch - best["epoch"] > patience): break
+    start, kept_predictions, predictions = time.time() - run.elapsed, None, None
+    for epoch in range(run.next_epoch, epochs + 1):
+        if agree(run.best["epoch"] is not None and patience is not None and epoch - run.best["epoch"] > patience): break
         if hasattr(train_loader.sampler, "set_epoch"): train_loader.sampler.set_epoch(epoch)
-        epoch_start = time.time()
-        train_loss, n_bags = train_epoch(trained, train_loader, optimizer, scaler, device, precision, progress,
-                                         f"epoch {epoch}/{epochs}")
-        train_seconds = time.time() - epoch_start
-        last_predictions = predict(model, valid_loader, device, precision) if valid_loader is not None else None
-        valid = _validation_metrics(last_predictions)
-        history.append({"epoch": epoch, "train_loss": train_loss, **{f"val_{k}": v for k, v in valid.items()},
-                        "train_bags_per_s": n_bags / train_seconds, "seconds": time.time() - epoch_start})
-        tie_but_lower_loss = valid and valid[monitor] == best["score"] and valid["loss"] < best["loss"]
-        if valid and (improved(valid[monitor], best["score"], monitor) or tie_but_lower_loss):
-            best = {"epoch": epoch, "score": valid[monitor], "loss": valid["loss"],
-                    "state": _cpu_state(model) if keep_best else None}
-            kept_predictions = last_predictions
-        if progress: print(f"epoch {epoch}: train loss {train_loss:.4f}" + "".join(
-            f", val {k} {valid[k]:.4f}" for k in ("loss", "auc", "qwk", "accuracy") if k in valid))
+        row, valid, predictions = _epoch(trained, model, train_loader, valid_loader, optimizer, scaler, device,
+                                         precision, progress, f"epoch {epoch}/{epochs}")
+        run.history.append({"epoch": epoch, **row})
+        if run.keep_if_best(valid, monitor, model if keep_best else None): kept_predictions = predictions
         if writes:
-            folder.write_epoch(
-                history,
-                {
-                    "epoch": epoch,
-                    "model": _cpu_state(model),
-                    "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "rng": torch.get_rng_state(),
-                    "history": history,
-                    "best": best,
-                    "settings": settings,
-                    "elapsed": time.time() - start,
-                },
-            )
-    if keep_best and best["state"] is not None: model.load_state_dict(best["state"])
-    kept = (history[best["epoch"] - 1] if keep_best else history[-1]) if history else {}
-    if valid_loader is not None and history and (kept_predictions is None or not keep_best):
-        kept_predictions = (
-            last_predictions if not keep_best and last_predictions else predict(model, valid_loader, device, precision)
-        )
-    facts = {
-        "epochs": epochs,
-        "epochs_run": len(history),
-        "kept_epoch": kept.get("epoch"),
-        "monitor": monitor,
-        "n_train": len(train_loader.dataset),
-        "n_valid": len(valid_loader.dataset) if valid_loader is not None else 0,
-        "batch_size": train_loader.batch_size,
-        "world_size": world.size,
-        "lr": lr,
-        "train_seconds": time.time() - start,
-        "device": str(device),
-        "precision": precision,
-    }
+            folder.write_epoch(run.history, run.checkpoint(model, optimizer, scaler, settings, time.time() - start))
+    if keep_best and run.best["state"] is not None: model.load_state_dict(run.best["state"])
+    kept = (run.history[run.best["epoch"] - 1] if keep_best else run.history[-1]) if run.history else {}
+    if valid_loader is not None and run.history and (kept_predictions is None or not keep_best):
+        last_is_kept = not keep_best and predictions is not None
+        kept_predictions = predictions if last_is_kept else predict(model, valid_loader, device, precision)
+    facts = {"epochs": epochs, "epochs_run": len(run.history), "kept_epoch": kept.get("epoch"), "monitor": monitor,
+             "n_train": len(train_loader.dataset),
+             "n_valid": len(valid_loader.dataset) if valid_loader is not None else 0,
+             "batch_size": train_loader.batch_size, "world_size": world.size, "lr": lr,
+             "train_seconds": time.time() - start, "device": str(device), "precision": precision}
     metrics = {k: v for k, v in kept.items() if k.startswith("val_")} | facts
     if writes: folder.write_result(model, metrics, tiling)
     barrier()  # the other ranks go on once rank 0's files are written
-    return FitResult(pd.DataFrame(history), metrics, kept.get("epoch"), kept_predictions)
+    return FitResult(pd.DataFrame(run.history), metrics, kept.get("epoch"), kept_predictions)
+
+def _epoch(trained, model, train_loader, valid_loader, optimizer, scaler, device, precision, progress: bool,
+           desc: str) -> tuple[dict, dict, Predictions | None]:
+    "Train one epoch, then predict the validation bags: the history row, the validation metrics, the predictions."
+    epoch_start = time.time()
+    train_loss, n_bags = train_epoch(trained, train_loader, optimizer, scaler, device, precision, progress, desc)
+    train_seconds = time.time() - epoch_start
+    predictions = predict(model, valid_loader, device, precision) if valid_loader is not None else None
+    valid = _validation_metrics(predictions)
+    if progress: print(f"{desc.split('/')[0]}: train loss {train_loss:.4f}" + "".join(
+        f", val {k} {valid[k]:.4f}" for k in ("loss", "auc", "qwk", "accuracy") if k in valid))
+    row = {"train_loss": train_loss, **{f"val_{k}": v for k, v in valid.items()},
+           "train_bags_per_s": n_bags / train_seconds, "seconds": time.time() - epoch_start}
+    return row, valid, predictions
 
 def _check_same_start(first_epoch: int, folder: RunFolder | None):
     "Under DDP every rank must resume after the same epoch."
