@@ -22,7 +22,7 @@ import torch
 from .data import Bag, collate_bags
 from .devices import autocast, resolve_device, resolve_precision
 from .model import AttentionMIL, MILConfig, load_model
-from .slides import SlideLimits
+from .slides import SlideLimits, check_pages
 from .tasks import get_task
 from .tiling import TilingConfig, tile_slide
 
@@ -72,7 +72,7 @@ class RequestLimits:
                 ) -> RequestLimits:
         "The limits given, else those set by environment variables, else the defaults."
         max_body_mb = setting(max_body_mb, "MIL_NB_MAX_BODY_MB", 64.0, float)
-        if not max_body_mb > 0: raise ValueError(f"max_body_mb={max_body_mb}: must be more than 0")
+        if not 0 < max_body_mb < 2**20: raise ValueError(f"max_body_mb={max_body_mb}: must be more than 0 (and finite)")
         pixels = {name: value for name, value in pixels.items() if value is not None}
         for name, value in pixels.items():
             if value < 1: raise ValueError(f"max_{name}={value}: must be at least 1")
@@ -192,6 +192,8 @@ def _npy_bag(body: bytes | bytearray, limits: RequestLimits) -> Bag:
         if version not in ((1, 0), (2, 0)): raise ValueError(f"format version {version}; tiles are in 1.0 or 2.0")
         shape, fortran, dtype = getattr(np.lib.format, f"read_array_header_{version[0]}_0")(stream)
     except Exception as error: raise BadRequest(f"application/x-npy body is not a .npy array ({error})") from None
+    if not all(type(side) is int and 0 <= side < 2**31 for side in shape):
+        raise BadRequest(f"application/x-npy body declares the shape {shape}: sides must be integers 0 to 2**31")
     if shape and shape[0] > limits.max_tiles: raise too_many_tiles(shape[0], limits.max_tiles)
     data = memoryview(body)[stream.tell():]
     if dtype.hasobject or len(data) != math.prod(shape) * dtype.itemsize:
@@ -223,7 +225,9 @@ def _json_bag(body: bytes | bytearray | str, limits: RequestLimits) -> Bag:
 
 def _tiff_slide(body: bytes | bytearray, limits: RequestLimits) -> Slide:
     try:
-        with tifffile.TiffFile(io.BytesIO(body)) as tif: images = len(tif.series)
+        with tifffile.TiffFile(io.BytesIO(body)) as tif:
+            check_pages(tif, "the slide")
+            images = len(tif.series)
     except Exception as error: raise BadRequest(f"image/tiff body is not a readable TIFF ({error})") from None
     if not images: raise BadRequest("image/tiff body is not a readable TIFF (it holds no image)")
     return Slide(body)

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import os
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +26,11 @@ def read_slide_table(data_dir: str | os.PathLike) -> pd.DataFrame:
     if not data_dir.is_dir(): raise FileNotFoundError(f"data_dir {data_dir}: no such folder")
     csv = data_dir/"train.csv"
     if not csv.is_file(): raise FileNotFoundError(f"{csv}: no such file (a PANDA-layout folder has train.csv)")
-    try: table = pd.read_csv(csv, dtype={"image_id": str})
+    try: table = pd.read_csv(csv, dtype=str, keep_default_na=False)  # an image_id "NA" or "null" stays a name
     except UnicodeDecodeError: _not_utf8(csv)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as error: raise ValueError(f"{csv}: {error}") from None
+    if not isinstance(table.index, pd.RangeIndex):  # pandas made the extra leading fields of long rows an index
+        raise ValueError(f"{csv}: some rows have more fields than the header ({', '.join(table.columns)})")
     missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
     if missing: raise ValueError(f"{csv}: missing column(s) {missing}; found {list(table.columns)}")
     grades = pd.to_numeric(table.isup_grade, errors="coerce")
@@ -71,8 +75,9 @@ def check_image_id(image_id: str) -> str:
     if not isinstance(image_id, str) or not image_id: problem = "is empty"
     elif any(sep in image_id for sep in "/\\:"): problem = "holds a path separator (/, \\ or :)"
     elif image_id.startswith("."): problem = "starts with a dot (., .., hidden or temporary files)"
-    elif any(ord(c) < 32 or ord(c) == 127 for c in image_id): problem = "holds a control character"
     elif shown_name(image_id) != image_id: problem = "is not valid UTF-8"
+    elif any(unicodedata.category(c).startswith("C") for c in image_id):
+        problem = "holds a control character or a format character (such as a bidi override)"
     elif len(image_id.encode()) > MAX_ID_BYTES: problem = f"is longer than {MAX_ID_BYTES} bytes"
     else: return image_id
     raise ValueError(f"image_id {shown_name(str(image_id))!r} {problem}: an image_id must be a plain file name")

@@ -5,12 +5,14 @@
 # %% ../nbs/21_parameters.ipynb #f6a7b004
 from __future__ import annotations
 
+import math
 import os
+from pathlib import Path
 
 import torch
 
-from .devices import PRECISIONS
-from .distributed import BACKENDS, LR_SCALINGS
+from .devices import PRECISIONS, resolve_device, resolve_precision
+from .distributed import BACKENDS, LR_SCALINGS, choose_backend
 from .model import POOLINGS, MILConfig
 from .tasks import TASKS
 from .tiling import MODES
@@ -28,10 +30,10 @@ def _integer(at_least: int, none: bool = False):
 
 def _number(low: float, high: float | None = None, low_open: bool = False, high_open: bool = False):
     def check(value):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         ok = ok and (value > low if low_open else value >= low)
         ok = ok and (high is None or (value < high if high_open else value <= high))
-        if not ok: return f"expected a number {'>' if low_open else '>='} {low}" + (
+        if not ok: return f"expected a finite number {'>' if low_open else '>='} {low}" + (
             f" and {'<' if high_open else '<='} {high}" if high is not None else "")
     return check
 
@@ -94,4 +96,26 @@ def check_train_parameters(parameters: dict):
     data_dir = given.get("data_dir")
     if data_dir is not None and not problems.get("data_dir") and not os.path.isdir(data_dir):
         bad.append(f"data_dir {data_dir}: no such folder")
+    output_dir = given.get("output_dir")
+    if output_dir and not problems.get("output_dir") and _not_a_run_folder(output_dir):
+        bad.append(f"output_dir {output_dir}: {_not_a_run_folder(output_dir)}")
+    if given.get("num_workers", 0) > 4 * (os.cpu_count() or 1) and not problems.get("num_workers"):
+        bad.append(f"num_workers={given['num_workers']}: more than 4 per CPU ({os.cpu_count()} here)")
+    bad += _device_problems(given, problems)
     if bad: raise ValueError("bad parameter(s): " + "; ".join(bad))
+
+def _not_a_run_folder(path) -> str | None:
+    "Why `path` cannot hold a run's files (None if it can)."
+    path = Path(path).expanduser().absolute()
+    if path == Path(path.anchor): return "the filesystem's root"
+    if path.exists() and not path.is_dir(): return "a file, not a folder"
+
+def _device_problems(given: dict, problems: dict) -> list[str]:
+    "The device, precision and backend that cannot work together on this machine."
+    if problems.get("device"): return []
+    try:
+        device = resolve_device(given.get("device", "auto"))
+        if "precision" in given and not problems.get("precision"): resolve_precision(given["precision"], device)
+        if "backend" in given and not problems.get("backend"): choose_backend(given["backend"], device)
+    except ValueError as error: return [str(error)]
+    return []

@@ -44,18 +44,20 @@ __all__ = ['MAX_CONNECTIONS', 'read_body', 'answer', 'Turns', 'create_app', 'ser
 # %% ../nbs/27_serve.ipynb #11863b37
 async def read_body(request: Request,
                     max_bytes: int,  # the largest body: 413 once it is declared or read to be larger
-                    timeout_s: float,  # the longest wait for the next chunk: 408 after it
+                    timeout_s: float,  # the longest wait for the next chunk, and a quarter of the whole body's: 408
                    ) -> bytearray:
-    "The request's body, read chunk by chunk; `BadRequest` as soon as it is over `max_bytes` or stalls."
+    "The request's body, read chunk by chunk; `BadRequest` as soon as it is over `max_bytes`, stalls or dawdles."
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > max_bytes: raise too_large(int(declared), max_bytes)
-    body, chunks = bytearray(), request.stream()
+    body, chunks, loop = bytearray(), request.stream(), asyncio.get_running_loop()
+    deadline = loop.time() + 4 * timeout_s
     while True:
-        try: body += await asyncio.wait_for(anext(chunks), timeout_s)
+        wait = min(timeout_s, deadline - loop.time())
+        try: body += await asyncio.wait_for(anext(chunks), max(wait, 0))
         except StopAsyncIteration: return body
         except TimeoutError:
-            raise BadRequest(f"the body stalled: no data for {timeout_s:g} s (the limit, body_timeout_s)",
-                             408) from None
+            why = f"no data for {timeout_s:g} s" if wait == timeout_s else f"not all there after {4 * timeout_s:g} s"
+            raise BadRequest(f"the body stalled: {why} (the limit: body_timeout_s)", 408) from None
         if len(body) > max_bytes: raise too_large(len(body), max_bytes)
 
 def answer(served: ServedModel, body: bytearray, content_type: str | None, accept: str | None) -> str:
@@ -63,20 +65,24 @@ def answer(served: ServedModel, body: bytearray, content_type: str | None, accep
     return encode_answer(predict(served, decode_request(body, content_type, served.limits)), accept)
 
 class Turns:
-    "At most `running` requests at once and `waiting` more in line; others are refused (503) at once."
+    "At most `running + waiting` requests admitted (others get 503 at once), and `running` of them on the model."
     def __init__(self, running: int, waiting: int):
-        self.running, self.waiting, self.in_line, self.semaphore = running, waiting, 0, asyncio.Semaphore(running)
+        self.running, self.waiting, self.admitted, self.semaphore = running, waiting, 0, asyncio.Semaphore(running)
+
+    @contextlib.asynccontextmanager
+    async def admission(self):
+        "Hold a place in the server (while the body is read and the request waits for its turn), or 503."
+        if self.admitted >= self.running + self.waiting:
+            raise BadRequest(f"the server is busy: {self.admitted} requests in it ({self.running} running, "
+                             f"{self.waiting} waiting: max_concurrency, max_queue); retry later", 503)
+        self.admitted += 1
+        try: yield
+        finally: self.admitted -= 1
 
     @contextlib.asynccontextmanager
     async def turn(self):
-        if self.semaphore.locked() and self.in_line >= self.waiting:
-            raise BadRequest(f"the server is busy: {self.running} requests running and {self.waiting} waiting "
-                             "(max_concurrency, max_queue); retry later", 503)
-        self.in_line += 1
-        try: await self.semaphore.acquire()
-        finally: self.in_line -= 1
-        try: yield
-        finally: self.semaphore.release()
+        "Hold one of the `running` turns of the model."
+        async with self.semaphore: yield
 
 # %% ../nbs/27_serve.ipynb #7e3a9c15
 _HEADERS = {408: {"Connection": "close"}, 413: {"Connection": "close"}, 503: {"Retry-After": "1"}}
@@ -93,8 +99,8 @@ async def _server_error(request: Request, error: Exception) -> JSONResponse:
     return JSONResponse({"error": f"{type(error).__name__}: {error}"}, status_code=500)
 
 def create_app(served: ServedModel,  # the model and the limits on one request (`load_served_model`)
-               max_concurrency: int = 2,  # requests read and answered at once
-               max_queue: int = 16,  # requests waiting their turn; more are refused (503)
+               max_concurrency: int = 2,  # requests decoded and run through the model at once
+               max_queue: int = 16,  # more requests admitted (reading their body, waiting); more get 503
                body_timeout_s: float = 30,  # the longest wait for the next chunk of a body (408 after it)
               ) -> Starlette:
     "The ASGI app: `GET /ping` and `POST /invocations` over `served`."
@@ -109,9 +115,10 @@ def create_app(served: ServedModel,  # the model and the limits on one request (
         if not accepts_json(accept):
             raise BadRequest(f"answers are application/json; the request accepts {accept!r}", 406)
         media_type(content_type)
-        async with turns.turn():
+        async with turns.admission():
             body = await read_body(request, served.limits.max_bytes, body_timeout_s)
-            text = await run_in_threadpool(answer, served, body, content_type, accept)
+            async with turns.turn():
+                text = await run_in_threadpool(answer, served, body, content_type, accept)
         return Response(text, media_type="application/json")
 
     return Starlette(routes=[Route("/ping", ping), Route("/invocations", invocations, methods=["POST"])],

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,10 +15,11 @@ import numpy as np
 import openslide
 import tifffile
 import zarr
+from PIL import Image
 
 # %% auto #0
-__all__ = ['LIMIT_VARIABLES', 'PHOTOMETRICS', 'TIFF_SUFFIXES', 'SLIDE_SUFFIXES', 'SlideLimits', 'SlideReader', 'TiffReader',
-           'OpenSlideReader', 'open_slide', 'write_bomb', 'write_svs']
+__all__ = ['LIMIT_VARIABLES', 'PHOTOMETRICS', 'MAX_PAGES', 'TIFF_SUFFIXES', 'SLIDE_SUFFIXES', 'SlideLimits', 'SlideReader',
+           'check_pages', 'TiffReader', 'OpenSlideReader', 'open_slide', 'write_bomb', 'write_svs']
 
 # %% ../nbs/05_slides.ipynb #4c0e9a61
 LIMIT_VARIABLES = {"level_pixels": "MIL_NB_MAX_LEVEL_PIXELS", "thumbnail_pixels": "MIL_NB_MAX_THUMBNAIL_PIXELS",
@@ -138,18 +140,27 @@ def _tiff_mpp(page) -> float | None:
     unit = {2: 25400.0, 3: 10000.0}.get(int(tags["ResolutionUnit"].value))  # inch, centimetre in um
     return None if not unit or not num else unit * den / num
 
+MAX_PAGES = 256  # images in one TIFF: a slide pyramid has a few; more only cost time and memory to parse
+
+def check_pages(tif: tifffile.TiffFile, source):
+    "Refuse a TIFF of more than `MAX_PAGES` pages before its pages are all parsed."
+    for count, _ in enumerate(tif.pages, start=1):
+        if count > MAX_PAGES:
+            raise ValueError(f"{source}: more than {MAX_PAGES} images (pages) in one TIFF; a slide pyramid has a few")
+
 class TiffReader(SlideReader):
     "A tiled TIFF pyramid read with tifffile (regions decode only the tiles they touch)."
     def __init__(self, path: str | os.PathLike, limits: SlideLimits | None = None):
         self.path, self.limits = Path(path), limits or SlideLimits.from_env()
         self._tif = tifffile.TiffFile(self.path)  # parses the headers only: no pixel is decoded here
         try:
+            check_pages(self._tif, self.path)
             self._levels = self._tif.series[0].levels
             self.dimensions = [(level.shape[1], level.shape[0]) for level in self._levels]
             self.mpp = _tiff_mpp(self._levels[0].keyframe)
         except Exception:
             self._tif.close(); raise
-        self._zarr = {}
+        self._zarr, self._checked_tiles = {}, {}
 
     def _check_pyramid(self):
         super()._check_pyramid()
@@ -165,8 +176,28 @@ class TiffReader(SlideReader):
         if level not in self._zarr: self._zarr[level] = zarr.open(self._tif.aszarr(level=level), mode="r")
         return self._zarr[level]
 
+    def _check_jpeg_tiles(self, level: int, x0: int, y0: int, x1: int, y1: int):
+        "Refuse a JPEG tile under [x0, x1) x [y0, y1) whose own header declares more pixels than its tile holds."
+        page = self._levels[level].keyframe  # a JPEG is decoded at the size it declares, before any check of ours
+        if page.compression != tifffile.COMPRESSION.JPEG or not page.is_tiled: return
+        tile_h, tile_w = page.chunks[:2]
+        across, checked = -(-page.imagewidth // tile_w), self._checked_tiles.setdefault(level, set())
+        for row in range(y0 // tile_h, (y1 - 1) // tile_h + 1):
+            for index in range(row * across + x0 // tile_w, row * across + (x1 - 1) // tile_w + 1):
+                if index in checked: continue
+                self._tif.filehandle.seek(page.dataoffsets[index])
+                head = self._tif.filehandle.read(min(page.databytecounts[index], 2**16))
+                try: width, height = Image.open(io.BytesIO(head)).size  # parses the header, decodes nothing
+                except Image.DecompressionBombError: width = height = 2**31
+                except Exception: width = height = 0  # a header PIL cannot read: left to the decoder
+                if width * height > tile_w * tile_h:
+                    raise ValueError(f"{self.path}: tile {index} of level {level} holds a {width} x {height} px JPEG, "
+                                     f"larger than its {tile_w} x {tile_h} px tile")
+                checked.add(index)
+
     def read_level(self, level: int) -> np.ndarray:
         level = self._check_read(level, *self.dimensions[self._check_level(level)])
+        self._check_jpeg_tiles(level, 0, 0, *self.dimensions[level])
         return _rgb(self._levels[level].asarray(maxworkers=1), self.path)
 
     def read_region(self, level, x, y, width, height, fill=255):
@@ -177,6 +208,7 @@ class TiffReader(SlideReader):
         out = np.full((height, width, 3), fill, np.uint8)
         x0, y0, x1, y1 = max(left, 0), max(top, 0), min(left + width, level_w), min(top + height, level_h)
         if x0 < x1 and y0 < y1:
+            self._check_jpeg_tiles(level, x0, y0, x1, y1)
             region = np.asarray(self._array(level)[y0:y1, x0:x1])
             out[y0 - top:y1 - top, x0 - left:x1 - left] = _rgb(region, self.path, fill)
         return out

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -55,8 +56,8 @@ class TileStore:
         if not (self.path / "index.csv").exists():
             raise FileNotFoundError(f"{self.path}: not a tile store (no index.csv)")
         self.meta = json.loads((self.path/"meta.json").read_text())
-        self.index = pd.read_csv(self.path/"index.csv", dtype={"image_id": str})
-        self.failures = pd.read_csv(self.path/"failures.csv", dtype={"image_id": str})
+        self.index = pd.read_csv(self.path/"index.csv", dtype={"image_id": str}, keep_default_na=False)
+        self.failures = pd.read_csv(self.path/"failures.csv", dtype={"image_id": str}, keep_default_na=False)
 
     @property
     def image_ids(self) -> list[str]: return list(self.index.image_id)
@@ -100,6 +101,13 @@ def _write_csv(frame: pd.DataFrame, path: Path):
     with atomic_path(path) as tmp: frame.to_csv(tmp, index=False)
 
 # %% ../nbs/08_tile_store.ipynb #2f4a3766
+def _check_dest(src: Path, dest: Path):
+    "A store is written only inside `dest`: not into the source, a file, or folders that link elsewhere."
+    if dest.exists() and not dest.is_dir(): raise ValueError(f"dest {dest}: a file, not a folder")
+    if dest.resolve() == src.resolve(): raise ValueError(f"dest {dest}: the source folder itself; choose another")
+    for folder in (dest/"bags", dest/"png"):
+        if folder.is_symlink(): raise ValueError(f"{folder}: a link; the store writes only inside {dest}")
+
 def tile_slides(src: str | os.PathLike,  # PANDA-layout folder (train.csv, train_images/) or a folder of slides
                 dest: str | os.PathLike,  # the tile store to write (a run resumes one made with the same settings)
                 mode: str = "kaggle",  # kaggle: the 16x128x128 rule; tissue: a grid over detected tissue
@@ -118,6 +126,10 @@ def tile_slides(src: str | os.PathLike,  # PANDA-layout folder (train.csv, train
     if num_workers is not None and (not isinstance(num_workers, int) or num_workers < 0):
         raise ValueError(f"num_workers={num_workers!r}: expected None or an integer >= 0")
     TilingConfig(mode, n_tiles, tile_size, 0 if mpp is None else None, mpp, min_tissue)  # checked before any work
+    if n_tiles and n_tiles * tile_size**2 > limits.level_pixels:
+        raise ValueError(f"n_tiles={n_tiles} tiles of {tile_size} px are {n_tiles * tile_size**2:,} px a bag, over the "
+                         f"limit of {limits.level_pixels:,} px (level_pixels)")
+    _check_dest(src, dest)
     slides = slide_sources(src)
     if level is None and mpp is None:
         level = choose_level(list(slides.image_file), n_tiles or 16, tile_size, limits=limits)
@@ -149,6 +161,12 @@ def tile_slides(src: str | os.PathLike,  # PANDA-layout folder (train.csv, train
     return TileStore(dest)
 
 # %% ../nbs/08_tile_store.ipynb #f8cc5129
+def _pixels(option: str, value) -> int:
+    "A pixel budget given on the command line: a whole number >= 1, or a ValueError naming the option."
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 1):
+        raise ValueError(f"--{option}={value!r}: expected a number of pixels >= 1")
+    return int(value)
+
 @call_parse
 def tile_cli(src: str,  # PANDA-layout folder (train.csv, train_images/) or a folder of slides
              dest: str,  # tile store to write (resumes if it exists)
@@ -166,10 +184,11 @@ def tile_cli(src: str,  # PANDA-layout folder (train.csv, train_images/) or a fo
     "Tile the slides of SRC into the tile store DEST."
     flags = dict(level_pixels=max_level_pixels, thumbnail_pixels=max_thumbnail_pixels, slide_pixels=max_slide_pixels)
     try:
-        limits = dataclasses.replace(SlideLimits.from_env(), **{k: int(v) for k, v in flags.items() if v is not None})
+        limits = dataclasses.replace(SlideLimits.from_env(),
+                                     **{k: _pixels(f"max_{k}", v) for k, v in flags.items() if v is not None})
         store = tile_slides(src, dest, mode, n_tiles or None, tile_size, level, mpp, min_tissue, workers, png,
                             limits=limits)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, OSError) as error:
         print(f"mil_nb_tile: {error}", file=sys.stderr)
         sys.exit(2)
     print((store.path/"summary.json").read_text())

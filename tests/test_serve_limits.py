@@ -1,4 +1,5 @@
 "`mil_nb_serve`'s limits on one request: bags, slides, bodies, slow clients, concurrency, and its start-up errors."
+import contextlib
 import json
 import os
 import select
@@ -200,3 +201,26 @@ def test_a_model_pt_that_cannot_be_loaded_is_one_line(small_model_dir, tmp_path)
         assert status != 0 and stderr.startswith(f"mil_nb_serve: {model_dir/'model.pt'}: "), f"{name}: {stderr}"
         assert stderr.count("\n") == 1 and "Traceback" not in stderr, f"{name}: {stderr}"
     assert not marker.exists(), "loading model.pt ran code from the pickle"
+
+
+def test_slow_clients_do_not_hold_the_model(small_server):
+    "Two uploads that trickle a byte at a time take no turn of the model; each is cut off by the whole-body deadline."
+    with connect(small_server) as first, connect(small_server) as second:
+        for slow in (first, second):
+            slow.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-npy\r\n"
+                         b"Content-Length: 1000000\r\n\r\n0")
+        start = time.monotonic()
+
+        def trickle():  # a byte every 0.5 s, never a stall of body_timeout_s (1 s), until the server hangs up
+            while time.monotonic() - start < 6:
+                time.sleep(0.5)
+                with contextlib.suppress(OSError): first.sendall(b"1"); second.sendall(b"1")
+
+        with ThreadPoolExecutor(1) as pool:
+            pool.submit(trickle)
+            time.sleep(1.5)
+            assert post(small_server, npy_body(np.zeros((4, 32, 32, 3), np.uint8)))[0] == 200
+            assert time.monotonic() - start < 4  # answered while both slow uploads are still open
+            for slow in (first, second):
+                status, answer = read_answer(slow)
+                assert status == 408 and "not all there after 4 s" in answer["error"], answer
