@@ -59,6 +59,7 @@ class RequestLimits:
     max_bytes: int = 64 * 2**20  # the largest request body, in bytes
     max_tiles: int = 512  # the most tiles in a bag, sent or tiled from a slide
     slide: SlideLimits = SlideLimits.strict()  # the pixel budget of a slide (`mil_nb.slides`)
+    max_json_bytes: int = 16 * 2**20  # the largest JSON body: parsing holds about 10 times its size
 
     def __post_init__(self):
         if not self.max_bytes >= 1: raise ValueError(f"max_body_mb: {self.max_bytes} bytes; must be more than 0")
@@ -68,6 +69,7 @@ class RequestLimits:
     def from_env(cls,
                  max_body_mb: float | None = None,  # the largest body in MiB (else `$MIL_NB_MAX_BODY_MB`, else 64)
                  max_tiles: int | None = None,  # the most tiles in a bag (else `$MIL_NB_MAX_TILES`, else 512)
+                 max_json_mb: float | None = None,  # the largest JSON body in MiB (else `$MIL_NB_MAX_JSON_MB`, else 16)
                  **pixels: int | None,  # `SlideLimits` fields (else `$MIL_NB_MAX_*_PIXELS`, else the strict preset)
                 ) -> RequestLimits:
         "The limits given, else those set by environment variables, else the defaults."
@@ -77,7 +79,10 @@ class RequestLimits:
         for name, value in pixels.items():
             if value < 1: raise ValueError(f"max_{name}={value}: must be at least 1")
         slide = dataclasses.replace(SlideLimits.from_env(SlideLimits.strict()), **pixels)
-        return cls(int(max_body_mb * 2**20), setting(max_tiles, "MIL_NB_MAX_TILES", 512), slide)
+        max_json_mb = setting(max_json_mb, "MIL_NB_MAX_JSON_MB", 16.0, float)
+        if not 0 < max_json_mb < 2**20: raise ValueError(f"max_json_mb={max_json_mb}: must be more than 0 (and finite)")
+        return cls(int(max_body_mb * 2**20), setting(max_tiles, "MIL_NB_MAX_TILES", 512), slide,
+                   int(max_json_mb * 2**20))
 
 # %% ../nbs/26_inference.ipynb #f96c4d4f
 @dataclass
@@ -206,6 +211,9 @@ _KINDS = {"U": "text", "f": "fractions", "b": "booleans", "O": "mixed or out-of-
 
 def _json_bag(body: bytes | bytearray | str, limits: RequestLimits) -> Bag:
     "The bag in a JSON body: nested lists of integers only, exactly 4 levels, the tile count checked first."
+    if len(body) > limits.max_json_bytes:
+        raise BadRequest(f"the JSON body is {len(body):,} bytes; JSON bags are limited to {limits.max_json_bytes:,} "
+                         "(max_json_mb): send large bags as application/x-npy", 413)
     try: request = json.loads(body)
     except RecursionError: raise BadRequest("application/json body is nested too deep (tiles are 4 levels)") from None
     except ValueError as error: raise BadRequest(f"application/json body is not JSON ({error})") from None

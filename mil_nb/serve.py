@@ -150,6 +150,7 @@ def serve_cli(model_dir: str = "/opt/ml/model",  # folder holding model.pt (Sage
               precision: str = "fp32",  # fp32 (answers match the model's to float precision), bf16, or fp16 (CUDA)
               max_body_mb: float = None,  # largest request body in MiB (default: $MIL_NB_MAX_BODY_MB or 64)
               max_tiles: int = None,  # most tiles in a bag (default: $MIL_NB_MAX_TILES or 512)
+              max_json_mb: float = None,  # largest JSON body in MiB (default: $MIL_NB_MAX_JSON_MB or 16)
               max_concurrency: int = None,  # requests answered at once (default: $MIL_NB_MAX_CONCURRENCY or 2)
               max_queue: int = None,  # requests waiting their turn, more get 503 (default: $MIL_NB_MAX_QUEUE or 16)
               body_timeout_s: float = None,  # longest wait for a body's next chunk, s ($MIL_NB_BODY_TIMEOUT_S or 30)
@@ -159,7 +160,7 @@ def serve_cli(model_dir: str = "/opt/ml/model",  # folder holding model.pt (Sage
     "Serve the model in MODEL_DIR over HTTP: GET /ping, POST /invocations (x-npy, JSON or TIFF bodies)."
     try:
         options = _server_options(port, max_concurrency, max_queue, body_timeout_s)
-        limits = RequestLimits.from_env(max_body_mb, max_tiles, level_pixels=max_level_pixels,
+        limits = RequestLimits.from_env(max_body_mb, max_tiles, max_json_mb, level_pixels=max_level_pixels,
                                         thumbnail_pixels=max_thumbnail_pixels, slide_pixels=max_slide_pixels)
         served = load_served_model(model_dir, device, precision, limits)
     except (OSError, ValueError) as error: raise SystemExit(f"mil_nb_serve: {error}") from None
