@@ -130,16 +130,8 @@ def _fit_bags_per_s(
     model, bags: list[Bag], batch_size: int, epochs: int, precision: str, num_replicas: int = 1, rank: int = 0
 ) -> float:
     "Training throughput of `fit` (over all ranks) after its first (warm-up) epoch."
-    history = fit(
-        model,
-        bag_loader(bags, batch_size, shuffle=True, num_replicas=num_replicas, rank=rank),
-        None,
-        epochs=epochs,
-        lr=5e-4,
-        device="cpu",
-        precision=precision,
-        progress=False,
-    ).history
+    history = fit(model, bag_loader(bags, batch_size, shuffle=True, num_replicas=num_replicas, rank=rank), None,
+                  epochs=epochs, lr=5e-4, device="cpu", precision=precision, progress=False).history
     return float(history.train_bags_per_s.iloc[1:].median())
 
 def _compare_training(

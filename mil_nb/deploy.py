@@ -70,13 +70,9 @@ def deploy(model_data_s3: str,  # S3 URI of the model.tar.gz a training job wrot
     with tempfile.TemporaryDirectory() as tmp:
         repack_model("inference.py", str(write_entry_source(Path(tmp)/"code")), [], model_data_s3, model_data,
                      Session(boto_session=boto_session))
-    Model.create(
-        model_name=name,
-        primary_container=ContainerDefinition(image=image, model_data_url=model_data, environment=environment),
-        execution_role_arn=role,
-        session=boto_session,
-        region=region,
-    )
+    Model.create(model_name=name,
+                 primary_container=ContainerDefinition(image=image, model_data_url=model_data, environment=environment),
+                 execution_role_arn=role, session=boto_session, region=region)
     variant = ProductionVariant(variant_name="AllTraffic", model_name=name, initial_instance_count=instance_count,
                                 instance_type=instance_type)
     EndpointConfig.create(endpoint_config_name=name, production_variants=[variant], session=boto_session, region=region)

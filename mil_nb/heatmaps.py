@@ -40,17 +40,9 @@ def _thumbnail(reader, max_px: int) -> tuple[np.ndarray, float]:
     step = int(np.ceil(max(image.shape[:2]) / max_px))
     return image[::step, ::step], 1 / (reader.downsamples[level] * step)
 
-def plot_attention_heatmap(
-    slide_file: str | os.PathLike,
-    coords: np.ndarray,
-    attention: np.ndarray,
-    tiling: TilingConfig,
-    top_k: int = 4,
-    max_px: int = 1024,
-    ax=None,
-    cmap: str = "inferno",
-    title: str | None = None,
-):
+def plot_attention_heatmap(slide_file: str | os.PathLike, coords: np.ndarray, attention: np.ndarray,
+                           tiling: TilingConfig, top_k: int = 4, max_px: int = 1024, ax=None, cmap: str = "inferno",
+                           title: str | None = None):
     "Attention over the slide's thumbnail, with a colour bar and the `top_k` tiles outlined and numbered."
     with open_slide(slide_file) as reader:
         thumbnail, scale = _thumbnail(reader, max_px)

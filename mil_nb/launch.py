@@ -219,21 +219,9 @@ def launch_cli(argv: list[str] | None = None):
     if args.data_dir:
         parser.error("--data_dir is for --local runs: a SageMaker job reads its data from --train s3://...")
     try:
-        job = launch(
-            args.role,
-            args.instance_type,
-            args.instance_count,
-            args.processes_per_node,
-            hyperparameters,
-            args.train,
-            args.output,
-            args.checkpoints,
-            args.base_job_name,
-            args.volume_gb,
-            args.max_runtime_s,
-            wait=args.wait,
-            dry_run=args.dry_run,
-        )
+        job = launch(args.role, args.instance_type, args.instance_count, args.processes_per_node, hyperparameters,
+                     args.train, args.output, args.checkpoints, args.base_job_name, args.volume_gb, args.max_runtime_s,
+                     wait=args.wait, dry_run=args.dry_run)
     except ValueError as error: parser.error(str(error))
     if job is None:
         print("dry run: the request is valid; no job submitted")

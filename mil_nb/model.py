@@ -183,11 +183,8 @@ class AttentionMIL(nn.Module):
             raise ValueError(
                 f"instances {tuple(instances.shape)} and mask {tuple(mask.shape)} disagree on (bags, instances)"
             )
-        if self.config.encoder != "identity" and tuple(instances.shape[2:]) != (
-            self.config.tile_size,
-            self.config.tile_size,
-            self.config.channels,
-        ):
+        expected = (self.config.tile_size, self.config.tile_size, self.config.channels)
+        if self.config.encoder != "identity" and tuple(instances.shape[2:]) != expected:
             raise ValueError(f"instances are {tuple(instances.shape[2:])}; this model takes "
                              f"{self.config.tile_size} x {self.config.tile_size} x {self.config.channels} tiles")
         if not mask.any(dim=1).all(): raise ValueError("every bag needs at least one instance (mask has an empty row)")

@@ -41,18 +41,9 @@ def train(batch_size: int, num_replicas: int = 1, rank: int = 0, output_dir=None
     model = toy_model()
     share = dict(num_replicas=num_replicas, rank=rank)
     valid_loader = bag_loader(toy_bags(13, 1), batch_size, **share)
-    result = fit(
-        model,
-        bag_loader(toy_bags(32, 0), batch_size, shuffle=True, seed=0, **share),
-        valid_loader,
-        epochs=EPOCHS,
-        lr=LR,
-        device="cpu",
-        precision="fp32",
-        output_dir=output_dir,
-        keep_best=False,
-        progress=False,
-    )
+    result = fit(model, bag_loader(toy_bags(32, 0), batch_size, shuffle=True, seed=0, **share), valid_loader,
+                 epochs=EPOCHS, lr=LR, device="cpu", precision="fp32", output_dir=output_dir, keep_best=False,
+                 progress=False)
     return model, result.history, valid_loader
 
 

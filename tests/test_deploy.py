@@ -77,11 +77,8 @@ def test_deploy_creates_model_and_endpoint_that_serve(aws, tmp_path):
     assert container["Environment"]["SAGEMAKER_PROGRAM"] == "inference.py"
     assert container["Environment"]["MIL_NB_PRECISION"] == "fp32"
     variant, = sagemaker.describe_endpoint_config(EndpointConfigName="mil-nb-test")["ProductionVariants"]
-    assert (variant["InstanceType"], variant["InitialInstanceCount"], variant["ModelName"]) == (
-        "ml.g4dn.xlarge",
-        1,
-        "mil-nb-test",
-    )
+    assert (variant["InstanceType"], variant["InitialInstanceCount"], variant["ModelName"]) == ("ml.g4dn.xlarge", 1,
+                                                                                                "mil-nb-test")
     assert (
         sagemaker.describe_endpoint(EndpointName="mil-nb-test")["EndpointConfigName"]
         == endpoint.endpoint_config_name
@@ -101,13 +98,8 @@ def test_deploy_creates_model_and_endpoint_that_serve(aws, tmp_path):
         (tmp_path/file).write_bytes(body)
         args += [str(tmp_path/file), content_type]
     code = model_dir/"code"
-    run = subprocess.run(
-        [sys.executable, "-c", CONTAINER, str(code), str(model_dir), *args],
-        cwd=code,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "SAGEMAKER_PROGRAM": "inference.py"},
-    )
+    run = subprocess.run([sys.executable, "-c", CONTAINER, str(code), str(model_dir), *args], cwd=code,
+                         capture_output=True, text=True, env={**os.environ, "SAGEMAKER_PROGRAM": "inference.py"})
     assert run.returncode == 0, run.stderr
     (bag_status, bag), (slide_status, slide), empty = json.loads(run.stdout.splitlines()[-1])
     assert (bag_status, bag["n_tiles"], slide_status, len(slide["coords"])) == (200, 5, 200, 8)

@@ -36,15 +36,9 @@ def test_feature_bags_on_the_embedded_tile_store(tmp_path, main_job):
     table = read_slide_table(tiles.meta["src"])
     train, valid = split_slides(table, 0.25, seed=0)
     model = AttentionMIL(MILConfig(encoder="identity", embed_dim=512))
-    history = fit(
-        model,
-        bag_loader(BagDataset(features, train), 8, shuffle=True),
-        bag_loader(BagDataset(features, valid), 16),
-        epochs=20,
-        lr=1e-3,
-        output_dir=tmp_path / "run",
-        progress=False,
-    ).history
+    history = fit(model, bag_loader(BagDataset(features, train), 8, shuffle=True),
+                  bag_loader(BagDataset(features, valid), 16), epochs=20, lr=1e-3, output_dir=tmp_path / "run",
+                  progress=False).history
     metrics = json.loads((tmp_path/"run"/"metrics.json").read_text())
     print(
         json.dumps({k: metrics[k] for k in ("val_auc", "val_accuracy", "kept_epoch", "train_seconds")}), file=sys.stderr

@@ -51,20 +51,8 @@ def test_svs_slides_go_through_openslide(tmp_path, panda):
     for path in sorted((panda/"train_images").iterdir())[:2]:
         with open_slide(path) as reader: write_svs(src/f"{path.stem}.svs", reader.read_level(1), mpp=2.0)
         assert isinstance(open_slide(src/f"{path.stem}.svs"), OpenSlideReader)
-    run = tile(
-        src,
-        tmp_path / "store",
-        "--mode",
-        "tissue",
-        "--mpp",
-        "4.0",
-        "--tile_size",
-        "64",
-        "--n_tiles",
-        "0",
-        "--workers",
-        "1",
-    )
+    run = tile(src, tmp_path / "store", "--mode", "tissue", "--mpp", "4.0", "--tile_size", "64", "--n_tiles", "0",
+               "--workers", "1")
     assert run.returncode == 0, run.stderr
     store = TileStore(tmp_path/"store")
     assert len(store.image_ids) == 2

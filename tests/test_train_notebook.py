@@ -43,30 +43,9 @@ def test_train_notebook_small(tmp_path, small_panda):
 def test_train_notebook_isup_small(tmp_path, small_panda):
     "ISUP grading: the ordinal head, QWK as the metric the kept epoch is chosen on, a 6x6 confusion matrix."
     out = tmp_path/"isup"
-    run = papermill(
-        out / "train.ipynb",
-        "-p",
-        "output_dir",
-        str(out),
-        "-p",
-        "data_dir",
-        str(small_panda),
-        "-p",
-        "task",
-        "isup",
-        "-p",
-        "epochs",
-        "2",
-        "-p",
-        "tile_size",
-        "32",
-        "-p",
-        "n_tiles",
-        "8",
-        "-p",
-        "pooling",
-        "gated_attention",
-    )
+    run = papermill(out/"train.ipynb", "-p", "output_dir", str(out), "-p", "data_dir", str(small_panda), "-p",
+                    "task", "isup", "-p", "epochs", "2", "-p", "tile_size", "32", "-p", "n_tiles", "8", "-p",
+                    "pooling", "gated_attention")
     assert run.returncode == 0, run.stderr[-3000:]
     metrics = json.loads((out/"metrics.json").read_text())
     assert metrics["monitor"] == "qwk" and -1 <= metrics["val_qwk"] <= 1 and 0 <= metrics["val_accuracy"] <= 1
@@ -76,9 +55,8 @@ def test_train_notebook_isup_small(tmp_path, small_panda):
 
 
 def test_train_notebook_reports_missing_data_dir(tmp_path):
-    run = papermill(
-        tmp_path / "train.ipynb", "-p", "data_dir", str(tmp_path / "no_such_panda"), "-p", "output_dir", str(tmp_path)
-    )
+    run = papermill(tmp_path/"train.ipynb", "-p", "data_dir", str(tmp_path/"no_such_panda"),
+                    "-p", "output_dir", str(tmp_path))
     assert run.returncode != 0
     assert "no_such_panda: no such folder" in run.stderr + run.stdout
 
@@ -96,19 +74,8 @@ def test_train_notebook_defaults_reach_auc(main_job):
 def test_isup_grading_on_the_embedded_data(tmp_path, main_job, embedded_cache):
     "`-p task isup` on the embedded data (reusing the main job's tiles): QWK, accuracy and a 6x6 confusion matrix."
     out = tmp_path/"isup"
-    run = papermill(
-        out / "train.ipynb",
-        "-p",
-        "output_dir",
-        str(out),
-        "-p",
-        "task",
-        "isup",
-        "-p",
-        "tiles_dir",
-        str(main_job / "tiles"),
-        env={**os.environ, "MIL_NB_CACHE": str(embedded_cache)},
-    )
+    run = papermill(out/"train.ipynb", "-p", "output_dir", str(out), "-p", "task", "isup", "-p", "tiles_dir",
+                    str(main_job / "tiles"), env={**os.environ, "MIL_NB_CACHE": str(embedded_cache)})
     assert run.returncode == 0, run.stderr[-3000:]
     metrics = json.loads((out/"metrics.json").read_text())
     print(json.dumps({k: metrics[k] for k in ("val_qwk", "val_accuracy", "val_auc", "kept_epoch")}), file=sys.stderr)

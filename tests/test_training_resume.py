@@ -58,8 +58,6 @@ def test_killed_mid_epoch_then_resumed_equals_uninterrupted(tmp_path):
     assert expected["kept_epoch"] == got["kept_epoch"]
     a, b = (torch.load(d/"model.pt", weights_only=True)["state_dict"] for d in (complete, killed))
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
-    pd.testing.assert_frame_equal(
-        pd.read_csv(complete / "history.csv").drop(columns=["train_bags_per_s", "seconds"]),
-        pd.read_csv(killed / "history.csv").drop(columns=["train_bags_per_s", "seconds"]),
-        atol=1e-6,
-    )
+    pd.testing.assert_frame_equal(pd.read_csv(complete / "history.csv").drop(columns=["train_bags_per_s", "seconds"]),
+                                  pd.read_csv(killed / "history.csv").drop(columns=["train_bags_per_s", "seconds"]),
+                                  atol=1e-6)
