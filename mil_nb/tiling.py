@@ -93,9 +93,9 @@ def tile_side_level0(reader: SlideReader, config: TilingConfig) -> float:
 
 STRIP_PIXELS = 2**24  # the Kaggle rule reads its level in strips of whole tile rows of about this many px
 
-def _kaggle_selection(reader: SlideReader, level: int, config: TilingConfig,
-                      strip_pixels: int = STRIP_PIXELS) -> tuple[np.ndarray, np.ndarray]:
-    "The Kaggle rule on `level`, read in strips: each strip's best tiles merged into the best `n_tiles` so far."
+def _kaggle_selection(reader: SlideReader, level: int, config: TilingConfig, strip_pixels: int = STRIP_PIXELS,
+                      decoded: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    "The Kaggle rule on `level` (`decoded` already, or read in strips), keeping the best `n_tiles` of the strips so far."
     (width, height), size, n = reader.dimensions[level], config.tile_size, config.n_tiles
     rows, cols = -(-height // size), -(-width // size)
     top, left = (rows * size - height) // 2, (cols * size - width) // 2  # the padding grid_tiles would add
@@ -104,7 +104,8 @@ def _kaggle_selection(reader: SlideReader, level: int, config: TilingConfig,
     for row in range(0, rows, step):
         start, stop = row * size - top, min(row + step, rows) * size - top  # the strip's rows, padding included
         y0, y1 = max(start, 0), min(stop, height)
-        strip = reader.read_region(level, 0, y0 * reader.downsamples[level], width, y1 - y0)
+        strip = decoded[y0:y1] if decoded is not None else \
+            reader.read_region(level, 0, y0 * reader.downsamples[level], width, y1 - y0)
         padding = [(y0 - start, stop - y1), (left, cols * size - width - left), (0, 0)]
         blocks, strip_origins = grid_tiles(np.pad(strip, padding, constant_values=255), size, fill=255)
         order = kaggle_order(blocks, n)
@@ -163,11 +164,14 @@ def tile_slide(image_file: str | os.PathLike,  # the slide (any format `open_sli
         width, height = reader.dimensions[level]
         if width < side or height < side:
             raise ValueError(f"{reader.path}: level {level} is {width} x {height} px, smaller than one {side} px tile")
-        thumbnail, factor = detection_thumbnail(reader.read_thumbnail())
+        coarsest = reader.read_thumbnail()
+        thumbnail, factor = detection_thumbnail(coarsest)
         mask = tissue_mask(thumbnail)
         if not mask.any(): raise ValueError(f"{reader.path}: no tissue detected (a blank slide?)")
         mask_downsample = reader.downsamples[-1] * factor
-        if config.mode == "kaggle": tiles, coords = _kaggle_selection(reader, level, config)
+        if config.mode == "kaggle":  # the coarsest level, decoded for tissue detection, is not decoded again
+            decoded = coarsest if level == reader.level_count - 1 else None
+            tiles, coords = _kaggle_selection(reader, level, config, decoded=decoded)
         else: tiles, coords = _tissue_selection(reader, level, side, config, thumbnail, mask, mask_downsample)
         side0 = tile_side_level0(reader, config)
     tissue = box_fractions(mask, mask_downsample, np.nan_to_num(coords, nan=-1e9), side0)
