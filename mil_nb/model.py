@@ -246,10 +246,12 @@ def save_model(model: AttentionMIL, path: str | os.PathLike, tiling: TilingConfi
     saved = {"config": asdict(model.config), "state_dict": state} | ({"tiling": asdict(tiling)} if tiling else {})
     with atomic_path(path) as tmp: torch.save(saved, tmp)
 
-def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> AttentionMIL:
-    "The `AttentionMIL` saved at `path`, in eval mode, with its `tiling` (None if it was saved without)."
+def load_model(path: str | os.PathLike,  # a file written by `save_model`
+               map_location: str | torch.device = "cpu",  # the device the model is built on and its weights loaded to
+              ) -> AttentionMIL:
+    "The `AttentionMIL` saved at `path`, on `map_location`, in eval mode, with its `tiling` (None if saved without)."
     saved = torch.load(path, map_location=map_location, weights_only=True)
-    model = AttentionMIL(MILConfig(**saved["config"]))
+    model = AttentionMIL(MILConfig(**saved["config"])).to(map_location)
     model.load_state_dict(saved["state_dict"])
     model.tiling = TilingConfig(**saved["tiling"]) if "tiling" in saved else None
     return model.eval()
