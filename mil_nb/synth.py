@@ -21,9 +21,10 @@ from .files import atomic_path, cache_dir
 from .parallel import parallel_map
 
 # %% auto #0
-__all__ = ['GLEASON_BY_ISUP', 'PROVIDERS', 'TEXTURE_SIGMA', 'RAMP_Z', 'RAMP_RGB', 'PEN_COLOURS', 'LEVEL_DOWNSAMPLE', 'LEVEL0_MPP',
-           'TIFF_TILE', 'gleason_score', 'smooth_field', 'colour', 'coarse_field', 'region', 'draw_artefacts',
-           'render_slide', 'provider_labels', 'write_pyramid', 'make_synthetic_panda', 'embedded_dataset', 'synth_cli']
+__all__ = ['GLEASON_BY_ISUP', 'PROVIDERS', 'TEXTURE_SIGMA', 'RAMP_Z', 'RAMP_RGB', 'PEN_COLOURS', 'DEFAULT_TUMOUR_SHARE',
+           'HARD_TUMOUR_SHARE', 'LEVEL_DOWNSAMPLE', 'LEVEL0_MPP', 'TIFF_TILE', 'gleason_score', 'smooth_field',
+           'colour', 'coarse_field', 'region', 'draw_artefacts', 'check_tumour_share', 'render_slide',
+           'provider_labels', 'write_pyramid', 'make_synthetic_panda', 'embedded_dataset', 'synth_cli']
 
 # %% ../nbs/03_synth.ipynb #b6c9e659
 GLEASON_BY_ISUP = {1: [(3, 3)], 2: [(3, 4)], 3: [(4, 3)], 4: [(4, 4), (3, 5), (5, 3)], 5: [(4, 5), (5, 4), (5, 5)]}
@@ -86,11 +87,25 @@ def draw_artefacts(rng: np.random.Generator, rgb: np.ndarray, tissue: np.ndarray
     border[size - edge:, :] = True
     rgb[border & glass] = (12, 12, 14)
 
+# %% ../nbs/03_synth.ipynb #7a1c0e02
+DEFAULT_TUMOUR_SHARE = (0.15, 0.35)  # the embedded data set: tumour in most tiles of a bag
+HARD_TUMOUR_SHARE = (0.05, 0.10)  # the harder benchmark: tumour in a few tiles of a bag
+
+def check_tumour_share(tumour_share) -> tuple[float, float]:
+    "`tumour_share` as a (low, high) pair of floats, or `ValueError` unless `0 < low <= high <= 1`."
+    number = lambda v: isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+    ok = isinstance(tumour_share, (tuple, list)) and len(tumour_share) == 2 and all(map(number, tumour_share))
+    if not ok or not 0 < tumour_share[0] <= tumour_share[1] <= 1:
+        raise ValueError(f"tumour_share={tumour_share!r}: expected (low, high) with 0 < low <= high <= 1")
+    return float(tumour_share[0]), float(tumour_share[1])
+
 # %% ../nbs/03_synth.ipynb #ff9bf3cb
 def render_slide(
-    rng: np.random.Generator, isup: int, size: int, artefacts: bool = False
+    rng: np.random.Generator, isup: int, size: int, artefacts: bool = False,
+    tumour_share: tuple[float, float] = DEFAULT_TUMOUR_SHARE,
 ) -> tuple[np.ndarray, np.ndarray, tuple | None]:
     "RGB uint8 image and radboud label map (`size` x `size`) of a slide of ISUP grade `isup`, and its patterns."
+    low, high = check_tumour_share(tumour_share)
     tissue = region(coarse_field(rng, size), rng.uniform(0.15, 0.25))
     jitter = rng.uniform(0.85, 1.15)
     field = smooth_field(rng, (size, size), [s * jitter for s in TEXTURE_SIGMA["benign"]])
@@ -98,7 +113,7 @@ def render_slide(
     patterns = None
     if isup > 0:
         patterns = GLEASON_BY_ISUP[isup][rng.integers(len(GLEASON_BY_ISUP[isup]))]
-        tumour = region(coarse_field(rng, size), rng.uniform(0.15, 0.35), within=tissue)
+        tumour = region(coarse_field(rng, size), rng.uniform(low, high), within=tissue)
         primary = (
             region(coarse_field(rng, size), rng.uniform(0.55, 0.8), within=tumour)
             if patterns[0] != patterns[1]
@@ -165,8 +180,9 @@ def _slide_plan(n_slides: int, seed: int) -> pd.DataFrame:
                          "isup_grade": rng.permutation(grades)})
 
 def _make_slide(dest: Path, image_id: str, provider: str, isup: int, seed: np.random.SeedSequence, size: int,
-                artefacts: bool, masks: bool) -> str:
-    rgb, labels, patterns = render_slide(np.random.default_rng(seed), isup, size // LEVEL_DOWNSAMPLE, artefacts)
+                artefacts: bool, masks: bool, tumour_share: tuple[float, float] = DEFAULT_TUMOUR_SHARE) -> str:
+    rgb, labels, patterns = render_slide(np.random.default_rng(seed), isup, size // LEVEL_DOWNSAMPLE, artefacts,
+                                         tumour_share)
     write_pyramid(dest/"train_images"/f"{image_id}.tiff", rgb)
     if not masks: return gleason_score(patterns, provider)
     mask = np.zeros_like(rgb)
@@ -177,13 +193,14 @@ def _make_slide(dest: Path, image_id: str, provider: str, isup: int, seed: np.ra
 # %% ../nbs/03_synth.ipynb #546cab75
 def make_synthetic_panda(dest: str | os.PathLike, n_slides: int = 64, seed: int = 0, size: int = 4096,
                          num_workers: int | None = None, progress: bool = True, artefacts: bool = False,
-                         masks: bool = True) -> Path:
+                         masks: bool = True, tumour_share: tuple[float, float] = DEFAULT_TUMOUR_SHARE) -> Path:
     "Write a synthetic PANDA-format data set of `n_slides` slides (level 0: `size` x `size` px) to `dest`."
     if size % (256 * LEVEL_DOWNSAMPLE): raise ValueError(f"size={size}: must be a multiple of {256 * LEVEL_DOWNSAMPLE}")
+    tumour_share = check_tumour_share(tumour_share)
     dest = Path(dest)
     plan = _slide_plan(n_slides, seed)
     seeds = np.random.SeedSequence(seed).spawn(n_slides)
-    jobs = [(dest, r.image_id, r.data_provider, int(r.isup_grade), s, size, artefacts, masks)
+    jobs = [(dest, r.image_id, r.data_provider, int(r.isup_grade), s, size, artefacts, masks, tumour_share)
             for r, s in zip(plan.itertuples(), seeds)]
     scores = parallel_map(_make_slide, jobs, num_workers, desc="synthetic slides", progress=progress)
     plan.insert(3, "gleason_score", scores)
@@ -191,15 +208,20 @@ def make_synthetic_panda(dest: str | os.PathLike, n_slides: int = 64, seed: int 
     return dest
 
 # %% ../nbs/03_synth.ipynb #1ed0ab23
+def _dataset_name(n_slides: int, seed: int, size: int, masks: bool, tumour_share: tuple[float, float]) -> str:
+    low, high = check_tumour_share(tumour_share)
+    tumour = "" if (low, high) == DEFAULT_TUMOUR_SHARE else f"-tumour{low!r}-{high!r}"
+    return f"synthetic-panda-n{n_slides}-seed{seed}-size{size}{'' if masks else '-nomasks'}{tumour}"
+
 def embedded_dataset(n_slides: int = 192, seed: int = 0, size: int = 4096, num_workers: int | None = None,
-                     masks: bool = True) -> Path:
-    "The synthetic PANDA-format data set for `n_slides` and `seed`, made once and cached."
-    dest = cache_dir()/f"synthetic-panda-n{n_slides}-seed{seed}-size{size}{'' if masks else '-nomasks'}"
+                     masks: bool = True, tumour_share: tuple[float, float] = DEFAULT_TUMOUR_SHARE) -> Path:
+    "The synthetic PANDA-format data set for `n_slides`, `seed` and `tumour_share`, made once and cached."
+    dest = cache_dir()/_dataset_name(n_slides, seed, size, masks, tumour_share)
     if (dest/"train.csv").exists(): return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     building = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
     try:
-        make_synthetic_panda(building, n_slides, seed, size, num_workers, masks=masks)
+        make_synthetic_panda(building, n_slides, seed, size, num_workers, masks=masks, tumour_share=tumour_share)
         os.rename(building, dest)
     except OSError:
         if not (dest/"train.csv").exists(): raise  # not a lost race with another process: a real error
@@ -213,6 +235,8 @@ def synth_cli(dest: str,  # Folder to write train.csv, train_images/ and train_l
               n_slides: int = 64,  # Number of slides
               seed: int = 0,  # Random seed: the same seed gives the same files
               size: int = 4096,  # Width and height of level 0 in px (a multiple of 1024)
-              num_workers: int = None):  # Worker processes (default: one per CPU)
+              num_workers: int = None,  # Worker processes (default: one per CPU)
+              tumour_min: float = DEFAULT_TUMOUR_SHARE[0],  # Low end of the share of malignant tissue that is tumour
+              tumour_max: float = DEFAULT_TUMOUR_SHARE[1]):  # High end of it (hard benchmark: 0.05 to 0.1)
     "Make a synthetic PANDA-format data set in DEST."
-    print(make_synthetic_panda(dest, n_slides, seed, size, num_workers))
+    print(make_synthetic_panda(dest, n_slides, seed, size, num_workers, tumour_share=(tumour_min, tumour_max)))

@@ -30,6 +30,7 @@ class Task:
     answer: Callable[[np.ndarray], dict]  # one bag's logits -> the served prediction's fields
     positive_probability: Callable[[np.ndarray], np.ndarray]  # logits of n bags -> P(malignant) (ROC curves)
     is_positive: Callable[[np.ndarray], np.ndarray]  # targets (n,) -> bool: which bags are malignant
+    headline: tuple[str, ...] = ()  # the metrics a report leads with, each with a confidence interval (default: monitor)
 
     def __repr__(self): return f"Task({self.name!r}, {self.n_outputs} output(s), monitor {self.monitor!r})"
 
@@ -65,7 +66,8 @@ def classification_metrics(targets: np.ndarray, logits: np.ndarray, threshold: f
 BINARY = Task("binary", n_outputs=1, label=lambda row: float(row["isup_grade"] > 0), loss=bce_loss,
               metrics=classification_metrics, monitor="auc",
               answer=lambda logits: {"probability": float(sigmoid(logits))},
-              positive_probability=sigmoid, is_positive=lambda targets: targets > 0)
+              positive_probability=sigmoid, is_positive=lambda targets: targets > 0,
+              headline=("auc", "accuracy", "sensitivity", "specificity"))
 
 # %% ../nbs/09_tasks.ipynb #a8f1c010
 N_GRADES = 6  # ISUP grades 0-5
@@ -99,7 +101,8 @@ ISUP = Task("isup", n_outputs=N_GRADES - 1, label=lambda row: float(row["isup_gr
             metrics=grading_metrics, monitor="qwk",
             answer=lambda logits: {"isup_grade": int(ordinal_grade(logits)),
                                    "probability_at_least": sigmoid(logits).tolist()},
-            positive_probability=lambda logits: sigmoid(logits[:, 0]), is_positive=lambda targets: targets > 0)
+            positive_probability=lambda logits: sigmoid(logits[:, 0]), is_positive=lambda targets: targets > 0,
+            headline=("qwk", "accuracy", "auc"))
 
 # %% ../nbs/09_tasks.ipynb #a8f1c013
 TASKS: dict[str, Task] = {task.name: task for task in (BINARY, ISUP)}

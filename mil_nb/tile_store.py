@@ -56,7 +56,8 @@ class TileStore:
         if not (self.path / "index.csv").exists():
             raise FileNotFoundError(f"{self.path}: not a tile store (no index.csv)")
         self.meta = json.loads((self.path/"meta.json").read_text())
-        self.index = pd.read_csv(self.path/"index.csv", dtype={"image_id": str}, keep_default_na=False)
+        self.index = pd.read_csv(self.path/"index.csv", dtype={"image_id": str, "thumbnail_hash": str},
+                                 keep_default_na=False)
         self.failures = pd.read_csv(self.path/"failures.csv", dtype={"image_id": str}, keep_default_na=False)
 
     @property
@@ -96,6 +97,10 @@ def _tiled(dest: Path, image_id: str) -> bool:
     "Whether the store `dest` holds the bag of `image_id` (never, for an id that is not a safe file name)."
     try: return (dest/"bags"/f"{check_image_id(image_id)}.npz").exists()
     except ValueError: return False
+
+def _stored_hash(dest: Path, image_id: str) -> str:
+    "The thumbnail hash kept in a slide's bag ('' for a bag tiled before hashes were kept)."
+    with np.load(dest/"bags"/f"{image_id}.npz") as bag: return str(bag["thumbnail_hash"]) if "thumbnail_hash" in bag else ""
 
 def _write_csv(frame: pd.DataFrame, path: Path):
     with atomic_path(path) as tmp: frame.to_csv(tmp, index=False)
@@ -149,9 +154,9 @@ def tile_slides(src: str | os.PathLike,  # PANDA-layout folder (train.csv, train
                            for i, f, e in zip(slides.image_id, slides.image_file, errors) if e],
                           columns=["image_id", "file", "error"])
     _write_csv(failed, dest/"failures.csv")
-    _write_csv(
-        pd.DataFrame({"image_id": slides.image_id[[e is None for e in errors]], "n_tiles": n_tiles}), dest / "index.csv"
-    )
+    tiled = slides.image_id[[e is None for e in errors]]
+    hashes = [_stored_hash(dest, image_id) for image_id in tiled]
+    _write_csv(pd.DataFrame({"image_id": tiled, "n_tiles": n_tiles, "thumbnail_hash": hashes}), dest/"index.csv")
     summary = {"slides": len(slides), "tiled": len(slides) - len(failed), "already_tiled": done_before,
                "failed": len(failed), "seconds": round(time.time() - start, 2)}
     with atomic_path(dest/"summary.json") as tmp: tmp.write_text(json.dumps(summary, indent=1))

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import imagehash
 from PIL import Image
 
 from .panda import malignant_pixels
@@ -17,8 +18,8 @@ from .slides import SlideLimits, SlideReader, open_slide
 from .tissue import artefact_mask, box_fractions, detection_thumbnail, tissue_mask
 
 # %% auto #0
-__all__ = ['MODES', 'STRIP_PIXELS', 'grid_tiles', 'kaggle_order', 'take_tiles', 'TilingConfig', 'tile_side_level0', 'tile_slide',
-           'choose_level']
+__all__ = ['MODES', 'STRIP_PIXELS', 'HASH_SIZE', 'grid_tiles', 'kaggle_order', 'take_tiles', 'TilingConfig', 'tile_side_level0',
+           'thumbnail_hash', 'tile_slide', 'choose_level']
 
 # %% ../nbs/07_tiling.ipynb #c0df7a58
 def grid_tiles(image: np.ndarray, tile_size: int, fill) -> tuple[np.ndarray, np.ndarray]:
@@ -139,6 +140,14 @@ def _resized(region: np.ndarray, size: int, nearest: bool = False) -> np.ndarray
     if region.shape[0] == size: return region
     return np.asarray(Image.fromarray(region).resize((size, size), Image.NEAREST if nearest else Image.BILINEAR))
 
+# %% ../nbs/07_tiling.ipynb #7a1c0e02
+HASH_SIZE = 16  # the pHash is HASH_SIZE x HASH_SIZE bits
+
+def thumbnail_hash(thumbnail: np.ndarray,  # an RGB uint8 image of the whole slide
+                  ) -> str:
+    "The perceptual hash of a slide's thumbnail, as a hex string of HASH_SIZE**2 bits."
+    return str(imagehash.phash(Image.fromarray(thumbnail), hash_size=HASH_SIZE))
+
 # %% ../nbs/07_tiling.ipynb #8a461a2d
 def _malignant_fraction(mask_file, provider: str, level: int, side: int, coords: np.ndarray, config: TilingConfig,
                         limits: SlideLimits | None) -> np.ndarray:
@@ -158,7 +167,7 @@ def tile_slide(image_file: str | os.PathLike,  # the slide (any format `open_sli
                provider: str = "unknown",  # the mask's convention: radboud, karolinska (others: no labels)
                limits: SlideLimits | None = None,  # the pixel budget (default: `SlideLimits.from_env()`)
               ) -> dict[str, np.ndarray]:
-    "The bag of one slide: tiles, level-0 coords, tissue fraction and malignant fraction of each tile."
+    "The bag of one slide: tiles, level-0 coords, tissue and malignant fraction of each tile, its thumbnail hash."
     with open_slide(image_file, limits=limits) as reader:
         level, side = _level_for(reader, config)
         width, height = reader.dimensions[level]
@@ -176,7 +185,8 @@ def tile_slide(image_file: str | os.PathLike,  # the slide (any format `open_sli
         side0 = tile_side_level0(reader, config)
     tissue = box_fractions(mask, mask_downsample, np.nan_to_num(coords, nan=-1e9), side0)
     return {"tiles": tiles, "coords": coords, "tissue_fraction": tissue, "level": np.int64(level),
-            "malignant_fraction": _malignant_fraction(mask_file, provider, level, side, coords, config, limits)}
+            "malignant_fraction": _malignant_fraction(mask_file, provider, level, side, coords, config, limits),
+            "thumbnail_hash": np.str_(thumbnail_hash(thumbnail))}
 
 # %% ../nbs/07_tiling.ipynb #01fd901c
 def choose_level(image_files: list, n_tiles: int = 16, tile_size: int = 128, sample: int = 16,
