@@ -11,7 +11,6 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from .distributed import ShardSampler
@@ -20,7 +19,7 @@ from .tasks import Task, get_task
 from .tile_store import TileStore
 
 # %% auto #0
-__all__ = ['Bag', 'BagDataset', 'split_slides', 'Batch', 'collate_bags', 'EpochSampler', 'InstanceSampling', 'bag_loader']
+__all__ = ['Bag', 'BagDataset', 'Batch', 'collate_bags', 'EpochSampler', 'InstanceSampling', 'bag_loader']
 
 # %% ../nbs/12_data.ipynb #341cf587
 @dataclass
@@ -55,16 +54,6 @@ class BagDataset(Dataset):
         instances = arrays["features"] if "features" in arrays else arrays["tiles"]
         return Bag(instances, self.task.label(row), row.image_id, int(row.isup_grade),
                    arrays["coords"], arrays["malignant_fraction"])
-
-# %% ../nbs/12_data.ipynb #9e7f97ce
-def split_slides(table: pd.DataFrame, valid_frac: float = 0.25, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
-    "Train and validation tables, stratified by ISUP grade (by benign/malignant when too few slides for that)."
-    n_valid = int(np.ceil(valid_frac * len(table)))
-    grades = table.isup_grade
-    by_grade = grades.value_counts().min() >= 2 and min(n_valid, len(table) - n_valid) >= grades.nunique()
-    strata = grades if by_grade else grades > 0
-    train, valid = train_test_split(table, test_size=n_valid, random_state=seed, stratify=strata)
-    return train.reset_index(drop=True), valid.reset_index(drop=True)
 
 # %% ../nbs/12_data.ipynb #f601108f
 @dataclass

@@ -19,8 +19,8 @@ from .tasks import Task, get_task, sigmoid
 
 # %% auto #0
 __all__ = ['Predictions', 'model_task', 'predict', 'task_metrics', 'instance_auc', 'operating_point', 'youden_threshold',
-           'subset', 'slide_metrics', 'bootstrap_ci', 'heldout_metrics', 'predictions_frame', 'read_predictions',
-           'ensemble']
+           'subset', 'slide_metrics', 'bootstrap_ci', 'heldout_metrics', 'score_heldout', 'heldout_summary',
+           'predictions_frame', 'read_predictions', 'ensemble']
 
 # %% ../nbs/14_evaluation.ipynb #049511da
 @dataclass
@@ -144,6 +144,34 @@ def heldout_metrics(preds: Predictions,  # the kept model's predictions on held-
         providers = np.asarray(providers).astype(str)
         values["by_provider"] = {p: scored(subset(preds, np.flatnonzero(providers == p))) for p in sorted(set(providers))}
     return values
+
+# %% ../nbs/14_evaluation.ipynb #e5a10009
+def score_heldout(model: torch.nn.Module,  # the kept model
+                  loader,  # a `bag_loader` over the held-out bags
+                  valid: Predictions,  # the kept model's validation predictions (they choose the threshold)
+                  providers: pd.Series,  # data_provider by image_id
+                  device: torch.device = torch.device("cpu"),  # where `model` is
+                  precision: str = "fp32",  # "fp32", "bf16" or "fp16" (autocast)
+                  n_resamples: int = 1000,  # bootstrap resamples for the confidence intervals
+                  seed: int = 0,  # fixes the resamples
+                 ) -> tuple[Predictions, float, dict]:
+    "The held-out predictions, the threshold chosen on `valid`, and the `heldout_metrics` of the predictions."
+    preds, threshold = predict(model, loader, device, precision), youden_threshold(valid)
+    return preds, threshold, heldout_metrics(preds, threshold, providers[preds.image_ids].to_numpy(), n_resamples, seed)
+
+# %% ../nbs/14_evaluation.ipynb #e5a10007
+def _shown(value) -> str: return "n/a" if value is None or value != value else f"{value:.3f}"
+
+def heldout_summary(values: dict,  # `heldout_metrics` (or metrics.json's test_* without the prefix)
+                    task: Task | str,  # the task whose headline metrics to show
+                   ) -> str:
+    "The headline metrics with their 95% intervals, overall and per data provider, one line each."
+    names = get_task(task).headline or (get_task(task).monitor,)
+    def line(part: dict) -> str:
+        return ", ".join(f"{n} {_shown(part.get(n))} [{_shown(part.get(f'{n}_ci', [None] * 2)[0])}, "
+                         f"{_shown(part.get(f'{n}_ci', [None] * 2)[1])}]" for n in names) + f" (n={part.get('n')})"
+    providers = values.get("by_provider") or {}
+    return "\n".join([line(values)] + [f"  {p}: {line(v)}" for p, v in providers.items()])
 
 # %% ../nbs/14_evaluation.ipynb #e5a10005
 def predictions_frame(preds: Predictions, providers: np.ndarray | None = None) -> pd.DataFrame:

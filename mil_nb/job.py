@@ -84,7 +84,7 @@ def job_parameters(hyperparameters: dict, env: dict, notebook: str | os.PathLike
     return parameters | hyperparameters
 
 # %% ../nbs/25_job.ipynb #8b94cc07
-REPORT_FILES = ("metrics.json", "history.csv", "*.png")
+REPORT_FILES = ("metrics.json", "*.csv", "*.png")  # history, splits and predictions too
 
 def run_rank(parameters: dict, env: dict, notebook: str | os.PathLike = TRAIN_NOTEBOOK) -> int:
     "Execute `notebook` with `parameters` as rank RANK of the job; 0 on success, 1 (the error named) if it failed."

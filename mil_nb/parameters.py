@@ -14,11 +14,12 @@ import torch
 from .devices import PRECISIONS, resolve_device, resolve_precision
 from .distributed import BACKENDS, LR_SCALINGS, choose_backend
 from .model import POOLINGS, MILConfig
+from .synth import HARD_TUMOUR_SHARE, check_tumour_share
 from .tasks import TASKS
 from .tiling import MODES
 
 # %% auto #0
-__all__ = ['TRAIN_PARAMETER_CHECKS', 'check_train_parameters']
+__all__ = ['TRAIN_PARAMETER_CHECKS', 'tumour_share_range', 'check_train_parameters']
 
 # %% ../nbs/22_parameters.ipynb #f6a7b005
 def _integer(at_least: int, none: bool = False):
@@ -49,6 +50,17 @@ def _path(none: bool):
 
 def _boolean(value): return None if isinstance(value, bool) else "expected True or False"
 
+def _name(value): return None if value is None or (isinstance(value, str) and value) else "expected None or a name"
+
+def tumour_share_range(value) -> tuple[float, float] | None:
+    "The embedded data's tumour share for the `tumour_share` parameter: None (the default data), 'hard', [low, high]."
+    if value is None: return None
+    return HARD_TUMOUR_SHARE if value == "hard" else check_tumour_share(value)
+
+def _tumour_share(value):
+    try: tumour_share_range(value)
+    except ValueError: return "expected None, 'hard' or [low, high] with 0 < low <= high <= 1"
+
 def _device(value):
     if value == "auto": return None
     try: torch.device(value)
@@ -65,6 +77,13 @@ TRAIN_PARAMETER_CHECKS = {
     "tile_size": _integer(1),
     "level": _integer(0, none=True),
     "valid_frac": _number(0, 1, low_open=True, high_open=True),
+    "test_frac": _number(0, 0.5, low_open=True),
+    "folds": _integer(2, none=True),
+    "fold": _integer(0),
+    "group_column": _name,
+    "split_file": _path(none=True),
+    "n_bootstrap": _integer(100),
+    "tumour_share": _tumour_share,
     "task": _one_of(TASKS),
     "pooling": _one_of(POOLINGS),
     "attention_branches": _integer(1),
@@ -99,10 +118,21 @@ def check_train_parameters(parameters: dict):
     output_dir = given.get("output_dir")
     if output_dir and not problems.get("output_dir") and _not_a_run_folder(output_dir):
         bad.append(f"output_dir {output_dir}: {_not_a_run_folder(output_dir)}")
+    bad += _split_problems(given, problems)
     if given.get("num_workers", 0) > 4 * (os.cpu_count() or 1) and not problems.get("num_workers"):
         bad.append(f"num_workers={given['num_workers']}: more than 4 per CPU ({os.cpu_count()} here)")
     bad += _device_problems(given, problems)
     if bad: raise ValueError("bad parameter(s): " + "; ".join(bad))
+
+def _split_problems(given: dict, problems: dict) -> list[str]:
+    "How `fold`, `folds` and `split_file` contradict each other, or a split file that is missing."
+    bad, folds, split_file = [], given.get("folds"), given.get("split_file")
+    if folds and not problems.get("folds") and not problems.get("fold") and given.get("fold", 0) >= folds:
+        bad.append(f"fold={given['fold']}: expected 0 <= fold < folds={folds}")
+    if split_file is not None and not problems.get("split_file"):
+        if folds is not None: bad.append(f"folds={folds}: a split_file fixes the folds; leave folds None")
+        if not os.path.isfile(split_file): bad.append(f"split_file {split_file}: no such file")
+    return bad
 
 def _not_a_run_folder(path) -> str | None:
     "Why `path` cannot hold a run's files (None if it can)."

@@ -21,9 +21,11 @@ from .tiling import TilingConfig
 __all__ = ['json_safe', 'RunFolder']
 
 # %% ../nbs/16_run_files.ipynb #c3d4e005
-def json_safe(values: dict) -> dict:
-    "`values` with NaN (an undefined metric) as None, so that they are valid JSON."
-    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in values.items()}
+def json_safe(values):
+    "`values` (a dict, list or number, nested) with NaN (an undefined metric) as None, so that they are valid JSON."
+    if isinstance(values, dict): return {k: json_safe(v) for k, v in values.items()}
+    if isinstance(values, (list, tuple)): return [json_safe(v) for v in values]
+    return None if isinstance(values, float) and math.isnan(values) else values
 
 class RunFolder:
     "A training run's files in `path`: checkpoint.pt, history.csv every epoch; model.pt, metrics.json at the end."
@@ -41,7 +43,20 @@ class RunFolder:
     def write_result(self, model: torch.nn.Module, metrics: dict, tiling: TilingConfig | None = None):
         "Write the kept model (with its tiling settings) and its metrics."
         save_model(model, self.path/"model.pt", tiling)
+        self.write_metrics(metrics)
+
+    def write_metrics(self, metrics: dict):
+        "Write metrics.json (NaN as null)."
         with atomic_path(self.path/"metrics.json") as tmp: tmp.write_text(json.dumps(json_safe(metrics), indent=1))
+
+    def read_metrics(self) -> dict | None:
+        "The metrics.json of the run (None if it has none yet)."
+        file = self.path/"metrics.json"
+        return json.loads(file.read_text()) if file.exists() else None
+
+    def write_table(self, name: str, table: pd.DataFrame):
+        "Write `table` as NAME.csv (splits.csv, predictions_valid.csv, predictions_test.csv)."
+        with atomic_path(self.path/f"{name}.csv") as tmp: table.to_csv(tmp, index=False)
 
     def read_checkpoint(self, settings: dict) -> dict | None:
         "The checkpoint (None if there is none), after checking that it was made with `settings`."

@@ -6,19 +6,18 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
-from sklearn.model_selection import StratifiedGroupKFold
+from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 from sklearn.neighbors import NearestNeighbors
 
 from .tiling import HASH_SIZE
 
 # %% auto #0
-__all__ = ['MAX_HASH_DISTANCE', 'TEST_FOLD', 'slide_groups', 'assign_folds', 'read_split_file', 'make_splits']
+__all__ = ['MAX_HASH_DISTANCE', 'TEST_FOLD', 'slide_groups', 'assign_folds', 'read_split_file', 'make_splits', 'split_slides']
 
 # %% ../nbs/11_splits.ipynb #5a110007
 MAX_HASH_DISTANCE = 48  # bits of HASH_SIZE**2 = 256 within which two thumbnails are the same slide
@@ -137,7 +136,7 @@ def read_split_file(path: str | os.PathLike,  # CSV: image_id and split (train/v
 # %% ../nbs/11_splits.ipynb #5a110017
 def make_splits(table: pd.DataFrame,  # the slides to split (image_id, isup_grade, data_provider, group column)
                 test_frac: float = 0.25,  # share of slides held out for testing
-                valid_frac: float = 0.2,  # share of slides to validate on, when `folds` is None
+                valid_frac: float = 0.25,  # share of slides to validate on, when `folds` is None
                 folds: int | None = None,  # cross-validation folds (None: round((1 - test_frac) / valid_frac))
                 fold: int = 0,  # the fold to validate on
                 seed: int = 0,  # fixes the deal
@@ -160,3 +159,13 @@ def make_splits(table: pd.DataFrame,  # the slides to split (image_id, isup_grad
         raise ValueError(f"fold={fold!r}: expected 0 <= fold < folds={n_folds}")
     split = np.select([assigned.fold == TEST_FOLD, assigned.fold == fold], ["test", "valid"], "train")
     return assigned[["image_id", "group", "fold"]].assign(split=split)
+
+# %% ../nbs/11_splits.ipynb #5a110020
+def split_slides(table: pd.DataFrame, valid_frac: float = 0.25, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    "Train and validation tables, stratified by ISUP grade (by benign/malignant when too few slides for that)."
+    n_valid = int(np.ceil(valid_frac * len(table)))
+    grades = table.isup_grade
+    by_grade = grades.value_counts().min() >= 2 and min(n_valid, len(table) - n_valid) >= grades.nunique()
+    strata = grades if by_grade else grades > 0
+    train, valid = train_test_split(table, test_size=n_valid, random_state=seed, stratify=strata)
+    return train.reset_index(drop=True), valid.reset_index(drop=True)

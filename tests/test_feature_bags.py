@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from mil_nb.data import BagDataset, bag_loader, split_slides
+from mil_nb.data import BagDataset, bag_loader
+from mil_nb.splits import split_slides
 from mil_nb.features import extract_features
 from mil_nb.model import AttentionMIL, MILConfig, load_model
 from mil_nb.panda import read_slide_table

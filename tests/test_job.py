@@ -32,7 +32,7 @@ def test_two_ranks_write_the_model_and_rank_0s_report(small_panda, tmp_path):
         p.name for p in report.iterdir()
     }
     metrics = json.loads((report/"metrics.json").read_text())
-    assert (metrics["world_size"], metrics["n_train"] + metrics["n_valid"]) == (2, 24)
+    assert (metrics["world_size"], metrics["n_train"] + metrics["n_valid"] + metrics["n_test"]) == (2, 24)
     executed = nbformat.read(report/"train.ipynb", as_version=4)
     assert "process 0 of 2 on cpu (gloo)" in json.dumps(
         executed.cells[next(i for i, c in enumerate(executed.cells) if "init_distributed(" in c.source)].outputs
@@ -80,7 +80,7 @@ def test_local_job_on_the_embedded_data(embedded_cache, tmp_path):
         "local 2-rank job on the embedded data:",
         {k: metrics[k] for k in ("val_auc", "val_accuracy", "world_size", "lr", "train_seconds")},
     )
-    assert metrics["world_size"] == 2 and metrics["n_train"] + metrics["n_valid"] == 192
+    assert metrics["world_size"] == 2 and metrics["n_train"] + metrics["n_valid"] + metrics["n_test"] == 192
 
 
 def test_killing_a_rank_leaves_no_process_behind(small_panda, tmp_path):

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from sklearn import metrics
 
-from mil_nb.data import BagDataset, bag_loader, split_slides
+from mil_nb.data import BagDataset, bag_loader
+from mil_nb.splits import split_slides
 from mil_nb.evaluation import predict, task_metrics
 from mil_nb.inference import ServedModel, predict_bag
 from mil_nb.model import AttentionMIL, MILConfig, load_model

@@ -31,7 +31,7 @@ def test_train_notebook_small(tmp_path, small_panda):
     assert run.returncode == 0, run.stderr[-3000:]
     metrics = json.loads((out/"metrics.json").read_text())
     assert {"val_auc", "val_accuracy", "val_precision", "val_recall", "val_f1", "val_confusion_matrix"} <= set(metrics)
-    assert metrics["epochs"] == 2 and metrics["n_train"] + metrics["n_valid"] == 24
+    assert metrics["epochs"] == 2 and metrics["n_train"] + metrics["n_valid"] + metrics["n_test"] == 24
     saved = torch.load(out/"model.pt", weights_only=True)
     assert saved["config"]["tile_size"] == 32
     assert len((out/"history.csv").read_text().splitlines()) == 3
