@@ -17,7 +17,8 @@ from sklearn.neighbors import NearestNeighbors
 from .tiling import HASH_SIZE
 
 # %% auto #0
-__all__ = ['MAX_HASH_DISTANCE', 'TEST_FOLD', 'slide_groups', 'assign_folds', 'read_split_file', 'make_splits', 'split_slides']
+__all__ = ['MAX_HASH_DISTANCE', 'TEST_FOLD', 'slide_groups', 'assign_folds', 'read_split_file', 'make_splits',
+           'check_split_inputs', 'split_slides']
 
 # %% ../nbs/11_splits.ipynb #5a110007
 MAX_HASH_DISTANCE = 48  # bits of HASH_SIZE**2 = 256 within which two thumbnails are the same slide
@@ -111,6 +112,7 @@ def assign_folds(table: pd.DataFrame,  # one row per slide: image_id, isup_grade
 # %% ../nbs/11_splits.ipynb #5a110014
 def read_split_file(path: str | os.PathLike,  # CSV: image_id and split (train/valid/test) or fold (test or -1, 0, 1, ...)
                     table: pd.DataFrame,  # the data set's slides (image_id, ...)
+                    verbose: bool = True,  # say how many slides of the data set the file leaves out
                    ) -> pd.DataFrame:
     "image_id and fold of the slides in the split file at `path` (a `split` file: valid is fold 0, train fold 1)."
     try: given = pd.read_csv(path, dtype=str, keep_default_na=False)
@@ -130,7 +132,7 @@ def read_split_file(path: str | os.PathLike,  # CSV: image_id and split (train/v
         raise ValueError(f"split_file {path}: row {row + 2} has {kind}={given[kind][row]!r}; expected "
                          + ("train, valid or test" if kind == "split" else "test, -1 or a fold number 0, 1, ..."))
     left_out = len(set(table.image_id) - set(given.image_id))
-    if left_out: print(f"split_file {path}: {left_out} slides of the data set are not in it and are left out")
+    if left_out and verbose: print(f"split_file {path}: {left_out} slides of the data set are not in it and are left out")
     return pd.DataFrame({"image_id": given.image_id, "fold": fold.astype(int)})
 
 # %% ../nbs/11_splits.ipynb #5a110017
@@ -159,6 +161,14 @@ def make_splits(table: pd.DataFrame,  # the slides to split (image_id, isup_grad
         raise ValueError(f"fold={fold!r}: expected 0 <= fold < folds={n_folds}")
     split = np.select([assigned.fold == TEST_FOLD, assigned.fold == fold], ["test", "valid"], "train")
     return assigned[["image_id", "group", "fold"]].assign(split=split)
+
+def check_split_inputs(table: pd.DataFrame,  # the data set's slides
+                       group_column: str | None = None,  # must be a column of `table` when given
+                       split_file: str | os.PathLike | None = None,  # must name only slides of `table`
+                      ):
+    "Raise the error `make_splits` would for a missing group column or a bad split file, before any work."
+    slide_groups(table, group_column)
+    if split_file is not None: read_split_file(split_file, table, verbose=False)
 
 # %% ../nbs/11_splits.ipynb #5a110020
 def split_slides(table: pd.DataFrame, valid_frac: float = 0.25, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:

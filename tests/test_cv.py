@@ -143,3 +143,14 @@ def test_selection_never_sees_the_test_set(tmp_path, small_panda):
         {k: v for k, v in relabelled.items() if k.startswith("val_")}
     pd.testing.assert_frame_equal(original["history"], relabelled["history"])
     assert original["test_accuracy"] != relabelled["test_accuracy"]  # the test labels did change
+
+
+def test_the_main_job_refuses_a_bad_split_file_or_group_column_before_tiling(tmp_path, small_panda):
+    pd.DataFrame({"image_id": ["nobody"], "split": ["test"]}).to_csv(tmp_path/"split.csv", index=False)
+    for parameter, value, message in [("split_file", str(tmp_path/"split.csv"), "split.csv: 1 image_id(s) not in"),
+                                      ("group_column", "patient", "group_column='patient': train.csv has no")]:
+        out = tmp_path/parameter
+        run = papermill(out/"x.ipynb", "-p", "data_dir", str(small_panda), "-p", "output_dir", str(out),
+                        "-p", parameter, value)
+        assert run.returncode != 0 and message in run.stderr + run.stdout
+        assert not (out/"tiles").exists()
