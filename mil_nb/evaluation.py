@@ -186,8 +186,8 @@ def predictions_frame(preds: Predictions, providers: np.ndarray | None = None) -
 def read_predictions(frame: pd.DataFrame | str | os.PathLike, task: Task | str) -> Predictions:
     "The `Predictions` (without attention) of a `predictions_frame` table or CSV file."
     if not isinstance(frame, pd.DataFrame): frame = pd.read_csv(frame, dtype={"image_id": str}, keep_default_na=False)
-    logits = frame[[c for c in frame.columns if c.startswith("logit")]].to_numpy(np.float32)
-    return Predictions(list(frame.image_id), frame.label.to_numpy(np.float32),
+    logits = frame[[c for c in frame.columns if c.startswith("logit")]].to_numpy(np.float32, copy=True)
+    return Predictions(list(frame.image_id), frame.label.to_numpy(np.float32, copy=True),
                        logits[:, 0] if logits.shape[1] == 1 else logits, [], None, task)
 
 def ensemble(members: list[Predictions]) -> Predictions:
