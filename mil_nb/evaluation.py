@@ -110,7 +110,8 @@ def slide_metrics(preds: Predictions, threshold: float | None = None) -> dict:
     "The task's metrics, and sensitivity/specificity at 0.5 and (`*_at_val_threshold`) at `threshold`."
     values = task_metrics(preds) | operating_point(preds.malignant, preds.probs)
     if threshold is None: return values
-    return values | {f"{k}_at_val_threshold": v for k, v in operating_point(preds.malignant, preds.probs, threshold).items()}
+    at_threshold = operating_point(preds.malignant, preds.probs, threshold)
+    return values | {f"{k}_at_val_threshold": v for k, v in at_threshold.items()}
 
 def bootstrap_ci(preds: Predictions,
                  names: tuple[str, ...],  # metrics of `slide_metrics` to give an interval for
@@ -142,7 +143,8 @@ def heldout_metrics(preds: Predictions,  # the kept model's predictions on held-
     values = scored(preds) | {"instance_auc": instance_auc(preds)}
     if providers is not None:
         providers = np.asarray(providers).astype(str)
-        values["by_provider"] = {p: scored(subset(preds, np.flatnonzero(providers == p))) for p in sorted(set(providers))}
+        values["by_provider"] = {provider: scored(subset(preds, np.flatnonzero(providers == provider)))
+                                 for provider in sorted(set(providers))}
     return values
 
 # %% ../nbs/14_evaluation.ipynb #e5a10009
@@ -200,4 +202,5 @@ def ensemble(members: list[Predictions]) -> Predictions:
         rows = np.argsort([order[i] for i in member.image_ids])
         aligned.append(sigmoid(member.logits[rows]))
     mean = np.clip(np.mean(aligned, axis=0), 1e-7, 1 - 1e-7)
-    return Predictions(first.image_ids, first.labels, np.log(mean / (1 - mean)).astype(np.float32), [], None, first.task)
+    logits = np.log(mean / (1 - mean)).astype(np.float32)
+    return Predictions(first.image_ids, first.labels, logits, [], None, first.task)
