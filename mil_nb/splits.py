@@ -40,7 +40,7 @@ def _same_value_pairs(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     return named.index.to_numpy(), first.to_numpy(dtype=int)
 
 def slide_groups(table: pd.DataFrame,  # one row per slide: image_id, and the group column if any
-                 group_column: str | None = None,  # slides sharing a value here share a group (default: patient_id if present)
+                 group_column: str | None = None,  # slides sharing a value here share a group (default: patient_id)
                  hashes: pd.Series | None = None,  # thumbnail hash per row of `table` ('' where unknown)
                  max_hash_distance: int = MAX_HASH_DISTANCE,  # near-duplicates: hashes at most this many bits apart
                 ) -> np.ndarray:
@@ -50,9 +50,9 @@ def slide_groups(table: pd.DataFrame,  # one row per slide: image_id, and the gr
         raise ValueError(f"group_column={group_column!r}: train.csv has no such column "
                          f"(it has {', '.join(map(str, table.columns))})")
     rows, cols = [np.arange(len(table))], [np.arange(len(table))]
-    for i, j in ([_same_value_pairs(table[group_column])] if group_column else []) + \
-                ([_near_duplicate_pairs(hashes.reset_index(drop=True), max_hash_distance)] if hashes is not None else []):
-        rows.append(i); cols.append(j)
+    links = [_same_value_pairs(table[group_column])] if group_column else []
+    if hashes is not None: links.append(_near_duplicate_pairs(hashes.reset_index(drop=True), max_hash_distance))
+    for i, j in links: rows.append(i); cols.append(j)
     rows, cols = np.concatenate(rows), np.concatenate(cols)
     links = coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(table), len(table)))
     return connected_components(links, directed=False)[1]
@@ -75,7 +75,8 @@ def _check_classes(table: pd.DataFrame, fold: np.ndarray, test_frac: float, fold
     for k in np.unique(fold):
         for name, missing in (("benign", malignant[fold == k].all()), ("malignant", not malignant[fold == k].any())):
             if not missing: continue
-            part, parameter = ("the test set", f"test_frac={test_frac}") if k == TEST_FOLD else (f"fold {k}", f"folds={folds}")
+            test = k == TEST_FOLD
+            part, parameter = ("the test set", f"test_frac={test_frac}") if test else (f"fold {k}", f"folds={folds}")
             raise ValueError(f"{parameter}: leaves {part} ({(fold == k).sum()} slides) without {name} slides; "
                              f"use {'a larger test_frac' if k == TEST_FOLD else 'fewer folds'} or more slides")
 
@@ -88,7 +89,8 @@ def assign_folds(table: pd.DataFrame,  # one row per slide: image_id, isup_grade
                 ) -> pd.DataFrame:
     "image_id, group and fold (-1: test, else 0 to folds-1) of every slide, grouped and stratified."
     if not 0 < test_frac <= 0.5: raise ValueError(f"test_frac={test_frac!r}: expected a number > 0 and <= 0.5")
-    if not isinstance(folds, (int, np.integer)) or folds < 2: raise ValueError(f"folds={folds!r}: expected an integer >= 2")
+    if not isinstance(folds, (int, np.integer)) or folds < 2:
+        raise ValueError(f"folds={folds!r}: expected an integer >= 2")
     groups = np.arange(len(table)) if groups is None else np.asarray(groups)
     test_parts = round(1 / test_frac)
     malignant_groups = pd.Series(table.isup_grade.astype(int).to_numpy() > 0).groupby(groups).max()
@@ -110,7 +112,7 @@ def assign_folds(table: pd.DataFrame,  # one row per slide: image_id, isup_grade
     return pd.DataFrame({"image_id": table.image_id.to_numpy(), "group": groups, "fold": fold})
 
 # %% ../nbs/11_splits.ipynb #5a110014
-def read_split_file(path: str | os.PathLike,  # CSV: image_id and split (train/valid/test) or fold (test or -1, 0, 1, ...)
+def read_split_file(path: str | os.PathLike,  # CSV: image_id and split (train/valid/test) or fold (test, -1, 0, 1...)
                     table: pd.DataFrame,  # the data set's slides (image_id, ...)
                     verbose: bool = True,  # say how many slides of the data set the file leaves out
                    ) -> pd.DataFrame:
@@ -121,7 +123,8 @@ def read_split_file(path: str | os.PathLike,  # CSV: image_id and split (train/v
     if "image_id" not in given.columns or kind is None:
         raise ValueError(f"split_file {path}: expected columns image_id and split or fold, found {list(given.columns)}")
     unknown = sorted(set(given.image_id) - set(table.image_id))
-    if unknown: raise ValueError(f"split_file {path}: {len(unknown)} image_id(s) not in the data set, e.g. {unknown[:3]}")
+    if unknown:
+        raise ValueError(f"split_file {path}: {len(unknown)} image_id(s) not in the data set, e.g. {unknown[:3]}")
     if given.image_id.duplicated().any():
         raise ValueError(f"split_file {path}: image_id {given.image_id[given.image_id.duplicated()].iloc[0]!r} twice")
     values = given[kind].str.strip().str.lower()
@@ -132,7 +135,8 @@ def read_split_file(path: str | os.PathLike,  # CSV: image_id and split (train/v
         raise ValueError(f"split_file {path}: row {row + 2} has {kind}={given[kind][row]!r}; expected "
                          + ("train, valid or test" if kind == "split" else "test, -1 or a fold number 0, 1, ..."))
     left_out = len(set(table.image_id) - set(given.image_id))
-    if left_out and verbose: print(f"split_file {path}: {left_out} slides of the data set are not in it and are left out")
+    if left_out and verbose:
+        print(f"split_file {path}: {left_out} slides of the data set are not in it and are left out")
     return pd.DataFrame({"image_id": given.image_id, "fold": fold.astype(int)})
 
 # %% ../nbs/11_splits.ipynb #5a110017

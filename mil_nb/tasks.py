@@ -30,7 +30,7 @@ class Task:
     answer: Callable[[np.ndarray], dict]  # one bag's logits -> the served prediction's fields
     positive_probability: Callable[[np.ndarray], np.ndarray]  # logits of n bags -> P(malignant) (ROC curves)
     is_positive: Callable[[np.ndarray], np.ndarray]  # targets (n,) -> bool: which bags are malignant
-    headline: tuple[str, ...] = ()  # the metrics a report leads with, each with a confidence interval (default: monitor)
+    headline: tuple[str, ...] = ()  # the metrics a report leads with, each with an interval (default: monitor)
 
     def __repr__(self): return f"Task({self.name!r}, {self.n_outputs} output(s), monitor {self.monitor!r})"
 

@@ -100,7 +100,8 @@ def _tiled(dest: Path, image_id: str) -> bool:
 
 def _stored_hash(dest: Path, image_id: str) -> str:
     "The thumbnail hash kept in a slide's bag ('' for a bag tiled before hashes were kept)."
-    with np.load(dest/"bags"/f"{image_id}.npz") as bag: return str(bag["thumbnail_hash"]) if "thumbnail_hash" in bag else ""
+    with np.load(dest/"bags"/f"{image_id}.npz") as bag:
+        return str(bag["thumbnail_hash"]) if "thumbnail_hash" in bag else ""
 
 def _write_csv(frame: pd.DataFrame, path: Path):
     with atomic_path(path) as tmp: frame.to_csv(tmp, index=False)
