@@ -73,8 +73,9 @@ def plot_slide_attention(slide_file: str | os.PathLike, bag: Bag, attention: np.
     fig = plt.figure(figsize=(6 + 1.7 * k, 6))
     grid = fig.add_gridspec(2, k + 1, width_ratios=[6 / 1.7] + [1] * k)
     outcome = f", P(malignant)={prob:.2f}" if prob is not None else ""
+    grade = f": ISUP {bag.isup_grade}" if bag.isup_grade >= 0 else ""  # -1: not known
     plot_attention_heatmap(slide_file, bag.coords, attention, tiling, top_k=k, ax=fig.add_subplot(grid[:, 0]),
-                           title=f"{bag.image_id}: ISUP {bag.isup_grade}{outcome}")
+                           title=f"{bag.image_id}{grade}{outcome}")
     order = np.argsort(-attention)
     _tile_strip([fig.add_subplot(grid[0, 1 + i]) for i in range(k)], bag, attention, order[:k], "top")
     _tile_strip([fig.add_subplot(grid[1, 1 + i]) for i in range(k)], bag, attention, order[::-1][:k], "bottom")

@@ -13,8 +13,8 @@ import numpy as np
 import pandas as pd
 
 # %% auto #0
-__all__ = ['REQUIRED_COLUMNS', 'ISUP_GRADES', 'MAX_ID_BYTES', 'MALIGNANT_FROM', 'read_slide_table', 'image_path', 'mask_path',
-           'shown_name', 'check_image_id', 'malignant_pixels']
+__all__ = ['REQUIRED_COLUMNS', 'ISUP_GRADES', 'MAX_ID_BYTES', 'MALIGNANT_FROM', 'read_slide_table', 'read_csv_table',
+           'image_path', 'mask_path', 'shown_name', 'check_image_id', 'malignant_pixels']
 
 # %% ../nbs/04_panda.ipynb #f198296f
 REQUIRED_COLUMNS = ("image_id", "isup_grade")
@@ -26,23 +26,34 @@ def read_slide_table(data_dir: str | os.PathLike) -> pd.DataFrame:
     if not data_dir.is_dir(): raise FileNotFoundError(f"data_dir {data_dir}: no such folder")
     csv = data_dir/"train.csv"
     if not csv.is_file(): raise FileNotFoundError(f"{csv}: no such file (a PANDA-layout folder has train.csv)")
+    return read_csv_table(csv)
+
+def read_csv_table(csv: str | os.PathLike,  # a CSV file with a header row
+                   required: tuple[str, ...] = REQUIRED_COLUMNS,  # the columns it must have
+                  ) -> pd.DataFrame:
+    "A table of slides checked: `required` columns present; where present, `image_id` unique, `isup_grade` 0-5."
+    csv = Path(csv)
+    if not csv.is_file(): raise FileNotFoundError(f"{csv}: no such file")
     try: table = pd.read_csv(csv, dtype=str, keep_default_na=False)  # an image_id "NA" or "null" stays a name
     except UnicodeDecodeError: _not_utf8(csv)
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as error: raise ValueError(f"{csv}: {error}") from None
     if not isinstance(table.index, pd.RangeIndex):  # pandas made the extra leading fields of long rows an index
         raise ValueError(f"{csv}: some rows have more fields than the header ({', '.join(table.columns)})")
-    missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
+    missing = [c for c in required if c not in table.columns]
     if missing: raise ValueError(f"{csv}: missing column(s) {missing}; found {list(table.columns)}")
-    grades = pd.to_numeric(table.isup_grade, errors="coerce")
-    bad = table[~grades.isin(ISUP_GRADES)]
-    if len(bad): raise ValueError(f"{csv}: column isup_grade must be an integer 0-5; row {bad.index[0] + 2} "
-                                  f"(image_id {bad.image_id.iloc[0]}) has {bad.isup_grade.iloc[0]!r}")
-    if table.image_id.duplicated().any():
+    if "isup_grade" in table.columns:
+        grades = pd.to_numeric(table.isup_grade, errors="coerce")
+        bad = table[~grades.isin(ISUP_GRADES)]
+        where = lambda: f"row {bad.index[0] + 2}" + (f" (image_id {bad.image_id.iloc[0]})" if "image_id" in bad else "")
+        if len(bad): raise ValueError(f"{csv}: column isup_grade must be an integer 0-5; {where()} "
+                                      f"has {bad.isup_grade.iloc[0]!r}")
+        table = table.assign(isup_grade=grades.astype(int))
+    if "image_id" in table.columns and table.image_id.duplicated().any():
         raise ValueError(
             f"{csv}: column image_id has duplicates, e.g. {table.image_id[table.image_id.duplicated()].iloc[0]}"
         )
     if "data_provider" not in table.columns: table["data_provider"] = "unknown"
-    return table.assign(isup_grade=grades.astype(int))
+    return table
 
 def _not_utf8(csv: Path):
     "Raise a ValueError naming the first byte of `csv` that is not UTF-8, and its line."

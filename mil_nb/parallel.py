@@ -5,31 +5,47 @@
 # %% ../nbs/02_parallel.ipynb #045197f1
 from __future__ import annotations
 
+import collections
 import ctypes
 import os
 import signal
 import sys
 from concurrent.futures import ProcessPoolExecutor
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 from tqdm.auto import tqdm
 
 # %% auto #0
-__all__ = ['parallel_map', 'die_with_parent']
+__all__ = ['parallel_imap', 'parallel_map', 'die_with_parent']
 
 # %% ../nbs/02_parallel.ipynb #194b8f63
+def parallel_imap(fn: Callable,  # the function, called as `fn(*item)`
+                  items: Iterable,  # argument tuples
+                  num_workers: int | None = None,  # processes (default: one per CPU; 0 or 1: in this process)
+                  window: int | None = None,  # the most items submitted and not yet yielded (default: 2 per worker)
+                  desc: str | None = None,  # the progress bar's label
+                  progress: bool = True,  # show a progress bar
+                 ) -> Iterator:
+    "Yield `fn(*item)` for each item, in order, computed ahead in worker processes, at most `window` at a time."
+    items = list(items)
+    num_workers = os.cpu_count() if num_workers is None else num_workers
+    with tqdm(total=len(items), desc=desc, disable=not progress) as bar:
+        if num_workers <= 1 or len(items) <= 1:
+            for item in items: yield _tick(bar, fn(*item))
+            return
+        workers = min(num_workers, len(items))
+        window = max(1, window or 2 * workers)
+        with ProcessPoolExecutor(workers, initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
+            pending, queue = collections.deque(), iter(items)
+            for item in queue:
+                pending.append(pool.submit(fn, *item))
+                if len(pending) >= window: yield _tick(bar, pending.popleft().result())
+            while pending: yield _tick(bar, pending.popleft().result())
+
 def parallel_map(fn: Callable, items: Iterable, num_workers: int | None = None, desc: str | None = None,
                  progress: bool = True) -> list:
     "`[fn(*item) for item in items]`, over `num_workers` processes (default: one per CPU), with a progress bar."
-    items = list(items)
-    num_workers = os.cpu_count() if num_workers is None else num_workers
-    bar = tqdm(total=len(items), desc=desc, disable=not progress)
-    with bar:
-        if num_workers <= 1 or len(items) <= 1:
-            return [_tick(bar, fn(*item)) for item in items]
-        workers = min(num_workers, len(items))
-        with ProcessPoolExecutor(workers, initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
-            return [_tick(bar, result) for result in pool.map(fn, *zip(*items))]
+    return list(parallel_imap(fn, items, num_workers, desc=desc, progress=progress))
 
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 

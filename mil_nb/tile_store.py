@@ -25,7 +25,7 @@ from .slides import SLIDE_SUFFIXES, SlideLimits
 from .tiling import TilingConfig, choose_level, tile_slide
 
 # %% auto #0
-__all__ = ['slide_sources', 'TileStore', 'tile_slides', 'tile_cli']
+__all__ = ['slide_sources', 'TileStore', 'check_output_folder', 'tile_slides', 'tile_cli']
 
 # %% ../nbs/08_tile_store.ipynb #df5e176f
 def slide_sources(src: str | os.PathLike) -> pd.DataFrame:
@@ -107,12 +107,15 @@ def _write_csv(frame: pd.DataFrame, path: Path):
     with atomic_path(path) as tmp: frame.to_csv(tmp, index=False)
 
 # %% ../nbs/08_tile_store.ipynb #2f4a3766
-def _check_dest(src: Path, dest: Path):
-    "A store is written only inside `dest`: not into the source, a file, or folders that link elsewhere."
+def check_output_folder(src: Path,  # the input (a folder or file), never written to
+                        dest: Path,  # the output folder
+                        folders: tuple[str, ...],  # the subfolders written into
+                       ):
+    "Outputs are written only inside `dest`: not into the source, a file, or subfolders that link elsewhere."
     if dest.exists() and not dest.is_dir(): raise ValueError(f"dest {dest}: a file, not a folder")
     if dest.resolve() == src.resolve(): raise ValueError(f"dest {dest}: the source folder itself; choose another")
-    for folder in (dest/"bags", dest/"png"):
-        if folder.is_symlink(): raise ValueError(f"{folder}: a link; the store writes only inside {dest}")
+    for folder in folders:
+        if (dest/folder).is_symlink(): raise ValueError(f"{dest/folder}: a link; outputs are written only inside {dest}")
 
 def tile_slides(src: str | os.PathLike,  # PANDA-layout folder (train.csv, train_images/) or a folder of slides
                 dest: str | os.PathLike,  # the tile store to write (a run resumes one made with the same settings)
@@ -135,7 +138,7 @@ def tile_slides(src: str | os.PathLike,  # PANDA-layout folder (train.csv, train
     if n_tiles and n_tiles * tile_size**2 > limits.level_pixels:
         raise ValueError(f"n_tiles={n_tiles} tiles of {tile_size} px are {n_tiles * tile_size**2:,} px a bag, over the "
                          f"limit of {limits.level_pixels:,} px (level_pixels)")
-    _check_dest(src, dest)
+    check_output_folder(src, dest, ("bags", "png"))
     slides = slide_sources(src)
     if level is None and mpp is None:
         level = choose_level(list(slides.image_file), n_tiles or 16, tile_size, limits=limits)
