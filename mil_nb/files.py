@@ -6,12 +6,13 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['atomic_path', 'cache_dir', 'project_root', 'project_path']
+__all__ = ['atomic_path', 'write_table', 'write_json', 'cache_dir', 'project_root', 'project_path']
 
 # %% ../nbs/00_files.ipynb #859535bf
 @contextlib.contextmanager
@@ -28,6 +29,15 @@ def atomic_path(path: str | os.PathLike):
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+# %% ../nbs/00_files.ipynb #c5901f11
+def write_table(frame, path: str | os.PathLike):
+    "Write a pandas DataFrame to `path` as CSV without its index, atomically."
+    with atomic_path(path) as tmp: frame.to_csv(tmp, index=False)
+
+def write_json(values, path: str | os.PathLike):
+    "Write `values` to `path` as indented JSON, atomically; NaN is refused (it is not JSON)."
+    with atomic_path(path) as tmp: tmp.write_text(json.dumps(values, indent=1, allow_nan=False))
 
 # %% ../nbs/00_files.ipynb #6b7cac0f
 def cache_dir() -> Path:

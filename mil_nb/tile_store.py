@@ -18,7 +18,7 @@ import pandas as pd
 from fastcore.script import call_parse
 from PIL import Image
 
-from .files import atomic_path
+from .files import atomic_path, write_table
 from .panda import check_image_id, image_path, mask_path, read_slide_table, shown_name
 from .parallel import parallel_map
 from .slides import SLIDE_SUFFIXES, SlideLimits
@@ -103,8 +103,6 @@ def _stored_hash(dest: Path, image_id: str) -> str:
     with np.load(dest/"bags"/f"{image_id}.npz") as bag:
         return str(bag["thumbnail_hash"]) if "thumbnail_hash" in bag else ""
 
-def _write_csv(frame: pd.DataFrame, path: Path):
-    with atomic_path(path) as tmp: frame.to_csv(tmp, index=False)
 
 # %% ../nbs/08_tile_store.ipynb #2f4a3766
 def check_output_folder(src: Path,  # the input (a folder or file), never written to
@@ -157,10 +155,10 @@ def tile_slides(src: str | os.PathLike,  # PANDA-layout folder (train.csv, train
     failed = pd.DataFrame([(shown_name(i), shown_name(str(f)), shown_name(e))
                            for i, f, e in zip(slides.image_id, slides.image_file, errors) if e],
                           columns=["image_id", "file", "error"])
-    _write_csv(failed, dest/"failures.csv")
+    write_table(failed, dest/"failures.csv")
     tiled = slides.image_id[[e is None for e in errors]]
     hashes = [_stored_hash(dest, image_id) for image_id in tiled]
-    _write_csv(pd.DataFrame({"image_id": tiled, "n_tiles": n_tiles, "thumbnail_hash": hashes}), dest/"index.csv")
+    write_table(pd.DataFrame({"image_id": tiled, "n_tiles": n_tiles, "thumbnail_hash": hashes}), dest/"index.csv")
     summary = {"slides": len(slides), "tiled": len(slides) - len(failed), "already_tiled": done_before,
                "failed": len(failed), "seconds": round(time.time() - start, 2)}
     with atomic_path(dest/"summary.json") as tmp: tmp.write_text(json.dumps(summary, indent=1))
