@@ -34,7 +34,7 @@ from .tile_store import check_output_folder, slide_sources
 
 # %% auto #0
 __all__ = ['OUTPUT_FOLDERS', 'cohort_sources', 'cohort_predictions', 'cohort_metrics', 'CohortResult', 'predict_cohort',
-           'merge_scores', 'predict_cli']
+           'merge_scores', 'predict_parser', 'predict_cli']
 
 # %% ../nbs/33_cohort.ipynb #c0400005
 def _from_csv(csv: Path) -> pd.DataFrame:
@@ -261,8 +261,8 @@ def merge_scores(shards: str | os.PathLike,  # a folder of shard outputs (each a
     return CohortResult(dest, predictions, failures, summary, metrics)
 
 # %% ../nbs/33_cohort.ipynb #c0400026
-def predict_cli(argv: list[str] | None = None):
-    "mil_nb_predict: score the slides of SRC with trained models into DEST (or, with --merge, join shard outputs)."
+def predict_parser() -> argparse.ArgumentParser:
+    "The command line of mil_nb_predict."
     parser = argparse.ArgumentParser(prog="mil_nb_predict", description="Score the slides of SRC with trained models "
                                      "into DEST: predictions.csv, geojson/, heatmaps/, failures.csv, summary.json.")
     parser.add_argument("src", help="a folder of slides, a PANDA-layout folder, or a CSV of paths (--merge: shards)")
@@ -279,6 +279,11 @@ def predict_cli(argv: list[str] | None = None):
     parser.add_argument("--n_bootstrap", type=int, default=1000, help="resamples for confidence intervals")
     parser.add_argument("--seed", type=int, default=0, help="fixes the resamples")
     parser.add_argument("--merge", action="store_true", help="SRC holds shard outputs: join them into DEST")
+    return parser
+
+def predict_cli(argv: list[str] | None = None):
+    "mil_nb_predict: score the slides of SRC with trained models into DEST (or, with --merge, join shard outputs)."
+    parser = predict_parser()
     args = parser.parse_args(argv)
     if not args.merge and not args.model_dir: parser.error("--model_dir is required (repeat it for an ensemble)")
     try:

@@ -34,7 +34,7 @@ from .parallel import die_with_parent
 
 # %% auto #0
 __all__ = ['JOB_ENTRY', 'JOB_ENTRY_SCRIPT', 'CHECKPOINTS', 'METRIC_DEFINITIONS', 'job_requirements', 'write_job_source',
-           'training_image', 'launch', 'hyperparameter_string', 'local_job_environment', 'run_local', 'launch_cli']
+           'training_image', 'launch', 'hyperparameter_string', 'local_job_environment', 'run_local', 'train_cli']
 
 # %% ../nbs/26_launch.ipynb #b916e32c
 JOB_ENTRY = "mil_nb_job.py"
@@ -185,10 +185,10 @@ def run_local(
     finally: shutil.rmtree(local_dir/"tmp", ignore_errors=True)  # the ranks' scratch, left by a killed rank
 
 # %% ../nbs/26_launch.ipynb #7aa99298
-def launch_cli(argv: list[str] | None = None):
-    "mil_nb_launch: run nbs/train.ipynb under torchrun here (--local N) or as a SageMaker training job (--role ARN)."
+def train_cli(argv: list[str] | None = None):
+    "mil_nb_launch [train]: run nbs/train.ipynb under torchrun here (--local N) or as a SageMaker training job."
     parser = argparse.ArgumentParser(
-        prog="mil_nb_launch",
+        prog="mil_nb_launch train",
         description="Run nbs/train.ipynb under torchrun here (--local N) or as a SageMaker training job (--role ARN).",
     )
     parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),

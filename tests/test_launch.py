@@ -6,7 +6,8 @@ from urllib.parse import urlparse
 import boto3
 import pytest
 
-from mil_nb.launch import METRIC_DEFINITIONS, launch, launch_cli
+from mil_nb.launch import METRIC_DEFINITIONS, launch
+from mil_nb.launch_commands import launch_cli
 from conftest import REGION, ROLE, moto_session
 
 
