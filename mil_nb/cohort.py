@@ -184,21 +184,20 @@ def predict_cohort(model_dirs: list,  # folders with model.pt or model.tar.gz fi
     _check_meta(dest, {"models": models.digests, "task": models.task, "tiling": dataclasses.asdict(models.tiling),
                        "precision": models.members[0].precision, "max_tiles": max_tiles, "threshold": models.threshold})
     for stale in dest.rglob(".*.part"): stale.unlink()  # temporaries of a killed run
-    done = lambda image_id: _safe(image_id) and (dest/"records"/f"{image_id}.json").exists()
-    todo = table[[not done(i) for i in table.image_id]]
-    jobs = [(row.path, row.image_id, models, max_tiles, limits) for row in todo.itertuples()]
-    errors, waiting = {}, []
-    def flush():
+    done = [_safe(i) and (dest/"records"/f"{i}.json").exists() for i in table.image_id]
+    # fixed batches of the table: a slide's answer comes from the same batch in a resumed run as in a whole one
+    batches = [table[k:k + batch_size] for k in range(0, len(table), batch_size) if not all(done[k:k + batch_size])]
+    jobs = [(row.path, row.image_id, models, max_tiles, limits) for batch in batches for row in batch.itertuples()]
+    errors, tiled_bags = {}, parallel_imap(tile_for_scoring, jobs, num_workers, desc="scoring", progress=progress)
+    for batch in batches:
+        waiting = []
+        for row, tiled in zip(batch.itertuples(), tiled_bags):
+            if isinstance(tiled, str): errors[row.image_id] = (row.path, tiled)
+            else: waiting.append((row, tiled))
+        if not waiting: continue
         for (row, tiled), answers in zip(waiting, zip(*predict_bags(models, [Bag(t["tiles"]) for _, t in waiting]))):
             _write_slide(dest, row, tiled, list(answers), models, heatmaps)
-        waiting.clear()
-    tiled_bags = parallel_imap(tile_for_scoring, jobs, num_workers, desc="scoring", progress=progress)
-    for row, tiled in zip(todo.itertuples(), tiled_bags):
-        if isinstance(tiled, str): errors[row.image_id] = (row.path, tiled); continue
-        waiting.append((row, tiled))
-        if len(waiting) == batch_size: flush()
-    if waiting: flush()
-    return _finish(dest, table, models, errors, len(table) - len(todo), n_bootstrap, seed, start)
+    return _finish(dest, table, models, errors, sum(done), n_bootstrap, seed, start)
 
 def _safe(image_id: str) -> bool:
     try: return bool(check_image_id(image_id))
