@@ -31,10 +31,11 @@ from .scorer import CohortModels, load_models, predict_bags, tile_for_scoring, t
 from .slides import SlideLimits
 from .tasks import get_task
 from .tile_store import check_output_folder, slide_sources
+from .tiling import TilingConfig
 
 # %% auto #0
-__all__ = ['OUTPUT_FOLDERS', 'cohort_sources', 'cohort_predictions', 'cohort_metrics', 'CohortResult', 'predict_cohort',
-           'merge_scores', 'predict_parser', 'predict_cli']
+__all__ = ['OUTPUT_FOLDERS', 'cohort_sources', 'cohort_predictions', 'cohort_metrics', 'CohortResult', 'save_heatmap',
+           'draw_heatmap', 'predict_cohort', 'merge_scores', 'predict_parser', 'predict_cli']
 
 # %% ../nbs/33_cohort.ipynb #c0400005
 def _from_csv(csv: Path) -> pd.DataFrame:
@@ -141,20 +142,48 @@ def _check_meta(dest: Path, meta: dict):
     else:
         write_json(meta, path)
 
+def _probability(task: str, logits: list) -> float:
+    "P(malignant) of one bag: the mean over the models of each one's."
+    return float(np.mean([get_task(task).positive_probability(np.asarray(l)[None])[0] for l in logits]))
+
+def save_heatmap(dest: Path,  # the cohort's output folder
+                 slide: str | os.PathLike,  # the slide file
+                 bag: Bag,  # its tiles, coords, image_id (and grade, -1 if not known)
+                 attention: np.ndarray,  # one weight per tile
+                 tiling: TilingConfig,  # how the slide was tiled
+                 probability: float,  # P(malignant), for the title
+                ) -> Path:
+    "Draw a slide's attention heatmap with its top and bottom tiles into `dest/heatmaps/<image_id>.png`."
+    figure = plot_slide_attention(slide, bag, attention, tiling, prob=probability)
+    path = dest/"heatmaps"/f"{bag.image_id}.png"
+    with atomic_path(path) as tmp: figure.savefig(tmp, format="png", dpi=80)
+    plt.close(figure)
+    return path
+
+def draw_heatmap(dest: str | os.PathLike,  # a cohort's output folder
+                 image_id: str,  # a slide it scored
+                ) -> Path:
+    "heatmaps/<image_id>.png of a scored slide, from its record (the slide tiled again, as it was when scored)."
+    dest, image_id = Path(dest), check_image_id(image_id)
+    record, meta = json.loads((dest/"records"/f"{image_id}.json").read_text()), json.loads((dest/"meta.json").read_text())
+    tiling = TilingConfig(**meta["tiling"])
+    tiled = tile_for_scoring(record["path"], image_id, tiling, meta["max_tiles"], SlideLimits.from_env())
+    if isinstance(tiled, str): raise ValueError(f"{record['path']}: could not be tiled again ({tiled})")
+    bag = Bag(tiled["tiles"], image_id=image_id, coords=tiled["coords"])
+    return save_heatmap(dest, record["path"], bag, np.mean(record["attention"], axis=0), tiling,
+                        _probability(meta["task"], record["logits"]))
+
 def _write_slide(dest: Path, row, tiled: dict, answers: list, models: CohortModels, heatmaps: bool):
     "One slide's GeoJSON, heatmap and record (written last: a slide with a record is done)."
     logits, attention = [a[0] for a in answers], [a[1] for a in answers]
     measurements = tile_measurements(models, attention)
     write_geojson(dest/"geojson"/f"{row.image_id}.geojson",
                   tile_geojson(row.image_id, tiled["coords"], tiled["side0"], measurements))
-    task = models.members[0].model.config.task
     if heatmaps:
-        prob = float(np.mean([get_task(task).positive_probability(np.asarray(l)[None])[0] for l in logits]))
-        grade = -1 if math.isnan(row.isup_grade) else int(row.isup_grade)
-        bag = Bag(tiled["tiles"], image_id=row.image_id, isup_grade=grade, coords=tiled["coords"])
-        figure = plot_slide_attention(row.path, bag, next(iter(measurements.values())), models.tiling, prob=prob)
-        with atomic_path(dest/"heatmaps"/f"{row.image_id}.png") as tmp: figure.savefig(tmp, format="png", dpi=80)
-        plt.close(figure)
+        bag = Bag(tiled["tiles"], image_id=row.image_id, coords=tiled["coords"],
+                  isup_grade=-1 if math.isnan(row.isup_grade) else int(row.isup_grade))
+        save_heatmap(dest, row.path, bag, next(iter(measurements.values())), models.tiling,
+                     _probability(models.task, logits))
     record = {"image_id": row.image_id, "path": str(row.path), "n_tiles": len(tiled["tiles"]),
               "logits": [np.atleast_1d(l).tolist() for l in logits], "attention": [a.tolist() for a in attention]}
     with atomic_path(dest/"records"/f"{row.image_id}.json") as tmp: tmp.write_text(json.dumps(record))
@@ -187,7 +216,7 @@ def predict_cohort(model_dirs: list,  # folders with model.pt or model.tar.gz fi
     done = [_safe(i) and (dest/"records"/f"{i}.json").exists() for i in table.image_id]
     # fixed batches of the table: a slide's answer comes from the same batch in a resumed run as in a whole one
     batches = [table[k:k + batch_size] for k in range(0, len(table), batch_size) if not all(done[k:k + batch_size])]
-    jobs = [(row.path, row.image_id, models, max_tiles, limits) for batch in batches for row in batch.itertuples()]
+    jobs = [(row.path, row.image_id, models.tiling, max_tiles, limits) for batch in batches for row in batch.itertuples()]
     errors, tiled_bags = {}, parallel_imap(tile_for_scoring, jobs, num_workers, desc="scoring", progress=progress)
     for batch in batches:
         waiting = []

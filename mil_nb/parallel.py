@@ -8,15 +8,18 @@ from __future__ import annotations
 import collections
 import ctypes
 import os
+import resource
 import signal
 import sys
+import time
 from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from typing import Callable, Iterable, Iterator
 
 from tqdm.auto import tqdm
 
 # %% auto #0
-__all__ = ['parallel_imap', 'parallel_map', 'die_with_parent']
+__all__ = ['parallel_imap', 'parallel_map', 'die_with_parent', 'in_fresh_process']
 
 # %% ../nbs/02_parallel.ipynb #194b8f63
 def parallel_imap(fn: Callable,  # the function, called as `fn(*item)`
@@ -60,3 +63,15 @@ def die_with_parent(parent: int,  # the pid of the process that started this one
 def _tick(bar, result):
     bar.update()
     return result
+
+# %% ../nbs/02_parallel.ipynb #5d2e9c51
+def _timed(fn, *args) -> tuple[float, float, object]:
+    "Run `fn(*args)` in this (fresh) process: seconds, peak RSS in MB (this process or its largest worker), result."
+    start = time.perf_counter()
+    result = fn(*args)
+    rss = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    return time.perf_counter() - start, rss / 1024, result
+
+def in_fresh_process(fn: Callable, *args) -> tuple[float, float, object]:
+    "`fn(*args)` run in a new spawned process: its seconds, peak RSS in MB (it or its largest worker), result."
+    with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool: return pool.submit(_timed, fn, *args).result()

@@ -23,7 +23,7 @@ from .devices import autocast
 from .inference import ServedModel, load_served_model
 from .panda import check_image_id
 from .slides import SlideLimits, open_slide
-from .tiling import tile_side_level0, tile_slide
+from .tiling import TilingConfig, tile_side_level0, tile_slide
 
 # %% auto #0
 __all__ = ['MODEL_FILES', 'model_folder', 'CohortModels', 'load_models', 'tile_for_scoring', 'predict_bags', 'tile_measurements']
@@ -63,7 +63,7 @@ class CohortModels:
     def task(self) -> str: return self.members[0].model.config.task
 
     @property
-    def tiling(self): return self.members[0].tiling
+    def tiling(self) -> TilingConfig: return self.members[0].tiling
 
 def load_models(model_dirs: list,  # folders with model.pt, or model.tar.gz files
                 device: str = "auto",  # cpu, cuda, cuda:N or auto
@@ -91,14 +91,13 @@ def load_models(model_dirs: list,  # folders with model.pt, or model.tar.gz file
 # %% ../nbs/32_scorer.ipynb #c0400012
 def tile_for_scoring(path: str | os.PathLike,  # the slide
                      image_id: str,  # its name (a safe file name: it names the outputs)
-                     models: CohortModels,  # whose tiling to use
+                     tiling: TilingConfig,  # the models' tiling (`CohortModels.tiling`)
                      max_tiles: int,  # the most tiles a bag may have
                      limits: SlideLimits,  # the slide's pixel budget
                     ) -> dict | str:
     "The bag of one slide (tiles, coords, side0: a tile's side in level-0 px), or why it could not be made."
     try:
         check_image_id(image_id)
-        tiling = models.tiling
         capped = dataclasses.replace(tiling, n_tiles=min(tiling.n_tiles or math.inf, max_tiles + 1))
         bag = tile_slide(path, capped, limits=limits)
         if len(bag["tiles"]) > max_tiles: raise ValueError(f"{path}: more than {max_tiles} tiles (max_tiles)")

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from mil_nb.cohort import predict_cli
 from mil_nb.data import Bag
 from mil_nb.devices import set_seed
 from mil_nb.inference import load_served_model, predict_bag
@@ -35,6 +36,18 @@ def saved_model(folder: Path, seed: int, task: str = "binary", tiling=TilingConf
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     return saved_model(root/"one", 1), saved_model(root/"two", 2)
+
+
+@pytest.fixture(scope="module")
+def eight(tmp_path_factory, small_panda):
+    "A folder of 8 of the small data set's slides, and their labels."
+    folder = tmp_path_factory.mktemp("eight")
+    (folder/"slides").mkdir()
+    table = pd.read_csv(small_panda/"train.csv", dtype={"image_id": str}).head(8)
+    for image_id in table.image_id:
+        (folder/"slides"/f"{image_id}.tiff").symlink_to(small_panda/"train_images"/f"{image_id}.tiff")
+    table.to_csv(folder/"labels.csv", index=False)
+    return folder
 
 
 def predict(*args, **popen) -> subprocess.CompletedProcess:
@@ -71,10 +84,10 @@ def test_answers_equal_the_models_and_geojson_holds_the_tiles(tmp_path, small_pa
     assert metrics["n"] == len(frame) and "auc_ci" in metrics
 
 
-def test_two_models_are_an_ensemble_of_their_mean_probability(tmp_path, small_panda, models):
-    options = ["--no_heatmaps", "--n_bootstrap", "100"]
+def test_two_models_are_an_ensemble_of_their_mean_probability(tmp_path, eight, models):
+    options = ["--no_heatmaps", "--n_bootstrap", "100", "--labels", eight/"labels.csv"]
     for name, dirs in [("one", models[:1]), ("two", models[1:]), ("both", models)]:
-        run = predict(*[a for d in dirs for a in ("--model_dir", d)], *options, small_panda, tmp_path/name)
+        run = predict(*[a for d in dirs for a in ("--model_dir", d)], *options, eight/"slides", tmp_path/name)
         assert run.returncode == 0, run.stderr
     one, two, both = read(tmp_path/"one"), read(tmp_path/"two"), read(tmp_path/"both")
     np.testing.assert_allclose(both.probability, (one.probability + two.probability) / 2, atol=1e-6)
@@ -82,7 +95,7 @@ def test_two_models_are_an_ensemble_of_their_mean_probability(tmp_path, small_pa
     np.testing.assert_allclose(both.model2_probability, two.probability, atol=1e-6)
 
 
-def test_bad_slides_are_listed_and_bad_arguments_refused(tmp_path, small_panda, models):
+def test_bad_slides_are_listed_and_bad_arguments_refused(tmp_path, small_panda, models, capsys):
     src = tmp_path/"slides"
     src.mkdir()
     good = sorted((small_panda/"train_images").iterdir())[:3]
@@ -106,13 +119,14 @@ def test_bad_slides_are_listed_and_bad_arguments_refused(tmp_path, small_panda, 
         (["--model_dir", models[0], "--batch_size", "0", src, tmp_path/"q"], "batch_size=0"),
         (["--model_dir", models[1], src, tmp_path/"p"], "choose another folder"),  # scored by another model
     ]:
-        run = predict(*args)
-        assert run.returncode == 2 and message in run.stderr, (args, run.stderr)
+        with pytest.raises(SystemExit) as stop: predict_cli([str(a) for a in args])
+        assert stop.value.code == 2 and message in capsys.readouterr().err, args
+    assert not (tmp_path/"q").exists()  # refused before anything was written
     assert sorted(read(tmp_path/"p").image_id) == sorted(p.stem for p in good)  # nothing written is lost
 
 
 def test_sigkill_then_rerun_writes_the_same_predictions(tmp_path, small_panda, models):
-    options = ["--model_dir", models[0], "--workers", "2", "--batch_size", "4", "--n_bootstrap", "100"]
+    options = ["--model_dir", models[0], "--workers", "2", "--batch_size", "4", "--n_bootstrap", "100", "--no_heatmaps"]
     assert predict(*options, small_panda, tmp_path/"whole").returncode == 0
     killed = subprocess.Popen(["mil_nb_predict", *map(str, options), str(small_panda), str(tmp_path/"killed")],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -136,19 +150,20 @@ def test_sigkill_then_rerun_writes_the_same_predictions(tmp_path, small_panda, m
     assert not list((tmp_path/"killed").rglob("*.part"))
 
 
-def test_launch_predict_local_equals_the_plain_cli(tmp_path, small_panda, models):
+def test_launch_predict_local_equals_the_plain_cli(tmp_path, eight, models):
     options = ["--no_heatmaps", "--n_bootstrap", "100", "--workers", "1"]
-    assert predict("--model_dir", models[0], *options, small_panda, tmp_path/"plain").returncode == 0
-    run = subprocess.run(["mil_nb_launch", "predict", "--local", "2", "--slides", str(small_panda), "--model",
-                          str(models[0]), "--output", str(tmp_path/"sharded"), "--local_dir", str(tmp_path/"job"), "--",
-                          *options], capture_output=True, text=True)
+    labels = ["--labels", str(eight/"labels.csv")]
+    assert predict("--model_dir", models[0], *labels, *options, eight/"slides", tmp_path/"plain").returncode == 0
+    run = subprocess.run(["mil_nb_launch", "predict", "--local", "2", "--slides", str(eight/"slides"), *labels,
+                          "--model", str(models[0]), "--output", str(tmp_path/"sharded"), "--local_dir",
+                          str(tmp_path/"job"), "--", *options], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
     plain, sharded = read(tmp_path/"plain"), read(tmp_path/"sharded")
     pd.testing.assert_frame_equal(plain.drop(columns="path"), sharded.drop(columns="path"), check_exact=False,
                                   atol=1e-6, rtol=0)
     shards = [json.loads((tmp_path/"sharded"/h/"summary.json").read_text())["scored"] for h in ("algo-1", "algo-2")]
-    assert shards == [12, 12]
-    assert json.loads((tmp_path/"sharded"/"metrics.json").read_text())["n"] == 24
+    assert shards == [4, 4]
+    assert json.loads((tmp_path/"sharded"/"metrics.json").read_text())["n"] == 8
 
 
 def test_the_processing_job_request(aws, monkeypatch):
