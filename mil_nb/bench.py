@@ -264,7 +264,8 @@ def bench_ddp(bags: int = 48, batch_size: int = 8, epochs: int = 4) -> dict:
     }
 
 # %% ../nbs/37_bench.ipynb #f9a4c840
-BENCHMARKS = {"tile": bench_tile, "predict": bench_predict, "train": bench_train, "infer": bench_infer, "ddp": bench_ddp, "serve": bench_serve}
+BENCHMARKS = {"tile": bench_tile, "predict": bench_predict, "train": bench_train, "infer": bench_infer,
+              "ddp": bench_ddp, "serve": bench_serve}
 
 @call_parse
 def bench_cli(what: str,  # which benchmark: tile, predict, train, infer, ddp, serve

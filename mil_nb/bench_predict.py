@@ -51,7 +51,8 @@ def scoring_against_tiling(slides: list,  # slide files
         figures = {"slides": n, "tile_s": round(tile_s, 2), "tile_slides_per_s": round(n / tile_s, 2)}
         for precision in ("bf16", "fp32"):
             score_s, rss, _ = in_fresh_process(_score, tmp/"slides.csv", tmp, precision, workers)
-            figures |= {f"score_{precision}_s": round(score_s, 2), f"score_{precision}_slides_per_s": round(n / score_s, 2),
+            figures |= {f"score_{precision}_s": round(score_s, 2),
+                        f"score_{precision}_slides_per_s": round(n / score_s, 2),
                         f"ratio_{precision}": round(score_s / tile_s, 2), f"score_{precision}_peak_rss_mb": round(rss)}
     return figures | {"level": level, "workers": workers}
 
@@ -59,5 +60,6 @@ def bench_predict(n_slides: int = 16, size: int = 16384, level: int = 1, workers
     "Tiling alone against scoring (tiling + prediction), on `mil_nb_bench tile`'s large slides and on embedded ones."
     large = embedded_dataset(n_slides=n_slides, seed=1, size=size, num_workers=workers, masks=False)
     embedded = slide_sources(embedded_dataset()).image_file[:48]
-    return {"large_slides": scoring_against_tiling(list(slide_sources(large).image_file), level, workers) | {"level0_px": size},
+    large_figures = scoring_against_tiling(list(slide_sources(large).image_file), level, workers)
+    return {"large_slides": large_figures | {"level0_px": size},
             "embedded_slides": scoring_against_tiling(list(embedded), 1, workers) | {"level0_px": 4096}}

@@ -32,7 +32,8 @@ def tile_geojson(image_id: str,  # the slide (names the tiles and seeds their id
     "A QuPath-readable FeatureCollection: one tile object per tile on the slide, with its measurements."
     coords = np.asarray(coords, dtype=float)
     for name, values in measurements.items():
-        if len(values) != len(coords): raise ValueError(f"measurement {name!r}: {len(values)} values, {len(coords)} tiles")
+        if len(values) != len(coords):
+            raise ValueError(f"measurement {name!r}: {len(values)} values, {len(coords)} tiles")
     features = []
     for k, (x, y) in enumerate(coords):
         if not (math.isfinite(x) and math.isfinite(y)): continue

@@ -13,6 +13,7 @@ import signal
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+import multiprocessing
 from multiprocessing import get_context
 from typing import Callable, Iterable, Iterator
 
@@ -67,6 +68,7 @@ def _tick(bar, result):
 # %% ../nbs/02_parallel.ipynb #5d2e9c51
 def _timed(fn, *args) -> tuple[float, float, object]:
     "Run `fn(*args)` in this (fresh) process: seconds, peak RSS in MB (this process or its largest worker), result."
+    multiprocessing.set_start_method(None, force=True)  # not the parent's 'spawn': workers start as from a shell
     start = time.perf_counter()
     result = fn(*args)
     rss = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))

@@ -113,7 +113,8 @@ def check_output_folder(src: Path,  # the input (a folder or file), never writte
     if dest.exists() and not dest.is_dir(): raise ValueError(f"dest {dest}: a file, not a folder")
     if dest.resolve() == src.resolve(): raise ValueError(f"dest {dest}: the source folder itself; choose another")
     for folder in folders:
-        if (dest/folder).is_symlink(): raise ValueError(f"{dest/folder}: a link; outputs are written only inside {dest}")
+        if (dest/folder).is_symlink():
+            raise ValueError(f"{dest/folder}: a link; outputs are written only inside {dest}")
 
 def tile_slides(src: str | os.PathLike,  # PANDA-layout folder (train.csv, train_images/) or a folder of slides
                 dest: str | os.PathLike,  # the tile store to write (a run resumes one made with the same settings)

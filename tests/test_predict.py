@@ -185,7 +185,8 @@ def test_the_processing_job_request(aws, monkeypatch):
     assert inputs["slides"]["S3DataDistributionType"] == "ShardedByS3Key"
     assert inputs["slides"]["LocalPath"] == "/opt/ml/processing/input/slides"
     for m, uri in [(1, "s3://runs/fold0/model.tar.gz"), (2, "s3://runs/fold1/model.tar.gz")]:
-        assert inputs[f"model{m}"]["S3Uri"] == uri and inputs[f"model{m}"]["S3DataDistributionType"] == "FullyReplicated"
+        assert inputs[f"model{m}"]["S3Uri"] == uri
+        assert inputs[f"model{m}"]["S3DataDistributionType"] == "FullyReplicated"
     assert inputs["labels"]["S3Uri"] == "s3://slides/labels.csv"
     output, = request["ProcessingOutputConfig"]["Outputs"]
     assert output["S3Output"]["S3Uri"] == "s3://runs/scored/"
