@@ -42,8 +42,6 @@ def _from_csv(csv: Path) -> pd.DataFrame:
     table = read_csv_table(csv, required=("path",))
     paths = [Path(p) if Path(p).is_absolute() else csv.parent/p for p in table.path]
     ids = table.image_id if "image_id" in table else pd.Series([p.stem for p in paths], dtype=object)
-    if ids.duplicated().any():
-        raise ValueError(f"{csv}: two slides are called {ids[ids.duplicated()].iloc[0]!r}; give an image_id column")
     grades = table.isup_grade if "isup_grade" in table else np.nan
     return pd.DataFrame({"image_id": ids, "path": paths, "data_provider": table.data_provider, "isup_grade": grades})
 
@@ -60,6 +58,10 @@ def cohort_sources(src: str | os.PathLike,  # a folder of slides, a PANDA-layout
                               "data_provider": slides.data_provider,
                               "isup_grade": [known.get(i, np.nan) for i in slides.image_id]})
     if not len(table): raise ValueError(f"{src}: lists no slides")
+    twice = table.image_id[table.image_id.duplicated()]
+    if len(twice):  # e.g. a.tiff and a.svs, or two files called a.svs in a CSV: their outputs would collide
+        raise ValueError(f"{src}: two slides are called {twice.iloc[0]!r}; rename one "
+                         "(a CSV: add an image_id column)")
     if labels is not None:
         given = read_csv_table(labels).set_index("image_id")
         table["isup_grade"] = table.image_id.map(given.isup_grade)
@@ -207,6 +209,7 @@ def predict_cohort(model_dirs: list,  # folders with model.pt or model.tar.gz fi
                   ) -> CohortResult:
     "Score every slide of `src` with the models of `model_dirs` into `dest`; resumable."
     start, src, dest = time.time(), Path(src), Path(dest)
+    if isinstance(model_dirs, (str, os.PathLike)): model_dirs = [model_dirs]
     _check_options(batch_size, num_workers, max_tiles, n_bootstrap)
     limits = limits or SlideLimits.from_env()
     models = load_models(list(model_dirs), device, precision)
