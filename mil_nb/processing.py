@@ -15,17 +15,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-import boto3
 import pandas as pd
-from sagemaker.core.helper.session_helper import Session
-from sagemaker.core.processing import FrameworkProcessor
-from sagemaker.core.resources import ProcessingJob
-from sagemaker.core.shapes import ProcessingInput, ProcessingOutput, ProcessingS3Input, ProcessingS3Output
 
 from .bundle import copy_package, imported_requirements
 from .cohort import CohortResult, cohort_metrics, predict_cli, predict_parser
 from .files import atomic_path, write_json, write_table
-from .launch import training_image
 from .parallel import die_with_parent
 from .run_files import json_safe
 
@@ -108,8 +102,9 @@ def check_predict_options(options: list[str]):
 def s3_input(name: str,  # the input's name: the container sees it in /opt/ml/processing/input/<name>
              uri: str,  # an S3 prefix or object
              sharded: bool = False,  # ShardedByS3Key: each instance gets about 1/N of the objects
-            ) -> ProcessingInput:
-    "A Processing job input from S3, copied to the instance's disk before the entry runs."
+            ):
+    "A SageMaker `ProcessingInput` from S3, copied to the instance's disk before the entry runs."
+    from sagemaker.core.shapes import ProcessingInput, ProcessingS3Input
     if not str(uri).startswith("s3://"): raise ValueError(f"{name}={uri!r}: expected an S3 URI (s3://bucket/key)")
     return ProcessingInput(input_name=name, s3_input=ProcessingS3Input(
         s3_uri=uri, local_path=f"{CONTAINER_ROOT}/processing/input/{name}", s3_data_type="S3Prefix",
@@ -117,7 +112,7 @@ def s3_input(name: str,  # the input's name: the container sees it in /opt/ml/pr
 
 def launch_processing(role: str,  # ARN of the SageMaker execution role the job runs as
                       arguments: list[str],  # the entry's arguments, e.g. ["predict", "--precision", "bf16"]
-                      inputs: list[ProcessingInput],  # `s3_input`s
+                      inputs: list,  # SageMaker `ProcessingInput`s (`s3_input`)
                       output_s3: str,  # S3 prefix the instances' outputs go to (each in its own algo-<i>/ folder)
                       instance_type: str = "ml.m5.4xlarge",  # the instances' type
                       instance_count: int = 1,  # instances; sharded inputs are split among them
@@ -127,9 +122,15 @@ def launch_processing(role: str,  # ARN of the SageMaker execution role the job 
                       framework_version: str = "2.5",  # AWS's PyTorch image version
                       py_version: str = "py311",  # its Python
                       wait: bool = False,  # follow the job's log until it ends
-                      boto_session: boto3.Session | None = None,  # region and credentials (None: the default session)
-                     ) -> ProcessingJob:
-    "Run `mil_nb_process.py ARGUMENTS` as a SageMaker Processing job on AWS's PyTorch image; the job."
+                      boto_session=None,  # a boto3.Session: region and credentials (None: the default session)
+                     ):
+    "Run `mil_nb_process.py ARGUMENTS` as a SageMaker Processing job on AWS's PyTorch image; the `ProcessingJob`."
+    import boto3
+    from sagemaker.core.helper.session_helper import Session
+    from sagemaker.core.processing import FrameworkProcessor
+    from sagemaker.core.shapes import ProcessingOutput, ProcessingS3Output
+
+    from mil_nb.launch import training_image
     if not str(output_s3).startswith("s3://"): raise ValueError(f"output_s3={output_s3!r}: expected an S3 URI")
     if not (isinstance(instance_count, int) and instance_count >= 1):
         raise ValueError(f"instance_count={instance_count!r}: expected an integer >= 1")
@@ -161,9 +162,9 @@ def launch_predict(role: str,  # ARN of the SageMaker execution role
                    max_runtime_s: int = 24 * 3600,  # the job (and its bill) is stopped after this long
                    base_job_name: str = "mil-nb-predict",  # the job's name, before its timestamp
                    wait: bool = False,  # follow the job's log until it ends
-                   boto_session: boto3.Session | None = None,  # region and credentials (None: the default session)
-                  ) -> ProcessingJob:
-    "Score the slides under `slides_s3` with the models in `model_s3` as a SageMaker Processing job; the job."
+                   boto_session=None,  # a boto3.Session: region and credentials (None: the default session)
+                  ):
+    "Score the slides under `slides_s3` with the models in `model_s3` in a SageMaker Processing job; the job."
     check_predict_options(options)
     if isinstance(model_s3, str) or not model_s3: raise ValueError(f"model_s3={model_s3!r}: expected a list of URIs")
     inputs = [s3_input("slides", slides_s3, sharded=True)]
