@@ -34,12 +34,12 @@ from .tile_store import check_output_folder, slide_sources
 from .tiling import TilingConfig
 
 # %% auto #0
-__all__ = ['OUTPUT_FOLDERS', 'cohort_sources', 'cohort_predictions', 'cohort_metrics', 'CohortResult', 'save_heatmap',
-           'draw_heatmap', 'predict_cohort', 'predict_parser', 'predict_cli']
+__all__ = ['OUTPUT_FOLDERS', 'OUTPUT_FILES', 'cohort_sources', 'cohort_predictions', 'cohort_metrics', 'CohortResult',
+           'save_heatmap', 'draw_heatmap', 'predict_cohort', 'predict_parser', 'predict_cli']
 
 # %% ../nbs/33_cohort.ipynb #c0400005
 def _from_csv(csv: Path) -> pd.DataFrame:
-    table = read_csv_table(csv, required=("path",))
+    table = read_csv_table(csv, required=("path",), unknown_grades=True)
     paths = [Path(p) if Path(p).is_absolute() else csv.parent/p for p in table.path]
     ids = table.image_id if "image_id" in table else pd.Series([p.stem for p in paths], dtype=object)
     grades = table.isup_grade if "isup_grade" in table else np.nan
@@ -62,11 +62,19 @@ def cohort_sources(src: str | os.PathLike,  # a folder of slides, a PANDA-layout
     if len(twice):  # e.g. a.tiff and a.svs, or two files called a.svs in a CSV: their outputs would collide
         raise ValueError(f"{src}: two slides are called {twice.iloc[0]!r}; rename one "
                          "(a CSV: add an image_id column)")
-    if labels is not None:
-        given = read_csv_table(labels).set_index("image_id")
-        table["isup_grade"] = table.image_id.map(given.isup_grade)
-        table["data_provider"] = table.image_id.map(given.data_provider).fillna(table.data_provider)
-    return table.assign(isup_grade=table.isup_grade.astype(float))
+    if labels is not None: table = _with_labels(table, Path(labels))
+    return table.assign(isup_grade=table.isup_grade.astype(float), path=[Path(p).absolute() for p in table.path])
+
+def _with_labels(table: pd.DataFrame, labels: Path) -> pd.DataFrame:
+    "`table` with the grades (and providers, if given) of the labels CSV, which must name at least one of its slides."
+    given = read_csv_table(labels).set_index("image_id")
+    if not table.image_id.isin(given.index).any():
+        raise ValueError(f"{labels}: names none of the {len(table)} slides (e.g. {table.image_id.iloc[0]!r})")
+    grades = table.image_id.map(given.isup_grade).astype(float).fillna(table.isup_grade.astype(float))
+    has_providers = "data_provider" in pd.read_csv(labels, nrows=0).columns  # else read_csv_table's default
+    providers = table.image_id.map(given.data_provider).fillna(table.data_provider) if has_providers \
+        else table.data_provider
+    return table.assign(isup_grade=grades, data_provider=providers)
 
 # %% ../nbs/33_cohort.ipynb #c0400016
 def _flat(answer: dict, prefix: str = "") -> dict:
@@ -127,10 +135,10 @@ class CohortResult:
 
 OUTPUT_FOLDERS = ("records", "geojson", "heatmaps")
 
-def _check_options(batch_size, num_workers, max_tiles, n_bootstrap):
+def _check_options(batch_size, num_workers, max_tiles, n_bootstrap, seed):
     whole = lambda v, least: isinstance(v, int) and not isinstance(v, bool) and v >= least
     for name, value, least in [("batch_size", batch_size, 1), ("max_tiles", max_tiles, 1),
-                               ("n_bootstrap", n_bootstrap, 0)]:
+                               ("n_bootstrap", n_bootstrap, 0), ("seed", seed, 0)]:
         if not whole(value, least): raise ValueError(f"{name}={value!r}: expected an integer >= {least}")
     if num_workers is not None and not whole(num_workers, 0):
         raise ValueError(f"num_workers={num_workers!r}: expected None or an integer >= 0")
@@ -210,15 +218,16 @@ def predict_cohort(model_dirs: list,  # folders with model.pt or model.tar.gz fi
     "Score every slide of `src` with the models of `model_dirs` into `dest`; resumable."
     start, src, dest = time.time(), Path(src), Path(dest)
     if isinstance(model_dirs, (str, os.PathLike)): model_dirs = [model_dirs]
-    _check_options(batch_size, num_workers, max_tiles, n_bootstrap)
+    _check_options(batch_size, num_workers, max_tiles, n_bootstrap, seed)
     limits = limits or SlideLimits.from_env()
     models = load_models(list(model_dirs), device, precision)
     table = cohort_sources(src, labels)
     check_output_folder(src, dest, OUTPUT_FOLDERS)
+    _check_inputs_survive(dest, [src] + ([Path(labels)] if labels is not None else []))
     _check_meta(dest, {"models": models.digests, "task": models.task, "tiling": dataclasses.asdict(models.tiling),
                        "precision": models.members[0].precision, "max_tiles": max_tiles, "threshold": models.threshold})
     for stale in dest.rglob(".*.part"): stale.unlink()  # temporaries of a killed run
-    done = [_safe(i) and (dest/"records"/f"{i}.json").exists() for i in table.image_id]
+    done = [_scored(dest, row) for row in table.itertuples()]
     # fixed batches of the table: a slide's answer comes from the same batch in a resumed run as in a whole one
     batches = [table[k:k + batch_size] for k in range(0, len(table), batch_size) if not all(done[k:k + batch_size])]
     jobs = [(row.path, row.image_id, models.tiling, max_tiles, limits)
@@ -242,11 +251,26 @@ def _safe(image_id: str) -> bool:
     try: return bool(check_image_id(image_id))
     except ValueError: return False
 
+def _scored(dest: Path, row) -> bool:
+    "Whether `dest` holds this slide's answer: a record of the same image_id made from the same file."
+    record = dest/"records"/f"{row.image_id}.json"
+    return _safe(row.image_id) and record.is_file() and json.loads(record.read_text())["path"] == str(row.path)
+
+OUTPUT_FILES = ("predictions.csv", "failures.csv", "summary.json", "metrics.json", "meta.json")
+
+def _check_inputs_survive(dest: Path, inputs: list[Path]):
+    "Refuse a run whose outputs would overwrite one of its input files (a CSV kept in DEST as failures.csv, ...)."
+    written = {(dest/name).resolve() for name in OUTPUT_FILES}
+    for path in inputs:
+        inside = any(path.resolve().is_relative_to((dest/folder).resolve()) for folder in OUTPUT_FOLDERS)
+        if path.resolve() in written or inside:
+            raise ValueError(f"{path}: an input the outputs in {dest} would replace")
+
 def _finish(dest: Path, table: pd.DataFrame, models: CohortModels, errors: dict, done_before: int, n_bootstrap: int,
             seed: int, start: float) -> CohortResult:
     "Write predictions.csv, failures.csv, metrics.json and summary.json from the records of the slides of `table`."
-    records = [json.loads((dest/"records"/f"{i}.json").read_text()) for i in table.image_id
-               if _safe(i) and (dest/"records"/f"{i}.json").exists()]
+    records = [json.loads((dest/"records"/f"{row.image_id}.json").read_text()) for row in table.itertuples()
+               if _scored(dest, row)]
     predictions = cohort_predictions(records, table, models.task)
     write_table(predictions, dest/"predictions.csv")
     failures = pd.DataFrame([(shown_name(i), shown_name(str(path)), shown_name(error))
@@ -254,6 +278,7 @@ def _finish(dest: Path, table: pd.DataFrame, models: CohortModels, errors: dict,
     write_table(failures, dest/"failures.csv")
     metrics = cohort_metrics(predictions, models.task, models.threshold, n_bootstrap, seed) if n_bootstrap else None
     if metrics is not None: write_json(json_safe(metrics), dest/"metrics.json")
+    else: (dest/"metrics.json").unlink(missing_ok=True)  # a previous run's, with labels: no longer these slides'
     summary = {"slides": len(table), "scored": len(records), "already_scored": done_before, "failed": len(failures),
                "seconds": round(time.time() - start, 2), "models": models.sources, "task": models.task,
                "precision": models.members[0].precision, "device": str(models.members[0].device),

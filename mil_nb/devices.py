@@ -19,6 +19,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     "The torch device for `device`: 'auto' means cuda when available, else cpu."
     if str(device) == "auto": return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
+    if device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index):
+        raise ValueError(f"device={str(device)!r}: expected cpu, cuda, cuda:N or auto")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={str(device)!r} was asked for, but torch sees no CUDA GPU on this machine")
     return device

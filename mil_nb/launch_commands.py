@@ -40,7 +40,11 @@ def predict_launch_cli(argv: list[str]):
     parser.add_argument("--base_job_name", default="mil-nb-predict")
     parser.add_argument("--wait", action="store_true", help="follow the job's log until it ends")
     args = parser.parse_args(argv)
-    if args.merge: return print(json.dumps(merge_scores(args.merge, args.merge).summary, indent=1))
+    if args.merge:
+        try: merged = merge_scores(args.merge, args.merge)
+        except (ValueError, OSError) as error: parser.error(str(error))
+        print(json.dumps(merged.summary, indent=1))
+        sys.exit(1 if len(merged.failures) else 0)
     missing = [f"--{name}" for name in ("slides", "model", "output") if not getattr(args, name)]
     if missing: parser.error(f"{', '.join(missing)} needed (or --merge DIR)")
     try:

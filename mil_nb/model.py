@@ -254,4 +254,7 @@ def load_model(path: str | os.PathLike,  # a file written by `save_model`
     model = AttentionMIL(MILConfig(**saved["config"])).to(map_location)
     model.load_state_dict(saved["state_dict"])
     model.tiling = TilingConfig(**saved["tiling"]) if "tiling" in saved else None
+    if model.tiling and model.tiling.tile_size != model.config.tile_size:
+        raise ValueError(f"{path}: its tiling makes {model.tiling.tile_size} px tiles, but the model takes "
+                         f"{model.config.tile_size} px tiles")
     return model.eval()

@@ -30,6 +30,7 @@ def read_slide_table(data_dir: str | os.PathLike) -> pd.DataFrame:
 
 def read_csv_table(csv: str | os.PathLike,  # a CSV file with a header row
                    required: tuple[str, ...] = REQUIRED_COLUMNS,  # the columns it must have
+                   unknown_grades: bool = False,  # a blank isup_grade means "not known" (NaN) instead of an error
                   ) -> pd.DataFrame:
     "A table of slides checked: `required` columns present; where present, `image_id` unique, `isup_grade` 0-5."
     csv = Path(csv)
@@ -43,11 +44,11 @@ def read_csv_table(csv: str | os.PathLike,  # a CSV file with a header row
     if missing: raise ValueError(f"{csv}: missing column(s) {missing}; found {list(table.columns)}")
     if "isup_grade" in table.columns:
         grades = pd.to_numeric(table.isup_grade, errors="coerce")
-        bad = table[~grades.isin(ISUP_GRADES)]
+        bad = table[~grades.isin(ISUP_GRADES) & ~(unknown_grades & (table.isup_grade.str.strip() == ""))]
         where = lambda: f"row {bad.index[0] + 2}" + (f" (image_id {bad.image_id.iloc[0]})" if "image_id" in bad else "")
         if len(bad): raise ValueError(f"{csv}: column isup_grade must be an integer 0-5; {where()} "
                                       f"has {bad.isup_grade.iloc[0]!r}")
-        table = table.assign(isup_grade=grades.astype(int))
+        table = table.assign(isup_grade=grades if unknown_grades else grades.astype(int))
     if "image_id" in table.columns and table.image_id.duplicated().any():
         raise ValueError(
             f"{csv}: column image_id has duplicates, e.g. {table.image_id[table.image_id.duplicated()].iloc[0]}"

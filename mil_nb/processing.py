@@ -22,6 +22,7 @@ from .cohort import CohortResult, cohort_metrics, predict_cli, predict_parser
 from .files import atomic_path, write_json, write_table
 from .parallel import die_with_parent
 from .run_files import json_safe
+from .tile_store import check_no_links
 
 # %% auto #0
 __all__ = ['PROCESSING_ENTRY', 'PROCESSING_ENTRY_SCRIPT', 'CONTAINER_ROOT', 'OUTPUT_NAME', 'JOB_SETS', 'processing_requirements',
@@ -177,25 +178,32 @@ def launch_predict(role: str,  # ARN of the SageMaker execution role
 def merge_scores(shards: str | os.PathLike,  # a folder of shard outputs (each a `predict_cohort` DEST)
                  dest: str | os.PathLike,  # the merged output folder
                 ) -> CohortResult:
-    "One cohort output from the shard outputs in the subfolders of `shards`."
+    "One cohort output from the shard outputs in the subfolders of `shards` (each shard must have finished)."
     shards, dest = Path(shards), Path(dest)
-    parts = sorted(p for p in shards.iterdir() if (p/"summary.json").is_file()) if shards.is_dir() else []
-    if not parts: raise FileNotFoundError(f"{shards}: no shard outputs (subfolders with summary.json)")
+    parts = sorted(p for p in shards.iterdir() if (p/"meta.json").is_file()) if shards.is_dir() else []
+    if not parts: raise FileNotFoundError(f"{shards}: no shard outputs (subfolders with meta.json)")
+    for part in parts:
+        if part.is_symlink(): raise ValueError(f"{part}: a link; shards are read only inside {shards}")
+        if not (part/"summary.json").is_file():
+            raise ValueError(f"{part}: a shard that did not finish (no summary.json); score it again, then merge")
+    check_no_links(dest, ("geojson", "heatmaps"))
     metas = [json.loads((p/"meta.json").read_text()) for p in parts]
     for part, meta in zip(parts[1:], metas[1:]):
         if meta != metas[0]: raise ValueError(f"{part}: scored with {meta}, not {metas[0]} like {parts[0]}")
     read = lambda p, name: pd.read_csv(p/name, dtype={"image_id": str}, keep_default_na=False, na_values=[""])
     predictions = pd.concat([read(p, "predictions.csv") for p in parts]).sort_values("image_id", ignore_index=True)
-    if predictions.image_id.duplicated().any():
-        raise ValueError(f"{shards}: slide {predictions.image_id[predictions.image_id.duplicated()].iloc[0]} "
-                         "was scored by two shards")
     failures = pd.concat([read(p, "failures.csv") for p in parts], ignore_index=True)
+    named = pd.concat([predictions.image_id, failures.image_id])
+    if named.duplicated().any():
+        raise ValueError(f"{shards}: slide {named[named.duplicated()].iloc[0]} is in two shards (or twice in one)")
     summaries = [json.loads((p/"summary.json").read_text()) for p in parts]
-    summary = summaries[0] | {k: sum(s[k] for s in summaries) for k in ("slides", "scored", "already_scored", "failed")}
-    summary |= {"seconds": max(s["seconds"] for s in summaries), "shards": len(parts)}
+    summary = summaries[0] | {k: sum(s[k] for s in summaries) for k in ("slides", "already_scored")}
+    summary |= {"scored": len(predictions), "failed": len(failures), "seconds": max(s["seconds"] for s in summaries),
+                "shards": len(parts)}
     for folder in ("geojson", "heatmaps"):
         for part in parts:
             for file in sorted((part/folder).glob("*")):
+                if file.is_symlink() or not file.is_file(): raise ValueError(f"{file}: not a file a shard wrote")
                 with atomic_path(dest/folder/file.name) as tmp: tmp.write_bytes(file.read_bytes())
     write_json(metas[0], dest/"meta.json")
     write_table(predictions, dest/"predictions.csv")
@@ -203,6 +211,7 @@ def merge_scores(shards: str | os.PathLike,  # a folder of shard outputs (each a
     metrics = cohort_metrics(predictions, metas[0]["task"], metas[0]["threshold"], summary["n_bootstrap"],
                              summary["seed"]) if summary["n_bootstrap"] else None
     if metrics is not None: write_json(json_safe(metrics), dest/"metrics.json")
+    else: (dest/"metrics.json").unlink(missing_ok=True)
     write_json(summary, dest/"summary.json")
     return CohortResult(dest, predictions, failures, summary, metrics)
 

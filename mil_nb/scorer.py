@@ -26,10 +26,12 @@ from .slides import SlideLimits, open_slide
 from .tiling import TilingConfig, tile_side_level0, tile_slide
 
 # %% auto #0
-__all__ = ['MODEL_FILES', 'model_folder', 'CohortModels', 'load_models', 'tile_for_scoring', 'predict_bags', 'tile_measurements']
+__all__ = ['MODEL_FILES', 'MAX_MODEL_BYTES', 'model_folder', 'CohortModels', 'load_models', 'tile_for_scoring', 'predict_bags',
+           'tile_measurements']
 
 # %% ../nbs/32_scorer.ipynb #c0400008
 MODEL_FILES = ("model.pt", "metrics.json")  # what is taken from a model.tar.gz
+MAX_MODEL_BYTES = 2**32  # the largest member unpacked from a model.tar.gz (4 GiB; the tile model is 88 MB)
 
 def model_folder(model_dir: str | os.PathLike,  # a folder with model.pt, or a model.tar.gz
                  scratch: Path,  # where a model.tar.gz's model.pt and metrics.json are unpacked
@@ -41,9 +43,23 @@ def model_folder(model_dir: str | os.PathLike,  # a folder with model.pt, or a m
     try:
         with tarfile.open(path) as tar:
             members = [m for m in tar.getmembers() if m.isfile() and m.name.lstrip("./") in MODEL_FILES]
+            for member in members:
+                if member.size > MAX_MODEL_BYTES:
+                    raise ValueError(f"{path}: {member.name} is {member.size:,} bytes, over {MAX_MODEL_BYTES:,}")
             tar.extractall(dest, members=members, filter="data")
     except (tarfile.TarError, OSError) as error: raise ValueError(f"{path}: not a readable model.tar.gz ({error})")
     return dest
+
+def _threshold(metrics: Path) -> float | None:
+    "The validation threshold in a model's metrics.json (None without one): a probability, or a ValueError."
+    if not metrics.is_file(): return None
+    try: value = json.loads(metrics.read_text())
+    except (ValueError, UnicodeDecodeError) as error: raise ValueError(f"{metrics}: not JSON ({error})") from None
+    threshold = value.get("val_threshold") if isinstance(value, dict) else "not an object"
+    if threshold is None: return None
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
+        raise ValueError(f"{metrics}: val_threshold {threshold!r} is not a probability")
+    return float(threshold)
 
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
@@ -75,10 +91,12 @@ def load_models(model_dirs: list,  # folders with model.pt, or model.tar.gz file
     with tempfile.TemporaryDirectory() as scratch:
         for model_dir in model_dirs:
             folder = model_folder(model_dir, Path(scratch))
-            members.append(load_served_model(folder, device, precision))
+            try:
+                members.append(load_served_model(folder, device, precision))
+                thresholds.append(_threshold(folder/"metrics.json"))
+            except (ValueError, FileNotFoundError) as error:  # name the model.tar.gz, not its scratch folder
+                raise type(error)(str(error).replace(str(folder), f"{model_dir}:")) from None
             digests.append(_sha256(folder/"model.pt"))
-            metrics = folder/"metrics.json"
-            thresholds.append(json.loads(metrics.read_text()).get("val_threshold") if metrics.is_file() else None)
     first = members[0]
     for source, member in zip(model_dirs[1:], members[1:]):
         for what, mine, theirs in [("task", member.model.config.task, first.model.config.task),

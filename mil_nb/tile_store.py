@@ -25,7 +25,7 @@ from .slides import SLIDE_SUFFIXES, SlideLimits
 from .tiling import TilingConfig, choose_level, tile_slide
 
 # %% auto #0
-__all__ = ['slide_sources', 'TileStore', 'check_output_folder', 'tile_slides', 'tile_cli']
+__all__ = ['slide_sources', 'TileStore', 'check_output_folder', 'check_no_links', 'tile_slides', 'tile_cli']
 
 # %% ../nbs/08_tile_store.ipynb #df5e176f
 def slide_sources(src: str | os.PathLike) -> pd.DataFrame:
@@ -110,8 +110,14 @@ def check_output_folder(src: Path,  # the input (a folder or file), never writte
                         folders: tuple[str, ...],  # the subfolders written into
                        ):
     "Outputs are written only inside `dest`: not into the source, a file, or subfolders that link elsewhere."
-    if dest.exists() and not dest.is_dir(): raise ValueError(f"dest {dest}: a file, not a folder")
     if dest.resolve() == src.resolve(): raise ValueError(f"dest {dest}: the source folder itself; choose another")
+    check_no_links(dest, folders)
+
+def check_no_links(dest: Path,  # the output folder
+                   folders: tuple[str, ...],  # the subfolders written into
+                  ):
+    "Refuse an output folder that is a file, or whose subfolders link elsewhere (writes must stay inside `dest`)."
+    if dest.exists() and not dest.is_dir(): raise ValueError(f"dest {dest}: a file, not a folder")
     for folder in folders:
         if (dest/folder).is_symlink():
             raise ValueError(f"{dest/folder}: a link; outputs are written only inside {dest}")
