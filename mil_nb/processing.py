@@ -200,11 +200,11 @@ def merge_scores(shards: str | os.PathLike,  # a folder of shard outputs (each a
     summary = summaries[0] | {k: sum(s[k] for s in summaries) for k in ("slides", "already_scored")}
     summary |= {"scored": len(predictions), "failed": len(failures), "seconds": max(s["seconds"] for s in summaries),
                 "shards": len(parts)}
-    for folder in ("geojson", "heatmaps"):
-        for part in parts:
-            for file in sorted((part/folder).glob("*")):
-                if file.is_symlink() or not file.is_file(): raise ValueError(f"{file}: not a file a shard wrote")
-                with atomic_path(dest/folder/file.name) as tmp: tmp.write_bytes(file.read_bytes())
+    files = [file for part in parts for folder in ("geojson", "heatmaps") for file in sorted((part/folder).glob("*"))]
+    for file in files:
+        if file.is_symlink() or not file.is_file(): raise ValueError(f"{file}: not a file a shard wrote")
+    for file in files:
+        with atomic_path(dest/file.parent.name/file.name) as tmp: tmp.write_bytes(file.read_bytes())
     write_json(metas[0], dest/"meta.json")
     write_table(predictions, dest/"predictions.csv")
     write_table(failures, dest/"failures.csv")
