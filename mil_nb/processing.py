@@ -5,40 +5,38 @@
 # %% ../nbs/34_processing.ipynb #d0500003
 from __future__ import annotations
 
-import functools
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import pandas as pd
+from fastcore.script import anno_parser
 
 from .bundle import copy_package, imported_requirements
 from .cohort import CohortResult, cohort_metrics, predict_cli, predict_parser
 from .files import atomic_path, write_json, write_table
-from .parallel import die_with_parent
 from .run_files import json_safe
-from .tile_store import check_no_links
+from .tile_store import check_no_links, tile_cli
 
 # %% auto #0
-__all__ = ['PROCESSING_ENTRY', 'PROCESSING_ENTRY_SCRIPT', 'CONTAINER_ROOT', 'OUTPUT_NAME', 'JOB_SETS', 'processing_requirements',
-           'write_processing_source', 'current_host', 'shard_arguments', 'main', 'check_predict_options', 's3_input',
-           'launch_processing', 'launch_predict', 'merge_scores', 'run_predict_local']
+__all__ = ['PROCESSING_ENTRY', 'PROCESSING_ENTRY_SCRIPT', 'CONTAINER_ROOT', 'OUTPUTS', 'JOBS', 'JOB_SETS',
+           'processing_requirements', 'write_processing_source', 'current_host', 'predict_arguments', 'tile_arguments',
+           'main', 'check_predict_options', 'check_tile_options', 's3_input', 'launch_processing', 'launch_predict',
+           'merge_scores', 'launch_tiling']
 
 # %% ../nbs/34_processing.ipynb #d0500005
 PROCESSING_ENTRY = "mil_nb_process.py"
-PROCESSING_ENTRY_SCRIPT = """"SageMaker Processing job entry: mil_nb_predict over this instance's shard of the slides."
+PROCESSING_ENTRY_SCRIPT = """"SageMaker Processing job entry: mil_nb_predict or mil_nb_tile over this instance's shard."
 from mil_nb.processing import main
 
 if __name__ == "__main__":
     main()
 """
 CONTAINER_ROOT = "/opt/ml"  # where a processing container finds its inputs, outputs and config
-OUTPUT_NAME = "predictions"  # the job's one output, `processing/output/predictions/<host>/`
+OUTPUTS = {"predict": "predictions", "tile": "tiles"}  # each job's one output, `processing/output/<name>/<host>/`
 
 def processing_requirements() -> list[str]:
     "What the processing container installs: the requirements that `mil_nb.processing` imports, torch excepted."
@@ -57,33 +55,63 @@ def current_host(root: Path) -> str:
     config = root/"config"/"resourceconfig.json"
     return json.loads(config.read_text())["current_host"] if config.is_file() else "algo-1"
 
-def shard_arguments(root: Path,  # the container's /opt/ml
+def predict_arguments(root: Path,  # the container's /opt/ml
                     options: list[str],  # mil_nb_predict options (--precision bf16, --no_heatmaps, ...)
                    ) -> list[str] | None:
     "mil_nb_predict's arguments for this instance: its slides, the models, the labels, its output folder."
     inputs = root/"processing"/"input"
     slides = inputs/"slides"
-    if not slides.is_dir() or not any(p.is_file() for p in slides.iterdir()): return None  # an instance with no shard
+    if not _shard_files(slides): return None
     models = []
     for folder in sorted(inputs.glob("model*"), key=lambda p: (len(p.name), p.name)):
         archives = sorted(folder.glob("*.tar.gz"))
         models += ["--model_dir", str(archives[0] if archives else folder)]
     labels = sorted((inputs/"labels").glob("*.csv"))
     return [*models, *(["--labels", str(labels[0])] if labels else []), *options, str(slides),
-            str(root/"processing"/"output"/OUTPUT_NAME/current_host(root))]
+            str(root/"processing"/"output"/OUTPUTS["predict"]/current_host(root))]
+
+def _shard_files(slides: Path) -> list[Path]:
+    "The slide files of this instance's shard (none: more instances than slide files)."
+    return sorted(p for p in slides.rglob("*") if p.is_file()) if slides.is_dir() else []
+
+def tile_arguments(root: Path,  # the container's /opt/ml
+                   options: list[str],  # mil_nb_tile options (--mode tissue, --mpp 0.5, ...)
+                  ) -> list[str] | None:
+    "mil_nb_tile's arguments for this instance: its slides (a PANDA layout of them with labels), its own tile store."
+    inputs, layout = root/"processing"/"input", root/"processing"/"layout"
+    files = _shard_files(inputs/"slides")
+    if not files: return None
+    labels = sorted((inputs/"labels").glob("*.csv"))
+    src = inputs/"slides"
+    if labels:  # this shard's rows of train.csv, its slides, and the masks: a PANDA layout mil_nb_tile reads
+        table = pd.read_csv(labels[0], dtype=str, keep_default_na=False)
+        shutil.rmtree(layout, ignore_errors=True); layout.mkdir(parents=True)
+        table[table.image_id.isin({p.stem for p in files})].to_csv(layout/"train.csv", index=False)
+        (layout/"train_images").symlink_to(src, target_is_directory=True)
+        if (inputs/"masks").is_dir(): (layout/"train_label_masks").symlink_to(inputs/"masks", target_is_directory=True)
+        src = layout
+    return [str(src), str(root/"processing"/"output"/OUTPUTS["tile"]/current_host(root)), *options]
+
+def _tile_command(arguments: list[str]):
+    "mil_nb_tile's command line with `arguments` (it exits)."
+    options = vars(anno_parser(tile_cli.__wrapped__, "mil_nb_tile").parse_args(arguments))
+    tile_cli.__wrapped__(**{k: v for k, v in options.items() if k not in ("pdb", "xtra")})  # fastcore's own options
+
+JOBS = {"predict": (predict_arguments, predict_cli), "tile": (tile_arguments, _tile_command)}
 
 def main(argv: list[str] | None = None):
-    "The processing job's entry: `predict [options]` scores this instance's shard; exit 0, or 2 for bad options."
+    "The processing job's entry: `predict|tile [options]` on this instance's shard; exit 0, or 2 for bad options."
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] != ["predict"]:
-        print(f"mil_nb_process: expected 'predict [options]', got {argv[:1]}", file=sys.stderr)
+    if argv[:1] not in ([job] for job in JOBS):
+        print(f"mil_nb_process: expected {' or '.join(JOBS)} [options], got {argv[:1]}", file=sys.stderr)
         sys.exit(2)
     root = Path(os.environ.get("MIL_NB_OPT_ML", CONTAINER_ROOT))
+    shard_arguments, command = JOBS[argv[0]]
     arguments = shard_arguments(root, argv[1:])
     if arguments is None:
         print(f"{current_host(root)}: no slides in this shard (more instances than slide files)")
         sys.exit(0)
-    try: predict_cli(arguments)
+    try: command(arguments)
     except SystemExit as stop:
         sys.exit(0 if stop.code == 1 else stop.code)  # 1: some slides failed, listed in the shard's failures.csv
 
@@ -98,6 +126,13 @@ def check_predict_options(options: list[str]):
     parser = predict_parser()
     parser.error = lambda message: (_ for _ in ()).throw(ValueError(f"mil_nb_predict options {options}: {message}"))
     parser.parse_args([*options, "--model_dir", "model", "src", "dest"])
+
+def check_tile_options(options: list[str]):
+    "Raise a ValueError unless `options` are mil_nb_tile options (the job gives SRC and DEST)."
+    options = [str(option) for option in options]
+    parser = anno_parser(tile_cli.__wrapped__)
+    parser.error = lambda message: (_ for _ in ()).throw(ValueError(f"mil_nb_tile options {options}: {message}"))
+    parser.parse_args([*options, "src", "dest"])
 
 # %% ../nbs/34_processing.ipynb #d0500009
 def s3_input(name: str,  # the input's name: the container sees it in /opt/ml/processing/input/<name>
@@ -143,8 +178,10 @@ def launch_processing(role: str,  # ARN of the SageMaker execution role the job 
         instance_count=instance_count, instance_type=instance_type, command=["python3"], volume_size_in_gb=volume_gb,
         max_runtime_in_seconds=max_runtime_s, base_job_name=base_job_name,
         sagemaker_session=Session(boto_session=boto_session))
-    output = ProcessingOutput(output_name=OUTPUT_NAME, s3_output=ProcessingS3Output(
-        s3_uri=output_s3, local_path=f"{CONTAINER_ROOT}/processing/output/{OUTPUT_NAME}", s3_upload_mode="EndOfJob"))
+    if not arguments or arguments[0] not in JOBS: raise ValueError(f"arguments={arguments!r}: start with one of {JOBS}")
+    name = OUTPUTS[arguments[0]]
+    output = ProcessingOutput(output_name=name, s3_output=ProcessingS3Output(
+        s3_uri=output_s3, local_path=f"{CONTAINER_ROOT}/processing/output/{name}", s3_upload_mode="EndOfJob"))
     with tempfile.TemporaryDirectory() as tmp:
         processor.run(code=PROCESSING_ENTRY, source_dir=str(write_processing_source(Path(tmp)/"code")),
                       requirements="requirements.txt", inputs=inputs, outputs=[output], arguments=arguments,
@@ -215,59 +252,25 @@ def merge_scores(shards: str | os.PathLike,  # a folder of shard outputs (each a
     write_json(summary, dest/"summary.json")
     return CohortResult(dest, predictions, failures, summary, metrics)
 
-# %% ../nbs/34_processing.ipynb #d0500011
-def _link(source: Path, target: Path):
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.symlink_to(source.resolve())
-
-def _stage_input(source: Path, target: Path, shard: int | None = None, shards: int = 1):
-    "Link `source` (a file, or a folder's files; every `shards`-th from `shard` when sharded) into `target`."
-    if source.is_file(): return _link(source, target/source.name)
-    files = sorted(p for p in source.rglob("*") if p.is_file())
-    for file in files if shard is None else files[shard::shards]: _link(file, target/file.relative_to(source))
-
-def _stage_model(model: Path, target: Path):
-    "A model as the job gets it: a model.tar.gz, or a folder's model.pt and metrics.json."
-    if model.is_file(): return _link(model, target/model.name)
-    for name in ("model.pt", "metrics.json"):
-        if (model/name).is_file(): _link(model/name, target/name)
-
-def run_predict_local(processes: int,  # shard processes (the job's instance_count)
-                      slides: str | os.PathLike,  # a folder of slides (a PANDA layout: its train_images/)
-                      models: list,  # model folders or model.tar.gz files
-                      dest: str | os.PathLike,  # the output folder: DEST/algo-<i>/ per shard, merged into DEST
-                      labels: str | os.PathLike | None = None,  # a CSV of image_id, isup_grade
-                      options: list[str] = (),  # mil_nb_predict options
-                      local_dir: str | os.PathLike = "runs/processing",  # the shards' /opt/ml folders
-                     ) -> int:
-    "The cohort-scoring Processing job here, with `processes` shards; its exit status (0: done and merged)."
-    check_predict_options(options)
-    if not (isinstance(processes, int) and processes >= 1):
-        raise ValueError(f"--local {processes!r}: expected a number of processes >= 1")
-    slides, dest, local_dir = Path(slides), Path(dest).absolute(), Path(local_dir).absolute()
-    if (slides/"train.csv").is_file() and labels is None: slides, labels = slides/"train_images", slides/"train.csv"
-    for name, path in [("slides", slides), ("labels", labels), *[(f"model {m}", p) for m, p in enumerate(models, 1)]]:
-        if path is not None and not Path(path).exists():
-            raise FileNotFoundError(f"{name} {path}: no such file or folder")
-    shutil.rmtree(local_dir, ignore_errors=True)
-    code = write_processing_source(local_dir/"code")
-    hosts = [f"algo-{i + 1}" for i in range(processes)]
-    running = []
-    for i, host in enumerate(hosts):
-        root = local_dir/host
-        _stage_input(slides, root/"processing"/"input"/"slides", i, processes)
-        (root/"processing"/"input"/"slides").mkdir(parents=True, exist_ok=True)
-        for m, model in enumerate(models, 1): _stage_model(Path(model), root/"processing"/"input"/f"model{m}")
-        if labels is not None: _stage_input(Path(labels), root/"processing"/"input"/"labels")
-        (root/"config").mkdir(parents=True)
-        (root/"config"/"resourceconfig.json").write_text(json.dumps({"current_host": host, "hosts": hosts}))
-        (root/"processing"/"output").mkdir(parents=True)
-        dest.mkdir(parents=True, exist_ok=True)
-        (root/"processing"/"output"/OUTPUT_NAME).symlink_to(dest, target_is_directory=True)  # the S3 output prefix
-        stop_with_us = functools.partial(die_with_parent, os.getpid(), signal.SIGTERM)
-        running.append(subprocess.Popen([sys.executable, PROCESSING_ENTRY, "predict", *map(str, options)], cwd=code,
-                                        env={**os.environ, "MIL_NB_OPT_ML": str(root)}, preexec_fn=stop_with_us))
-    codes = [process.wait() for process in running]
-    if any(codes): return max(codes)
-    merge_scores(dest, dest)
-    return 0
+# %% ../nbs/34_processing.ipynb #d0500041
+def launch_tiling(role: str,  # ARN of the SageMaker execution role
+                  slides_s3: str,  # S3 prefix of the slides (PANDA: its train_images/), sharded across instances
+                  output_s3: str,  # S3 prefix for the tile store's parts: algo-<i>/bags/, index.csv, ... per instance
+                  labels_s3: str | None = None,  # PANDA's train.csv (providers and grades; masks need it)
+                  masks_s3: str | None = None,  # PANDA's train_label_masks/ prefix (each tile's malignant fraction)
+                  options: list[str] = (),  # mil_nb_tile options, e.g. ["--mode", "tissue", "--mpp", "0.5"]
+                  instance_type: str = "ml.c5.4xlarge",  # CPU instances: every core tiles
+                  instance_count: int = 1,  # instances; the slides are sharded among them
+                  volume_gb: int = 100,  # disk per instance: holds its shard of the slides and the masks
+                  max_runtime_s: int = 24 * 3600,  # the job (and its bill) is stopped after this long
+                  base_job_name: str = "mil-nb-tile",  # the job's name, before its timestamp
+                  wait: bool = False,  # follow the job's log until it ends
+                  boto_session=None,  # a boto3.Session: region and credentials (None: the default session)
+                 ):
+    "Tile the slides under `slides_s3` into a tile store in parts, as a SageMaker Processing job; the job."
+    check_tile_options(options)
+    if masks_s3 and not labels_s3: raise ValueError("masks_s3 needs labels_s3: train.csv says each mask's convention")
+    inputs = [s3_input("slides", slides_s3, sharded=True)]
+    inputs += [s3_input(name, uri) for name, uri in (("labels", labels_s3), ("masks", masks_s3)) if uri]
+    return launch_processing(role, ["tile", *map(str, options)], inputs, output_s3, instance_type, instance_count,
+                             volume_gb, max_runtime_s, base_job_name, wait=wait, boto_session=boto_session)

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -25,7 +26,7 @@ from .slides import SLIDE_SUFFIXES, SlideLimits
 from .tiling import TilingConfig, choose_level, tile_slide
 
 # %% auto #0
-__all__ = ['slide_sources', 'TileStore', 'check_output_folder', 'check_no_links', 'tile_slides', 'tile_cli']
+__all__ = ['slide_sources', 'TileStore', 'check_output_folder', 'check_no_links', 'tile_slides', 'merge_tile_stores', 'tile_cli']
 
 # %% ../nbs/08_tile_store.ipynb #df5e176f
 def slide_sources(src: str | os.PathLike) -> pd.DataFrame:
@@ -172,6 +173,48 @@ def tile_slides(src: str | os.PathLike,  # PANDA-layout folder (train.csv, train
     if len(failed):
         print(f"tiling: {len(failed)} of {len(slides)} slides could not be tiled (listed in {dest/'failures.csv'}):")
         for r in failed.itertuples(): print(f"  {r.file}: {r.error}")
+    return TileStore(dest)
+
+# %% ../nbs/08_tile_store.ipynb #7a8b9c41
+def _tiling_settings(meta: dict) -> dict:
+    return {k: v for k, v in meta.items() if k != "src"}  # each part tiled its own copy of the slides
+
+def merge_tile_stores(parts: str | os.PathLike,  # a folder whose subfolders are tile stores (the parts)
+                      dest: str | os.PathLike,  # the merged store (may be `parts` itself)
+                     ) -> TileStore:
+    "One tile store from the parts in the subfolders of `parts`."
+    parts, dest = Path(parts), Path(dest)
+    stores = sorted(p for p in parts.iterdir() if (p/"meta.json").is_file()) if parts.is_dir() else []
+    if not stores: raise FileNotFoundError(f"{parts}: no tile store parts (subfolders with meta.json)")
+    metas = [json.loads((p/"meta.json").read_text()) for p in stores]
+    for store, meta in zip(stores, metas):
+        if store.is_symlink(): raise ValueError(f"{store}: a link; parts are read only inside {parts}")
+        if not (store/"summary.json").is_file():
+            raise ValueError(f"{store}: a part that did not finish (no summary.json)")
+        if _tiling_settings(meta) != _tiling_settings(metas[0]):
+            raise ValueError(f"{store}: tiled with {meta}, not {metas[0]} like {stores[0]}")
+    read = lambda path: pd.read_csv(path, dtype={"image_id": str, "thumbnail_hash": str}, keep_default_na=False)
+    index = pd.concat([read(p/"index.csv") for p in stores], ignore_index=True)
+    failures = pd.concat([read(p/"failures.csv") for p in stores], ignore_index=True)
+    named = pd.concat([index.image_id, failures.image_id])
+    if named.duplicated().any(): raise ValueError(f"{parts}: slide {named[named.duplicated()].iloc[0]} is in two parts")
+    check_no_links(dest, ("bags",))
+    bags = [(p/"bags"/f"{check_image_id(i)}.npz") for p in stores for i in read(p/"index.csv").image_id]
+    for bag in bags:
+        if bag.is_symlink() or not bag.is_file(): raise ValueError(f"{bag}: not a bag the part wrote")
+    (dest/"bags").mkdir(parents=True, exist_ok=True)
+    for bag in bags:
+        if (dest/"bags"/bag.name).exists(): continue
+        with atomic_path(dest/"bags"/bag.name) as tmp:
+            tmp.unlink()
+            try: os.link(bag, tmp)
+            except OSError: shutil.copyfile(bag, tmp)
+    with atomic_path(dest/"meta.json") as tmp: tmp.write_text(json.dumps(metas[0] | {"src": str(parts)}, indent=1))
+    write_table(failures, dest/"failures.csv")
+    write_table(index, dest/"index.csv")
+    summaries = [json.loads((p/"summary.json").read_text()) for p in stores]
+    summary = {k: sum(s[k] for s in summaries) for k in ("slides", "tiled", "already_tiled", "failed")}
+    with atomic_path(dest/"summary.json") as tmp: tmp.write_text(json.dumps(summary | {"parts": len(stores)}, indent=1))
     return TileStore(dest)
 
 # %% ../nbs/08_tile_store.ipynb #f8cc5129
