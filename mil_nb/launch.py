@@ -80,6 +80,18 @@ METRIC_DEFINITIONS = [
 ]
 
 # %% ../nbs/26_launch.ipynb #ca0bf5be
+def _check_spot(spot: bool, max_wait_s: int | None, max_runtime_s: int, checkpoint_s3: str | None) -> int | None:
+    "The spot job's max wait (None without spot), checked: spot needs checkpoints, and a wait >= the runtime."
+    if not spot:
+        if max_wait_s is not None: raise ValueError("max_wait_s is for spot jobs: add spot=True (--spot)")
+        return None
+    if not checkpoint_s3:
+        raise ValueError("spot=True needs checkpoint_s3 (--checkpoints s3://...): an interrupted job resumes from it")
+    max_wait_s = 2 * max_runtime_s if max_wait_s is None else max_wait_s
+    if not max_wait_s >= max_runtime_s:
+        raise ValueError(f"max_wait_s={max_wait_s}: must be at least max_runtime_s={max_runtime_s} (SageMaker's rule)")
+    return max_wait_s
+
 def launch(role: str,  # ARN of the SageMaker execution role the job runs as
            instance_type: str = "ml.g5.12xlarge",  # the instances' type (GPU types run one process per GPU)
            instance_count: int = 1,  # instances; torchrun spans them all
@@ -91,6 +103,8 @@ def launch(role: str,  # ARN of the SageMaker execution role the job runs as
            base_job_name: str = "mil-nb",  # the job's name, before its timestamp
            volume_gb: int = 100,  # disk per instance; holds the train channel
            max_runtime_s: int = 24 * 3600,  # the job (and its bill) is stopped after this long
+           spot: bool = False,  # managed spot training: interrupted jobs restart and resume (needs checkpoint_s3)
+           max_wait_s: int | None = None,  # spot: the most time waiting for capacity plus running (default 2 x runtime)
            framework_version: str = "2.5",  # AWS's PyTorch training image version
            py_version: str = "py311",  # its Python
            wait: bool = False,  # follow the job's log until it ends
@@ -101,6 +115,7 @@ def launch(role: str,  # ARN of the SageMaker execution role the job runs as
     for name, uri in {"train_s3": train_s3, "output_s3": output_s3, "checkpoint_s3": checkpoint_s3}.items():
         if uri is not None and not uri.startswith("s3://"):
             raise ValueError(f"{name}={uri!r}: expected an S3 URI (s3://bucket/prefix/)")
+    max_wait_s = _check_spot(spot, max_wait_s, max_runtime_s, checkpoint_s3)
     boto_session = boto_session or boto3.Session()
     if not boto_session.region_name:
         raise ValueError("no AWS region: pass boto_session=boto3.Session(region_name=...) or set AWS_DEFAULT_REGION")
@@ -111,8 +126,10 @@ def launch(role: str,  # ARN of the SageMaker execution role the job runs as
             source_code=SourceCode(source_dir=str(write_job_source(Path(tmp)/"code")), entry_script=JOB_ENTRY,
                                    requirements="requirements.txt"),
             distributed=Torchrun(process_count_per_node=processes_per_node),
-            compute=Compute(instance_type=instance_type, instance_count=instance_count, volume_size_in_gb=volume_gb),
-            stopping_condition=StoppingCondition(max_runtime_in_seconds=max_runtime_s),
+            compute=Compute(instance_type=instance_type, instance_count=instance_count, volume_size_in_gb=volume_gb,
+                            enable_managed_spot_training=spot or None),
+            stopping_condition=StoppingCondition(max_runtime_in_seconds=max_runtime_s,
+                                                 max_wait_time_in_seconds=max_wait_s),
             hyperparameters=hyperparameters or {}, output_data_config=OutputDataConfig(s3_output_path=output_s3),
         ).with_metric_definitions([MetricDefinition(name=d["Name"], regex=d["Regex"]) for d in METRIC_DEFINITIONS])
         if checkpoint_s3:
@@ -205,11 +222,13 @@ def train_cli(argv: list[str] | None = None):
     parser.add_argument("--train", help="S3 URI of the PANDA-layout data (default: the embedded data)")
     parser.add_argument("--output", help="S3 URI for the outputs (default: the session's default bucket)")
     parser.add_argument(
-        "--checkpoints", help="S3 URI to keep checkpoints in; with -p resume True a restarted job continues"
+        "--checkpoints", help="S3 URI to keep checkpoints in; a job started with them continues from the last epoch"
     )
     parser.add_argument("--base_job_name", default="mil-nb")
     parser.add_argument("--volume_gb", type=int, default=100, help="disk per instance; holds the train channel")
     parser.add_argument("--max_runtime_s", type=int, default=24 * 3600, help="the job is stopped after this long")
+    parser.add_argument("--spot", action="store_true", help="managed spot training (needs --checkpoints)")
+    parser.add_argument("--max_wait_s", type=int, help="spot: the most time waiting plus running (default 2 x runtime)")
     parser.add_argument("--wait", action="store_true", help="follow the job's log until it ends")
     parser.add_argument("--dry_run", action="store_true", help="validate the request; submit nothing")
     args = parser.parse_args(argv)
@@ -221,7 +240,7 @@ def train_cli(argv: list[str] | None = None):
     try:
         job = launch(args.role, args.instance_type, args.instance_count, args.processes_per_node, hyperparameters,
                      args.train, args.output, args.checkpoints, args.base_job_name, args.volume_gb, args.max_runtime_s,
-                     wait=args.wait, dry_run=args.dry_run)
+                     args.spot, args.max_wait_s, wait=args.wait, dry_run=args.dry_run)
     except ValueError as error: parser.error(str(error))
     if job is None:
         print("dry run: the request is valid; no job submitted")

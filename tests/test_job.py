@@ -3,12 +3,15 @@ import contextlib
 import json
 import os
 import re
+import signal
 import subprocess
 import time
 
 import nbformat
+import pandas as pd
 import psutil
 import pytest
+import torch
 
 from conftest import REPO
 from mil_nb.launch import METRIC_DEFINITIONS
@@ -81,6 +84,30 @@ def test_local_job_on_the_embedded_data(embedded_cache, tmp_path):
         {k: metrics[k] for k in ("val_auc", "val_accuracy", "world_size", "lr", "train_seconds")},
     )
     assert metrics["world_size"] == 2 and metrics["n_train"] + metrics["n_valid"] + metrics["n_test"] == 192
+
+
+@pytest.mark.slow
+def test_a_killed_spot_job_resumes_by_itself_to_the_same_weights(small_panda, tmp_path):
+    "A spot interruption: SIGKILL the whole job mid-epoch, start it again with the same folders and no resume flag."
+    args = ["--data_dir", str(small_panda), "-p", "epochs", "6", "-p", "n_tiles", "8", "-p", "tile_size", "64",
+            "-p", "num_workers", "0"]
+    whole = launch_local(tmp_path/"whole", *args)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    command = ["mil_nb_launch", "--local", "2", "--local_dir", str(tmp_path/"spot"), *args]
+    job = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           start_new_session=True)
+    checkpoint = tmp_path/"spot"/"checkpoints"/"checkpoint.pt"
+    assert wait_for(lambda: True if checkpoint.exists() else None, timeout=600), "no checkpoint was written"
+    os.killpg(job.pid, signal.SIGKILL)  # the instance is taken away
+    job.wait()
+    done = len(pd.read_csv(tmp_path/"spot"/"checkpoints"/"history.csv"))
+    assert 1 <= done < 6, f"{done} epochs when killed: the job was not interrupted mid-way"
+    restarted = launch_local(tmp_path/"spot", *args)  # SageMaker restarts it with the restored checkpoints
+    assert restarted.returncode == 0, restarted.stderr[-3000:]
+    assert f"after epoch {done}" in (restarted.stdout + restarted.stderr)
+    trained = [torch.load(tmp_path/run/"model"/"model.pt", weights_only=True)["state_dict"]
+               for run in ("whole", "spot")]
+    assert max((trained[0][k] - trained[1][k]).abs().max().item() for k in trained[0]) < 1e-6
 
 
 def test_killing_a_rank_leaves_no_process_behind(small_panda, tmp_path):

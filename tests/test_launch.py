@@ -88,6 +88,23 @@ def test_launch_submits_a_torchrun_job(sagemaker_aws):
     assert {"papermill", "ipykernel"} <= requirements and not {"torch", "sagemaker"} & requirements
 
 
+def test_a_spot_job_asks_for_spot_capacity_and_keeps_checkpoints(sagemaker_aws):
+    requests = []
+    launch(ROLE, "ml.g5.12xlarge", checkpoint_s3="s3://runs/checkpoints/", max_runtime_s=3600, spot=True,
+           boto_session=recording_session(requests))
+    request, = requests
+    assert request["EnableManagedSpotTraining"] is True
+    assert request["StoppingCondition"] == {"MaxRuntimeInSeconds": 3600, "MaxWaitTimeInSeconds": 7200}
+    assert request["CheckpointConfig"] == {"S3Uri": "s3://runs/checkpoints/", "LocalPath": "/opt/ml/checkpoints"}
+    requests.clear()
+    launch(ROLE, "ml.g5.12xlarge", boto_session=recording_session(requests))  # on demand: no spot, no max wait
+    assert "EnableManagedSpotTraining" not in requests[0] or requests[0]["EnableManagedSpotTraining"] is False
+    assert "MaxWaitTimeInSeconds" not in requests[0]["StoppingCondition"]
+    with pytest.raises(ValueError, match="spot=True needs checkpoint_s3"): launch(ROLE, spot=True)
+    with pytest.raises(SystemExit):
+        launch_cli(["--role", ROLE, "--spot", "--max_wait_s", "10", "--checkpoints", "s3://c/", "--dry_run"])
+
+
 def test_launch_defaults(sagemaker_aws):
     "No data: no train channel (the job uses the notebook's embedded data); one process per GPU; the default bucket."
     job = launch(ROLE, "ml.g5.2xlarge", boto_session=moto_session())
