@@ -46,7 +46,8 @@ def parse_value(value):
 # %% ../nbs/25_job.ipynb #a5d660d3
 def job_hyperparameters(argv: list[str], env: dict) -> dict:
     "The job's hyperparameters from `SM_HPS` (JSON) and `--key value` arguments, typed by `parse_value`."
-    hyperparameters = {k: parse_value(v) for k, v in json.loads(env.get("SM_HPS") or "{}").items()}
+    hyperparameters = {k: parse_value(v) for k, v in json.loads(env.get("SM_HPS") or "{}").items()
+                       if not k.startswith("sagemaker_")}  # the SDK's own (a tuning job's sagemaker_program, ...)
     args = list(argv)
     while args:
         arg = args.pop(0)

@@ -77,6 +77,9 @@ METRIC_DEFINITIONS = [
         ("validation:qwk", "val qwk"),
         ("validation:accuracy", "val accuracy"),
     ]
+] + [  # the kept epoch's, printed once at the end (`final_line`): what a tuning job's objective reads
+    {"Name": f"final:validation:{name}", "Regex": rf"final \(kept epoch [0-9]+\): .*val {name} (-?[0-9.]+)"}
+    for name in ("loss", "auc", "qwk", "accuracy")
 ]
 
 # %% ../nbs/26_launch.ipynb #ca0bf5be
@@ -110,6 +113,7 @@ def launch(role: str,  # ARN of the SageMaker execution role the job runs as
            wait: bool = False,  # follow the job's log until it ends
            dry_run: bool = False,  # validate the request, submit nothing
            boto_session: boto3.Session | None = None,  # region and credentials (None: the default session)
+           start=None,  # instead of training: `start(trainer, channels, wait)` starts another job (`mil_nb.tuning`)
           ) -> TrainingJob | None:
     "Run `nbs/train.ipynb` as a SageMaker training job under torchrun; the job (None for a dry run)."
     for name, uri in {"train_s3": train_s3, "output_s3": output_s3, "checkpoint_s3": checkpoint_s3}.items():
@@ -135,6 +139,7 @@ def launch(role: str,  # ARN of the SageMaker execution role the job runs as
         if checkpoint_s3:
             trainer = trainer.with_checkpoint_config(CheckpointConfig(s3_uri=checkpoint_s3, local_path=CHECKPOINTS))
         channels = [InputData(channel_name="train", data_source=train_s3)] if train_s3 else None
+        if start is not None: return start(trainer, channels, wait)
         trainer.train(input_data_config=channels, wait=wait, dry_run=dry_run)
     return None if dry_run else trainer._latest_training_job
 

@@ -120,6 +120,11 @@ class FitResult:
                          f"{chance}); its figures are not meaningful: train for more epochs (-p epochs 8 or more).")
         return "\n".join(lines)
 
+    def final_line(self) -> str:
+        "One log line of the kept epoch's validation metrics (a SageMaker tuning job's objective reads it)."
+        values = {k: v for k, v in self.metrics.items() if k.startswith("val_") and isinstance(v, float) and v == v}
+        return f"final (kept epoch {self.kept_epoch}): " + ", ".join(f"val {k[4:]} {v:.6f}" for k, v in values.items())
+
 CHANCE = {"auc": 0.5, "qwk": 0.0}  # a monitored metric's value for a model that learnt nothing
 
 def _check_arguments(epochs, lr, weight_decay, patience, resume, output_dir):

@@ -48,7 +48,14 @@ def test_two_ranks_write_the_model_and_rank_0s_report(small_panda, tmp_path):
         "validation:auc": 1,
         "validation:qwk": 0,
         "validation:accuracy": 1,
+        "final:validation:loss": 1,  # the kept epoch's, once: a tuning job's objective
+        "final:validation:auc": 1,
+        "final:validation:qwk": 0,
+        "final:validation:accuracy": 1,
     }
+    final_auc = next(re.findall(d["Regex"], run.stdout + run.stderr) for d in METRIC_DEFINITIONS
+                     if d["Name"] == "final:validation:auc")
+    assert abs(float(final_auc[0]) - metrics["val_auc"]) < 1e-6
 
 
 def test_a_failing_rank_fails_the_job_and_keeps_its_notebook(small_panda, tmp_path):
