@@ -227,7 +227,7 @@ def predict_cohort(model_dirs: list,  # folders with model.pt or model.tar.gz fi
     _check_meta(dest, {"models": models.digests, "task": models.task, "tiling": dataclasses.asdict(models.tiling),
                        "precision": models.members[0].precision, "max_tiles": max_tiles, "threshold": models.threshold})
     for stale in dest.rglob(".*.part"): stale.unlink()  # temporaries of a killed run
-    done = [_scored(dest, row) for row in table.itertuples()]
+    done = [_record(dest, row) is not None for row in table.itertuples()]
     # fixed batches of the table: a slide's answer comes from the same batch in a resumed run as in a whole one
     batches = [table[k:k + batch_size] for k in range(0, len(table), batch_size) if not all(done[k:k + batch_size])]
     jobs = [(row.path, row.image_id, models.tiling, max_tiles, limits)
@@ -251,10 +251,12 @@ def _safe(image_id: str) -> bool:
     try: return bool(check_image_id(image_id))
     except ValueError: return False
 
-def _scored(dest: Path, row) -> bool:
-    "Whether `dest` holds this slide's answer: a record of the same image_id made from the same file."
-    record = dest/"records"/f"{row.image_id}.json"
-    return _safe(row.image_id) and record.is_file() and json.loads(record.read_text())["path"] == str(row.path)
+def _record(dest: Path, row) -> dict | None:
+    "This slide's answer in `dest`: the record of its image_id if made from the same file, else None."
+    path = dest/"records"/f"{row.image_id}.json"
+    if not (_safe(row.image_id) and path.is_file()): return None
+    record = json.loads(path.read_text())
+    return record if record["path"] == str(row.path) else None
 
 OUTPUT_FILES = ("predictions.csv", "failures.csv", "summary.json", "metrics.json", "meta.json")
 
@@ -269,8 +271,7 @@ def _check_inputs_survive(dest: Path, inputs: list[Path]):
 def _finish(dest: Path, table: pd.DataFrame, models: CohortModels, errors: dict, done_before: int, n_bootstrap: int,
             seed: int, start: float) -> CohortResult:
     "Write predictions.csv, failures.csv, metrics.json and summary.json from the records of the slides of `table`."
-    records = [json.loads((dest/"records"/f"{row.image_id}.json").read_text()) for row in table.itertuples()
-               if _scored(dest, row)]
+    records = [record for record in (_record(dest, row) for row in table.itertuples()) if record is not None]
     predictions = cohort_predictions(records, table, models.task)
     write_table(predictions, dest/"predictions.csv")
     failures = pd.DataFrame([(shown_name(i), shown_name(str(path)), shown_name(error))
