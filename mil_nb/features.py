@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .devices import autocast, resolve_device, resolve_precision
-from .files import atomic_path
+from .files import atomic_path, write_table
 from .tile_store import TileStore
 
 # %% auto #0
@@ -61,6 +60,6 @@ def extract_features(
         "features": n_features,
     }
     with atomic_path(dest/"meta.json") as tmp: tmp.write_text(json.dumps(meta, indent=1))
-    for name in ("failures.csv", "index.csv"):  # index last: a store is complete once it has one
-        with atomic_path(dest/name) as tmp: shutil.copyfile(store.path/name, tmp)
+    write_table(store.failures, dest/"failures.csv")
+    write_table(store.index, dest/"index.csv")  # last: a store is complete once it has one
     return TileStore(dest)

@@ -73,8 +73,8 @@ def job_parameters(hyperparameters: dict, env: dict, notebook: str | os.PathLike
                                  f"(its parameters: {', '.join(known)})")
     check_train_parameters(hyperparameters)
     container = Path(env["SM_MODEL_DIR"]).parent  # /opt/ml
-    parameters = {"output_dir": str(container/"checkpoints"), "tiles_dir": str(container/"tiles"),
-                  "resume": True}  # from the checkpoint SageMaker restored (a spot restart), if there is one
+    parameters = {"output_dir": str(container/"checkpoints"), "tiles_dir": env.get("SM_CHANNEL_TILES") or
+                  str(container/"tiles"), "resume": True}  # resume: from a checkpoint SageMaker restored (spot)
     channel_dir = env.get(f"SM_CHANNEL_{(channel or 'train').upper()}")
     if channel_dir:
         parameters["data_dir"] = channel_dir

@@ -21,9 +21,8 @@ import torch
 from sagemaker.core import image_uris
 from sagemaker.core.helper.session_helper import Session
 from sagemaker.core.resources import TrainingJob
-from sagemaker.core.shapes import CheckpointConfig
-from sagemaker.core.training.configs import (Compute, InputData, MetricDefinition, OutputDataConfig, SourceCode,
-                                             StoppingCondition)
+from sagemaker.core.shapes import Channel, CheckpointConfig, DataSource, S3DataSource
+from sagemaker.core.training.configs import Compute, MetricDefinition, OutputDataConfig, SourceCode, StoppingCondition
 from sagemaker.train import ModelTrainer
 from sagemaker.train.distributed import Torchrun
 
@@ -33,8 +32,9 @@ from .net import free_port
 from .parallel import die_with_parent
 
 # %% auto #0
-__all__ = ['JOB_ENTRY', 'JOB_ENTRY_SCRIPT', 'CHECKPOINTS', 'METRIC_DEFINITIONS', 'job_requirements', 'write_job_source',
-           'training_image', 'launch', 'hyperparameter_string', 'local_job_environment', 'run_local', 'train_cli']
+__all__ = ['JOB_ENTRY', 'JOB_ENTRY_SCRIPT', 'CHECKPOINTS', 'METRIC_DEFINITIONS', 'INPUT_MODES', 'job_requirements',
+           'write_job_source', 'training_image', 'launch', 'hyperparameter_string', 'local_job_environment',
+           'run_local', 'train_cli']
 
 # %% ../nbs/26_launch.ipynb #b916e32c
 JOB_ENTRY = "mil_nb_job.py"
@@ -83,6 +83,13 @@ METRIC_DEFINITIONS = [
 ]
 
 # %% ../nbs/26_launch.ipynb #ca0bf5be
+INPUT_MODES = ("File", "FastFile")
+
+def _channel(name: str, uri: str, input_mode: str) -> Channel:
+    "An input channel: the S3 prefix `uri`, in every instance, copied first (File) or streamed (FastFile)."
+    source = S3DataSource(s3_data_type="S3Prefix", s3_uri=uri, s3_data_distribution_type="FullyReplicated")
+    return Channel(channel_name=name, data_source=DataSource(s3_data_source=source), input_mode=input_mode)
+
 def _check_spot(spot: bool, max_wait_s: int | None, max_runtime_s: int, checkpoint_s3: str | None) -> int | None:
     "The spot job's max wait (None without spot), checked: spot needs checkpoints, and a wait >= the runtime."
     if not spot:
@@ -101,6 +108,8 @@ def launch(role: str,  # ARN of the SageMaker execution role the job runs as
            processes_per_node: int | None = None,  # torchrun processes per instance (None: one per GPU)
            hyperparameters: dict | None = None,  # train.ipynb's parameters, e.g. {"epochs": 100}
            train_s3: str | None = None,  # S3 prefix of the PANDA-layout data (None: the embedded synthetic data)
+           tiles_s3: str | None = None,  # S3 prefix of a tile store (or its parts) to train from: nothing is tiled
+           train_input_mode: str = "File",  # the train channel: "File" (copied first) or "FastFile" (streamed)
            output_s3: str | None = None,  # S3 prefix for model.tar.gz and output.tar.gz (None: the default bucket)
            checkpoint_s3: str | None = None,  # S3 prefix SageMaker keeps checkpoint.pt in, restored when a job starts
            base_job_name: str = "mil-nb",  # the job's name, before its timestamp
@@ -116,9 +125,12 @@ def launch(role: str,  # ARN of the SageMaker execution role the job runs as
            start=None,  # instead of training: `start(trainer, channels, wait)` starts another job (`mil_nb.tuning`)
           ) -> TrainingJob | None:
     "Run `nbs/train.ipynb` as a SageMaker training job under torchrun; the job (None for a dry run)."
-    for name, uri in {"train_s3": train_s3, "output_s3": output_s3, "checkpoint_s3": checkpoint_s3}.items():
+    uris = {"train_s3": train_s3, "tiles_s3": tiles_s3, "output_s3": output_s3, "checkpoint_s3": checkpoint_s3}
+    for name, uri in uris.items():
         if uri is not None and not uri.startswith("s3://"):
             raise ValueError(f"{name}={uri!r}: expected an S3 URI (s3://bucket/prefix/)")
+    if train_input_mode not in INPUT_MODES:
+        raise ValueError(f"train_input_mode={train_input_mode!r}: expected one of {', '.join(INPUT_MODES)}")
     max_wait_s = _check_spot(spot, max_wait_s, max_runtime_s, checkpoint_s3)
     boto_session = boto_session or boto3.Session()
     if not boto_session.region_name:
@@ -138,7 +150,8 @@ def launch(role: str,  # ARN of the SageMaker execution role the job runs as
         ).with_metric_definitions([MetricDefinition(name=d["Name"], regex=d["Regex"]) for d in METRIC_DEFINITIONS])
         if checkpoint_s3:
             trainer = trainer.with_checkpoint_config(CheckpointConfig(s3_uri=checkpoint_s3, local_path=CHECKPOINTS))
-        channels = [InputData(channel_name="train", data_source=train_s3)] if train_s3 else None
+        channels = [_channel(name, uri, mode) for name, uri, mode in
+                    (("train", train_s3, train_input_mode), ("tiles", tiles_s3, "File")) if uri] or None
         if start is not None: return start(trainer, channels, wait)
         trainer.train(input_data_config=channels, wait=wait, dry_run=dry_run)
     return None if dry_run else trainer._latest_training_job
@@ -182,20 +195,24 @@ def local_job_environment(local_dir: str | Path, processes: int, hyperparameters
     return {key: str(value) for key, value in environment.items()}
 
 def run_local(
-    processes: int, local_dir: str | Path, hyperparameters: dict | None = None, data_dir: str | Path | None = None
+    processes: int, local_dir: str | Path, hyperparameters: dict | None = None, data_dir: str | Path | None = None,
+    tiles_dir: str | Path | None = None,
 ) -> int:
     "The training job here: torchrun with `processes` processes, `local_dir` as the container's /opt/ml; its exit code."
-    if data_dir is not None and not Path(data_dir).is_dir():
-        raise FileNotFoundError(f"data_dir={str(data_dir)!r}: no such folder")
+    folders = {"train": data_dir, "tiles": tiles_dir}  # the channels
+    for name, folder in folders.items():
+        if folder is not None and not Path(folder).is_dir():
+            raise FileNotFoundError(f"{name if name == 'tiles' else 'data'}_dir={str(folder)!r}: no such folder")
     local_dir, hyperparameters = Path(local_dir).absolute(), hyperparameters or {}
     data = local_dir/"input"/"data"
     shutil.rmtree(data/"code", ignore_errors=True)
     code = write_job_source(data/"code")
-    if (data/"train").is_symlink(): (data/"train").unlink()
     channels = ["code"]
-    if data_dir is not None:
-        (data/"train").symlink_to(Path(data_dir).absolute(), target_is_directory=True)
-        channels.append("train")
+    for name, folder in folders.items():
+        if (data/name).is_symlink(): (data/name).unlink()
+        if folder is None: continue
+        (data/name).symlink_to(Path(folder).absolute(), target_is_directory=True)
+        channels.append(name)
     for folder in (local_dir/"model", local_dir/"output"/"data"): folder.mkdir(parents=True, exist_ok=True)
     port = free_port()
     arguments = [arg for key, value in hyperparameters.items() for arg in (f"--{key}", hyperparameter_string(value))]
@@ -225,6 +242,9 @@ def train_cli(argv: list[str] | None = None):
     parser.add_argument("--instance_count", type=int, default=1)
     parser.add_argument("--processes_per_node", type=int, help="default: one per GPU")
     parser.add_argument("--train", help="S3 URI of the PANDA-layout data (default: the embedded data)")
+    parser.add_argument("--tiles", help="a tile store to train from, tiling nothing: S3 URI (or, with --local, a folder)")
+    parser.add_argument("--train_input_mode", choices=INPUT_MODES, default="File",
+                        help="the train channel: copied to the instance first (File) or streamed as read (FastFile)")
     parser.add_argument("--output", help="S3 URI for the outputs (default: the session's default bucket)")
     parser.add_argument(
         "--checkpoints", help="S3 URI to keep checkpoints in; a job started with them continues from the last epoch"
@@ -238,14 +258,18 @@ def train_cli(argv: list[str] | None = None):
     parser.add_argument("--dry_run", action="store_true", help="validate the request; submit nothing")
     args = parser.parse_args(argv)
     hyperparameters = {key: parse_value(value) for key, value in args.parameter}
-    if args.local: sys.exit(run_local(args.local, args.local_dir, hyperparameters, args.data_dir))
+    if args.local:
+        try: sys.exit(run_local(args.local, args.local_dir, hyperparameters, args.data_dir, args.tiles))
+        except FileNotFoundError as error: parser.error(str(error))
     if not args.role: parser.error("--role ARN is needed to run on SageMaker (or --local N to run here)")
     if args.data_dir:
         parser.error("--data_dir is for --local runs: a SageMaker job reads its data from --train s3://...")
     try:
         job = launch(args.role, args.instance_type, args.instance_count, args.processes_per_node, hyperparameters,
-                     args.train, args.output, args.checkpoints, args.base_job_name, args.volume_gb, args.max_runtime_s,
-                     args.spot, args.max_wait_s, wait=args.wait, dry_run=args.dry_run)
+                     train_s3=args.train, tiles_s3=args.tiles, train_input_mode=args.train_input_mode,
+                     output_s3=args.output, checkpoint_s3=args.checkpoints, base_job_name=args.base_job_name,
+                     volume_gb=args.volume_gb, max_runtime_s=args.max_runtime_s, spot=args.spot,
+                     max_wait_s=args.max_wait_s, wait=args.wait, dry_run=args.dry_run)
     except ValueError as error: parser.error(str(error))
     if job is None:
         print("dry run: the request is valid; no job submitted")

@@ -106,6 +106,7 @@ def tune_cli(argv: list[str]):
     parser.add_argument("--early_stopping", default="Auto", help="Auto or Off")
     parser.add_argument("--instance_type", default="ml.g5.xlarge")
     parser.add_argument("--train", help="S3 URI of the PANDA-layout data (default: the embedded data)")
+    parser.add_argument("--tiles", help="S3 URI of a tile store (or its parts) to train from, tiling nothing")
     parser.add_argument("--output", help="S3 URI for each job's model.tar.gz")
     parser.add_argument("--base_job_name", default="mil-nb-tune")
     parser.add_argument("--wait", action="store_true", help="wait until the tuning job ends")
@@ -115,7 +116,8 @@ def tune_cli(argv: list[str]):
     try:
         job = tune(args.role, ranges or None, args.objective, args.max_jobs, args.max_parallel_jobs,
                    args.early_stopping, {k: parse_value(v) for k, v in args.parameter}, args.instance_type,
-                   train_s3=args.train, output_s3=args.output, base_job_name=args.base_job_name, wait=args.wait)
+                   train_s3=args.train, tiles_s3=args.tiles, output_s3=args.output,
+                   base_job_name=args.base_job_name, wait=args.wait)
     except (ValueError, OSError) as error: parser.error(str(error))
     print(f"{job.hyper_parameter_tuning_job_name}: {job.hyper_parameter_tuning_job_status}")
 

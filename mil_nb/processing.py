@@ -22,7 +22,7 @@ from .run_files import json_safe
 from .tile_store import check_no_links, tile_cli
 
 # %% auto #0
-__all__ = ['PROCESSING_ENTRY', 'PROCESSING_ENTRY_SCRIPT', 'CONTAINER_ROOT', 'OUTPUTS', 'JOBS', 'JOB_SETS',
+__all__ = ['PROCESSING_ENTRY', 'PROCESSING_ENTRY_SCRIPT', 'CONTAINER_ROOT', 'OUTPUTS', 'WHOLE_LABELS', 'JOBS', 'JOB_SETS',
            'processing_requirements', 'write_processing_source', 'current_host', 'predict_arguments', 'tile_arguments',
            'main', 'check_predict_options', 'check_tile_options', 's3_input', 'launch_processing', 'launch_predict',
            'merge_scores', 'launch_tiling']
@@ -74,6 +74,8 @@ def _shard_files(slides: Path) -> list[Path]:
     "The slide files of this instance's shard (none: more instances than slide files)."
     return sorted(p for p in slides.rglob("*") if p.is_file()) if slides.is_dir() else []
 
+WHOLE_LABELS = "whole_train.csv"  # in the shard's layout: every slide's row, as given
+
 def tile_arguments(root: Path,  # the container's /opt/ml
                    options: list[str],  # mil_nb_tile options (--mode tissue, --mpp 0.5, ...)
                   ) -> list[str] | None:
@@ -87,15 +89,20 @@ def tile_arguments(root: Path,  # the container's /opt/ml
         table = pd.read_csv(labels[0], dtype=str, keep_default_na=False)
         shutil.rmtree(layout, ignore_errors=True); layout.mkdir(parents=True)
         table[table.image_id.isin({p.stem for p in files})].to_csv(layout/"train.csv", index=False)
+        (layout/WHOLE_LABELS).symlink_to(labels[0])
         (layout/"train_images").symlink_to(src, target_is_directory=True)
         if (inputs/"masks").is_dir(): (layout/"train_label_masks").symlink_to(inputs/"masks", target_is_directory=True)
         src = layout
     return [str(src), str(root/"processing"/"output"/OUTPUTS["tile"]/current_host(root)), *options]
 
 def _tile_command(arguments: list[str]):
-    "mil_nb_tile's command line with `arguments` (it exits)."
+    "mil_nb_tile's command line with `arguments` (it exits); the part then keeps the whole train.csv, as given."
     options = vars(anno_parser(tile_cli.__wrapped__, "mil_nb_tile").parse_args(arguments))
-    tile_cli.__wrapped__(**{k: v for k, v in options.items() if k not in ("pdb", "xtra")})  # fastcore's own options
+    src, dest = Path(options["src"]), Path(options["dest"])
+    try: tile_cli.__wrapped__(**{k: v for k, v in options.items() if k not in ("pdb", "xtra")})  # fastcore's own
+    finally:  # so that the parts share one train.csv, in its order: the store's labels (`TileStore.labels_dir`)
+        if (src/WHOLE_LABELS).is_file() and (dest/"meta.json").is_file():
+            with atomic_path(dest/"train.csv") as tmp: shutil.copyfile(src/WHOLE_LABELS, tmp)
 
 JOBS = {"predict": (predict_arguments, predict_cli), "tile": (tile_arguments, _tile_command)}
 

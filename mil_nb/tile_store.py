@@ -19,14 +19,15 @@ import pandas as pd
 from fastcore.script import call_parse
 from PIL import Image
 
-from .files import atomic_path, write_table
+from .files import atomic_path, write_json, write_table
 from .panda import check_image_id, image_path, mask_path, read_slide_table, shown_name
 from .parallel import parallel_map
 from .slides import SLIDE_SUFFIXES, SlideLimits
 from .tiling import TilingConfig, choose_level, tile_slide
 
 # %% auto #0
-__all__ = ['slide_sources', 'TileStore', 'check_output_folder', 'check_no_links', 'tile_slides', 'merge_tile_stores', 'tile_cli']
+__all__ = ['slide_sources', 'tiling_settings', 'store_parts', 'TileStore', 'check_output_folder', 'check_no_links', 'tile_slides',
+           'merge_tile_stores', 'ready_tile_store', 'tile_cli']
 
 # %% ../nbs/08_tile_store.ipynb #df5e176f
 def slide_sources(src: str | os.PathLike) -> pd.DataFrame:
@@ -50,16 +51,42 @@ def slide_sources(src: str | os.PathLike) -> pd.DataFrame:
     return pd.DataFrame({"image_id": ids, "image_file": files, "mask_file": None, "data_provider": "unknown"})
 
 # %% ../nbs/08_tile_store.ipynb #af111ce2
+def tiling_settings(meta: dict) -> dict:
+    "A store's tiling settings: its meta.json without `src` (where its slides were read)."
+    return {k: v for k, v in meta.items() if k != "src"}
+
+def _read_index(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path, dtype={"image_id": str, "thumbnail_hash": str}, keep_default_na=False)
+
+def store_parts(path: Path) -> list[Path]:
+    "The parts of a store made in parts (a Processing job's `algo-<i>/`): the subfolders of `path` with a meta.json."
+    parts = sorted(p for p in path.iterdir() if (p/"meta.json").is_file()) if path.is_dir() else []
+    if not parts: raise FileNotFoundError(f"{path}: not a tile store (no index.csv), nor the parts of one "
+                                          "(subfolders with meta.json)")
+    for part in parts:
+        if part.is_symlink(): raise ValueError(f"{part}: a link; parts are read only inside {path}")
+        if not (part/"summary.json").is_file(): raise ValueError(f"{part}: a part that did not finish (no summary.json)")
+    return parts
+
 class TileStore:
-    "A folder of tile bags written by `tile_slides`."
-    def __init__(self, path: str | os.PathLike):
+    "A folder of tile bags written by `tile_slides`, or a folder of parts of one (`store_parts`), read as one store."
+    def __init__(self, path: str | os.PathLike,  # the store, or the folder of its parts
+                 parts: list[Path] | None = None,  # read these parts (default: `path` if it has an index.csv)
+                ):
         self.path = Path(path)
-        if not (self.path / "index.csv").exists():
-            raise FileNotFoundError(f"{self.path}: not a tile store (no index.csv)")
-        self.meta = json.loads((self.path/"meta.json").read_text())
-        self.index = pd.read_csv(self.path/"index.csv", dtype={"image_id": str, "thumbnail_hash": str},
-                                 keep_default_na=False)
-        self.failures = pd.read_csv(self.path/"failures.csv", dtype={"image_id": str}, keep_default_na=False)
+        self.parts = parts or ([self.path] if (self.path/"index.csv").exists() else store_parts(self.path))
+        metas = [json.loads((p/"meta.json").read_text()) for p in self.parts]
+        for part, meta in zip(self.parts, metas):
+            if tiling_settings(meta) != tiling_settings(metas[0]):
+                raise ValueError(f"{part}: tiled with {meta}, not {metas[0]} like {self.parts[0]}")
+        self.meta = metas[0] if self.parts == [self.path] else metas[0] | {"src": str(self.path)}
+        indexes = [_read_index(p/"index.csv") for p in self.parts]
+        self.index = pd.concat(indexes, ignore_index=True)
+        self.failures = pd.concat([_read_index(p/"failures.csv") for p in self.parts], ignore_index=True)
+        named = pd.concat([self.index.image_id, self.failures.image_id])
+        if len(self.parts) > 1 and named.duplicated().any():
+            raise ValueError(f"{self.path}: slide {named[named.duplicated()].iloc[0]} is in two parts")
+        self._part = {image_id: part for part, index in zip(self.parts, indexes) for image_id in index.image_id}
 
     @property
     def image_ids(self) -> list[str]: return list(self.index.image_id)
@@ -69,7 +96,16 @@ class TileStore:
         "The settings the tiles were made with (meta.json without `src`, and a feature store's own keys)."
         return TilingConfig(**{field.name: self.meta[field.name] for field in dataclasses.fields(TilingConfig)})
 
-    def bag_file(self, image_id: str) -> Path: return self.path/"bags"/f"{check_image_id(image_id)}.npz"
+    @property
+    def labels_dir(self) -> Path | None:
+        "The folder of the store's train.csv (its slides' labels, as tiled), if it has one (parts: the same one)."
+        files = [p/"train.csv" for p in self.parts]
+        same = all(f.is_file() for f in files) and len({f.read_bytes() for f in files}) == 1
+        return self.parts[0] if same else None
+
+    def bag_file(self, image_id: str) -> Path:
+        name = f"{check_image_id(image_id)}.npz"
+        return self._part.get(image_id, self.path)/"bags"/name
 
     def load(self, image_id: str) -> dict[str, np.ndarray]:
         "The arrays of one slide's bag."
@@ -103,7 +139,6 @@ def _stored_hash(dest: Path, image_id: str) -> str:
     "The thumbnail hash kept in a slide's bag ('' for a bag tiled before hashes were kept)."
     with np.load(dest/"bags"/f"{image_id}.npz") as bag:
         return str(bag["thumbnail_hash"]) if "thumbnail_hash" in bag else ""
-
 
 # %% ../nbs/08_tile_store.ipynb #2f4a3766
 def check_output_folder(src: Path,  # the input (a folder or file), never written to
@@ -155,6 +190,8 @@ def tile_slides(src: str | os.PathLike,  # PANDA-layout folder (train.csv, train
         if old != meta: raise ValueError(f"{dest}: holds tiles made with {old}, not {meta}; choose another folder")
     else:
         with atomic_path(dest/"meta.json") as tmp: tmp.write_text(json.dumps(meta, indent=1))
+    if (src/"train.csv").is_file():
+        with atomic_path(dest/"train.csv") as tmp: shutil.copyfile(src/"train.csv", tmp)
     for stale in dest.rglob(".*.part"): stale.unlink()  # temporaries of a killed run
     done_before = sum(_tiled(dest, i) for i in slides.image_id)
     jobs = [(dest, r.image_id, r.image_file, r.mask_file, r.data_provider, config, png, limits)
@@ -176,30 +213,21 @@ def tile_slides(src: str | os.PathLike,  # PANDA-layout folder (train.csv, train
     return TileStore(dest)
 
 # %% ../nbs/08_tile_store.ipynb #7a8b9c41
-def _tiling_settings(meta: dict) -> dict:
-    return {k: v for k, v in meta.items() if k != "src"}  # each part tiled its own copy of the slides
+def _joined_labels(parts: list[Path]) -> pd.DataFrame | None:
+    "The parts' train.csv: the one they share, or their rows joined (a slide's first row); None if a part has none."
+    files = [p/"train.csv" for p in parts]
+    if not all(f.is_file() for f in files): return None
+    tables = [pd.read_csv(f, dtype=str, keep_default_na=False) for f in files]
+    return pd.concat(tables, ignore_index=True).drop_duplicates("image_id")
 
 def merge_tile_stores(parts: str | os.PathLike,  # a folder whose subfolders are tile stores (the parts)
                       dest: str | os.PathLike,  # the merged store (may be `parts` itself)
                      ) -> TileStore:
     "One tile store from the parts in the subfolders of `parts`."
     parts, dest = Path(parts), Path(dest)
-    stores = sorted(p for p in parts.iterdir() if (p/"meta.json").is_file()) if parts.is_dir() else []
-    if not stores: raise FileNotFoundError(f"{parts}: no tile store parts (subfolders with meta.json)")
-    metas = [json.loads((p/"meta.json").read_text()) for p in stores]
-    for store, meta in zip(stores, metas):
-        if store.is_symlink(): raise ValueError(f"{store}: a link; parts are read only inside {parts}")
-        if not (store/"summary.json").is_file():
-            raise ValueError(f"{store}: a part that did not finish (no summary.json)")
-        if _tiling_settings(meta) != _tiling_settings(metas[0]):
-            raise ValueError(f"{store}: tiled with {meta}, not {metas[0]} like {stores[0]}")
-    read = lambda path: pd.read_csv(path, dtype={"image_id": str, "thumbnail_hash": str}, keep_default_na=False)
-    index = pd.concat([read(p/"index.csv") for p in stores], ignore_index=True)
-    failures = pd.concat([read(p/"failures.csv") for p in stores], ignore_index=True)
-    named = pd.concat([index.image_id, failures.image_id])
-    if named.duplicated().any(): raise ValueError(f"{parts}: slide {named[named.duplicated()].iloc[0]} is in two parts")
+    whole = TileStore(parts, store_parts(parts))
     check_no_links(dest, ("bags",))
-    bags = [(p/"bags"/f"{check_image_id(i)}.npz") for p in stores for i in read(p/"index.csv").image_id]
+    bags = [whole.bag_file(image_id) for image_id in whole.image_ids]
     for bag in bags:
         if bag.is_symlink() or not bag.is_file(): raise ValueError(f"{bag}: not a bag the part wrote")
     (dest/"bags").mkdir(parents=True, exist_ok=True)
@@ -209,13 +237,43 @@ def merge_tile_stores(parts: str | os.PathLike,  # a folder whose subfolders are
             tmp.unlink()
             try: os.link(bag, tmp)
             except OSError: shutil.copyfile(bag, tmp)
-    with atomic_path(dest/"meta.json") as tmp: tmp.write_text(json.dumps(metas[0] | {"src": str(parts)}, indent=1))
-    write_table(failures, dest/"failures.csv")
-    write_table(index, dest/"index.csv")
-    summaries = [json.loads((p/"summary.json").read_text()) for p in stores]
+    write_json(whole.meta, dest/"meta.json")
+    labels = _joined_labels(whole.parts)
+    if labels is not None: write_table(labels, dest/"train.csv")
+    write_table(whole.failures, dest/"failures.csv")
+    write_table(whole.index, dest/"index.csv")
+    summaries = [json.loads((p/"summary.json").read_text()) for p in whole.parts]
     summary = {k: sum(s[k] for s in summaries) for k in ("slides", "tiled", "already_tiled", "failed")}
-    with atomic_path(dest/"summary.json") as tmp: tmp.write_text(json.dumps(summary | {"parts": len(stores)}, indent=1))
+    write_json(summary | {"parts": len(whole.parts)}, dest/"summary.json")
     return TileStore(dest)
+
+# %% ../nbs/08_tile_store.ipynb #7a8b9c45
+_PARAMETER = {"mode": "tile_mode"}  # train.ipynb's names for the settings
+
+def ready_tile_store(tiles_dir: str | os.PathLike | None,  # the run's tile store (or the folder of its parts)
+                     data_dir: str | os.PathLike | None,  # the run's PANDA-layout folder, if it has one
+                     mode: str,  # the tiling the run asks for: tile_mode
+                     n_tiles: int | None,  # tiles per slide (0 or None: all)
+                     tile_size: int,  # tile side in px
+                     level: int | None,  # the pyramid level (None: any)
+                    ) -> TileStore | None:
+    "A finished store at `tiles_dir` tiled from other slides than `data_dir`'s, checked: train from it as it is."
+    tiles_dir = None if tiles_dir is None else Path(tiles_dir)
+    if tiles_dir is None or not tiles_dir.is_dir(): return None
+    if not (tiles_dir/"index.csv").exists() and not any((p/"meta.json").is_file() for p in tiles_dir.iterdir()):
+        return None  # empty, or a tiling that has not finished: tile_slides makes or resumes it
+    store = TileStore(tiles_dir)
+    if data_dir is not None and store.meta.get("src") == str(Path(data_dir).resolve()): return None
+    asked = {"mode": mode, "n_tiles": n_tiles or None, "tile_size": tile_size, "level": level}
+    for name, value in asked.items():
+        if store.meta[name] != value and (value is not None or name != "level"):  # level None: any
+            parameter = _PARAMETER.get(name, name)
+            raise ValueError(f"tiles_dir {tiles_dir}: tiled with {name}={store.meta[name]!r}, but this run asks "
+                             f"{parameter}={value!r}; set {parameter} to {store.meta[name]!r} to train from it")
+    if data_dir is None and store.labels_dir is None:
+        raise ValueError(f"tiles_dir {tiles_dir}: has no train.csv of its slides' labels (a store tiled from a folder "
+                         "of slides, or parts with different ones); give data_dir, a folder with train.csv")
+    return store
 
 # %% ../nbs/08_tile_store.ipynb #f8cc5129
 def _pixels(option: str, value) -> int:

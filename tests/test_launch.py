@@ -105,6 +105,25 @@ def test_a_spot_job_asks_for_spot_capacity_and_keeps_checkpoints(sagemaker_aws):
         launch_cli(["--role", ROLE, "--spot", "--max_wait_s", "10", "--checkpoints", "s3://c/", "--dry_run"])
 
 
+def test_a_job_from_a_tile_store_gets_a_tiles_channel(sagemaker_aws):
+    requests = []
+    launch(ROLE, "ml.g5.12xlarge", tiles_s3="s3://runs/tiles/", train_s3="s3://slides/panda/",
+           train_input_mode="FastFile", boto_session=recording_session(requests))
+    request, = requests
+    channels = {c["ChannelName"]: c for c in request["InputDataConfig"]}
+    assert channels["tiles"]["DataSource"]["S3DataSource"]["S3Uri"] == "s3://runs/tiles/"
+    assert channels["tiles"]["InputMode"] == "File"  # read every epoch: on the instance's disk
+    assert channels["train"]["DataSource"]["S3DataSource"]["S3Uri"] == "s3://slides/panda/"
+    assert channels["train"]["InputMode"] == "FastFile"  # streamed: only train.csv and the report's slides are read
+    requests.clear()
+    launch(ROLE, "ml.g5.12xlarge", tiles_s3="s3://runs/tiles/", boto_session=recording_session(requests))
+    channels = {c["ChannelName"]: c for c in requests[0]["InputDataConfig"]}
+    assert "train" not in channels and channels["tiles"]["InputMode"] == "File"  # labels: the store's train.csv
+    with pytest.raises(ValueError, match="tiles_s3='runs/tiles/': expected an S3 URI"):
+        launch(ROLE, tiles_s3="runs/tiles/")
+    with pytest.raises(ValueError, match="train_input_mode='Pipe'"): launch(ROLE, train_input_mode="Pipe")
+
+
 def test_launch_defaults(sagemaker_aws):
     "No data: no train channel (the job uses the notebook's embedded data); one process per GPU; the default bucket."
     job = launch(ROLE, "ml.g5.2xlarge", boto_session=moto_session())

@@ -1,14 +1,17 @@
-"""Tiling at scale: `mil_nb_launch tile --local 2` makes the store that `mil_nb_tile` makes, and the Processing job
-request `launch_tiling` sends, against moto."""
+"""Tiling at scale: `mil_nb_launch tile --local 2` makes the store that `mil_nb_tile` makes, a training job trains from
+its parts without tiling, and the Processing job request `launch_tiling` sends, against moto."""
 import json
+import shutil
 import subprocess
 
 import numpy as np
 import pytest
+import torch
 
+from mil_nb.model import load_model
 from mil_nb.processing import launch_tiling
 from mil_nb.tile_store import TileStore
-from conftest import ROLE, moto_session
+from conftest import REPO, ROLE, moto_session
 
 
 def test_two_shards_make_the_store_one_run_makes(tmp_path, small_panda):
@@ -31,6 +34,37 @@ def test_two_shards_make_the_store_one_run_makes(tmp_path, small_panda):
     merge = subprocess.run(["mil_nb_launch", "tile", "--merge", str(tmp_path/"sharded")], capture_output=True,
                            text=True)
     assert merge.returncode == 2 and "algo-2: a part that did not finish" in merge.stderr
+
+
+@pytest.mark.slow
+def test_a_job_trains_from_the_parts_without_tiling(tmp_path, small_panda):
+    "`mil_nb_launch tile --local 2`'s parts as a `tiles` channel, as a job given their S3 prefix sees them: no merge."
+    options = ["--level", "1", "--workers", "1", "--tile_size", "64", "--n_tiles", "8"]
+    tiled = [subprocess.run(command, capture_output=True, text=True) for command in (
+        ["mil_nb_tile", str(small_panda), str(tmp_path/"one"), *options],
+        ["mil_nb_launch", "tile", "--local", "2", "--slides", str(small_panda), "--output", str(tmp_path/"sharded"),
+         "--local_dir", str(tmp_path/"tiling"), "--", *options])]
+    assert [run.returncode for run in tiled] == [0, 0], [run.stderr[-2000:] for run in tiled]
+    for part in ("algo-1", "algo-2"): shutil.copytree(tmp_path/"sharded"/part, tmp_path/"parts"/part)
+    parameters = ["-p", "epochs", "2", "-p", "n_tiles", "8", "-p", "tile_size", "64", "-p", "num_workers", "0",
+                  "-p", "n_bootstrap", "100"]
+    runs = {store: subprocess.run(["mil_nb_launch", "--local", "2", "--local_dir", str(tmp_path/f"job_{store}"),
+                                   "--tiles", str(tmp_path/store), *parameters],
+                                  cwd=REPO, capture_output=True, text=True, timeout=900)
+            for store in ("parts", "one")}
+    for store, run in runs.items():
+        assert run.returncode == 0, run.stderr[-3000:]
+        log = run.stdout + run.stderr  # rank 0's notebook output: the job's log
+        assert f"tiles: the tile store {tmp_path/f'job_{store}'/'input'/'data'/'tiles'}, tiled elsewhere" in log
+        assert "used as it is; nothing tiled" in log
+        assert not (tmp_path/f"job_{store}"/"tiles").exists()  # the job's own tile store: never made
+        report = tmp_path/f"job_{store}"/"output"/"data"
+        assert "these slides are not here (trained from tiles alone)" in log
+        assert len(list(report.glob("attention_*.png"))) == 4  # each slide's tiles by attention, without the slide
+    states = [load_model(tmp_path/f"job_{store}"/"model"/"model.pt").state_dict() for store in ("parts", "one")]
+    assert states[0].keys() == states[1].keys()
+    for name in states[0]:
+        torch.testing.assert_close(states[0][name], states[1][name], rtol=0, atol=1e-5)
 
 
 def test_the_tiling_job_request(aws, monkeypatch):

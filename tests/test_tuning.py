@@ -22,7 +22,8 @@ def test_the_tuning_job_request(aws, monkeypatch):
     requests = []
     job = tune(ROLE, {"lr": (1e-5, 1e-3), "batch_size": (4, 32), "pooling": ["attention", "gated_attention"]},
                "final:validation:auc", max_jobs=12, max_parallel_jobs=3, hyperparameters={"epochs": 30},
-               train_s3="s3://data/panda/", output_s3="s3://runs/tuning/", boto_session=recording_session(requests))
+               train_s3="s3://data/panda/", tiles_s3="s3://data/tiles/", output_s3="s3://runs/tuning/",
+               boto_session=recording_session(requests))
     assert job.hyper_parameter_tuning_job_name.startswith("mil-nb-tune")
     request, = requests
     config = request["HyperParameterTuningJobConfig"]
@@ -43,7 +44,7 @@ def test_the_tuning_job_request(aws, monkeypatch):
                                                           if d["Name"] == "final:validation:auc")} in \
         definition["AlgorithmSpecification"]["MetricDefinitions"]
     channels = {c["ChannelName"]: c["DataSource"]["S3DataSource"]["S3Uri"] for c in definition["InputDataConfig"]}
-    assert channels["train"] == "s3://data/panda/"
+    assert channels["train"] == "s3://data/panda/" and channels["tiles"] == "s3://data/tiles/"
 
 
 def test_the_objective_reads_the_kept_epoch_not_the_last():
