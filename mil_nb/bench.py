@@ -114,12 +114,12 @@ def one_bag_per_step(
         optimizer.step()
     return (len(bags) - warmup) / (time.perf_counter() - start)
 
-def _fit_bags_per_s(
-    model, bags: list[Bag], batch_size: int, epochs: int, precision: str, num_replicas: int = 1, rank: int = 0
-) -> float:
+def _fit_bags_per_s(model, bags: list[Bag], batch_size: int, epochs: int, precision: str, num_replicas: int = 1,
+                    rank: int = 0, compression: str = "none") -> float:
     "Training throughput of `fit` (over all ranks) after its first (warm-up) epoch."
     history = fit(model, bag_loader(bags, batch_size, shuffle=True, num_replicas=num_replicas, rank=rank), None,
-                  epochs=epochs, lr=5e-4, device="cpu", precision=precision, progress=False).history
+                  epochs=epochs, lr=5e-4, device="cpu", precision=precision, gradient_compression=compression,
+                  progress=False).history
     return float(history.train_bags_per_s.iloc[1:].median())
 
 def _compare_training(
@@ -212,39 +212,53 @@ def bench_infer() -> dict:
     return _measured(_bench_inference)
 
 # %% ../nbs/39_bench.ipynb #36e76a96
-def _tile_fit_rate(bags: int, batch_size: int, epochs: int, num_replicas: int = 1, rank: int = 0) -> float:
-    "Training bags/s of `fit` (over all ranks) on the default tile model and `bags` random tile bags."
+def _tile_fit(bags: int, batch_size: int, epochs: int, num_replicas: int = 1, rank: int = 0,
+              compression: str = "none") -> tuple[float, torch.Tensor]:
+    "Training bags/s of `fit` (over all ranks) on the default tile model and random tile bags; the weights after."
     set_seed(0)
-    return _fit_bags_per_s(AttentionMIL(MILConfig()), random_tile_bags(bags), batch_size, epochs,
-                           resolve_precision("auto", torch.device("cpu")), num_replicas, rank)
+    model = AttentionMIL(MILConfig())
+    rate = _fit_bags_per_s(model, random_tile_bags(bags), batch_size, epochs,
+                           resolve_precision("auto", torch.device("cpu")), num_replicas, rank, compression)
+    return rate, _flat_weights(model)
+
+def _flat_weights(model) -> torch.Tensor: return torch.cat([p.detach().flatten().float() for p in model.parameters()])
+
+def _allreduce_ms(gradients: torch.Tensor, dtype: torch.dtype) -> float:
+    "Median ms of one step's all-reduce, sent in `dtype` (fp16: the compression hook's cast, sum and cast back)."
+    times = []
+    for _ in range(6):
+        start = time.perf_counter()
+        sent = gradients.to(dtype)
+        dist.all_reduce(sent)
+        gradients.copy_(sent)
+        times.append(time.perf_counter() - start)
+    return 1000 * float(np.median(times[1:]))
 
 def _ddp_rank(rank: int, world_size: int, port: int, bags: int, batch_size: int, epochs: int, result: str):
     "One rank of the scaling run (spawned): rank 0 writes its figures to `result`."
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    rate = _tile_fit_rate(bags, batch_size, epochs, world_size, rank)
+    runs = {compression: _tile_fit(bags, batch_size, epochs, world_size, rank, compression)
+            for compression in ("none", "fp16")}
     gradients = torch.zeros(sum(p.numel() for p in AttentionMIL(MILConfig()).parameters()))
-    times = []
-    for _ in range(6):
-        start = time.perf_counter(); dist.all_reduce(gradients); times.append(time.perf_counter() - start)
+    allreduce_ms = {name: _allreduce_ms(gradients, dtype) for name, dtype in
+                    (("fp32", torch.float32), ("fp16", torch.float16))}
     if rank == 0:
-        Path(result).write_text(
-            json.dumps(
-                {
-                    "bags_per_s": rate,
-                    "allreduce_ms": 1000 * float(np.median(times[1:])),
-                    "gradient_mb": 4 * len(gradients) / 1e6,
-                }
-            )
-        )
+        set_seed(0)
+        initial, exact, compressed = _flat_weights(AttentionMIL(MILConfig())), runs["none"][1], runs["fp16"][1]
+        figures = {"bags_per_s": runs["none"][0], "bags_per_s_fp16": runs["fp16"][0], "allreduce_ms": allreduce_ms,
+                   "gradient_mb": 4 * len(gradients) / 1e6,
+                   "relative_l2": float((compressed - exact).norm() / (exact - initial).norm()),
+                   "max_abs": float((compressed - exact).abs().max())}
+        Path(result).write_text(json.dumps(figures))
     dist.barrier()
     # skip the interpreter's teardown, in which a thread of torch's gloo group aborts the process now and then
     os._exit(0)
 
 def bench_ddp(bags: int = 48, batch_size: int = 8, epochs: int = 4) -> dict:
-    "Training bags/s of `fit` on tile bags in 1 process and in 2 gloo processes, and the all-reduce time of a step."
-    _, _, rate_1 = in_fresh_process(_tile_fit_rate, bags, batch_size, epochs)
+    "`fit` on tile bags in 1 process and in 2 gloo processes (fp32 and fp16 gradients): bags/s, all-reduce ms, weights."
+    _, _, (rate_1, _) = in_fresh_process(_tile_fit, bags, batch_size, epochs)
     with tempfile.TemporaryDirectory() as tmp:
         torch.multiprocessing.spawn(
             _ddp_rank, (2, free_port(), bags, batch_size, epochs, f"{tmp}/rank0.json"), nprocs=2
@@ -253,11 +267,17 @@ def bench_ddp(bags: int = 48, batch_size: int = 8, epochs: int = 4) -> dict:
     return {
         "bags_per_s_1": round(rate_1, 1),
         "bags_per_s_2": round(two["bags_per_s"], 1),
+        "bags_per_s_2_fp16": round(two["bags_per_s_fp16"], 1),
         "ratio": round(two["bags_per_s"] / rate_1, 2),
         "batch_size_per_rank": batch_size,
         "step_ms_1": round(1000 * batch_size / rate_1, 1),
         "gradient_mb": round(two["gradient_mb"], 1),
-        "allreduce_ms_gloo": round(two["allreduce_ms"], 1),
+        "allreduce_ms_fp32": round(two["allreduce_ms"]["fp32"], 1),
+        "allreduce_ms_fp16": round(two["allreduce_ms"]["fp16"], 1),
+        "steps": epochs * -(-bags // (2 * batch_size)),
+        "fp16_weights_relative_l2": round(two["relative_l2"], 5),
+        "fp16_weights_max_abs": float(f"{two['max_abs']:.3g}"),
+        "bf16": "needs nccl (GPUs): not measured on gloo",
         "threads": os.cpu_count(),
         "backend": "gloo",
         "precision": resolve_precision("auto", torch.device("cpu")),

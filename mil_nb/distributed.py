@@ -14,13 +14,15 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.utils.data import Sampler
 
 from .devices import resolve_device
 
 # %% auto #0
-__all__ = ['BACKENDS', 'LR_SCALINGS', 'World', 'current_world', 'choose_backend', 'init_distributed', 'ShardSampler',
-           'interleave', 'gather_shards', 'all_sum', 'agree', 'barrier', 'local_main_first', 'scaled_lr']
+__all__ = ['BACKENDS', 'LR_SCALINGS', 'GRADIENT_COMPRESSIONS', 'World', 'current_world', 'choose_backend', 'init_distributed',
+           'ShardSampler', 'interleave', 'gather_shards', 'all_sum', 'agree', 'barrier', 'local_main_first',
+           'scaled_lr', 'choose_compression', 'compress_gradients']
 
 # %% ../nbs/10_distributed.ipynb #9c254aa9
 @dataclass(frozen=True)
@@ -142,3 +144,25 @@ def scaled_lr(lr: float, world_size: int, scaling: str = "sqrt") -> float:
     "The learning rate for `world_size` ranks: `lr` times 1, sqrt(world_size) or world_size."
     if scaling not in LR_SCALINGS: raise ValueError(f"lr_scaling={scaling!r}: expected one of {LR_SCALINGS}")
     return lr * {"none": 1, "sqrt": math.sqrt(world_size), "linear": world_size}[scaling]
+
+# %% ../nbs/10_distributed.ipynb #c0a1b2c4
+GRADIENT_COMPRESSIONS = ("auto", "none", "fp16", "bf16")
+
+def choose_compression(compression: str, world: World) -> str:
+    "Gradient compression `none`, `fp16` or `bf16` for `compression` in `world` (auto: on across machines), checked."
+    if compression not in GRADIENT_COMPRESSIONS:
+        raise ValueError(f"gradient_compression={compression!r}: expected one of {GRADIENT_COMPRESSIONS}")
+    several_machines = world.size > int(os.environ.get("LOCAL_WORLD_SIZE", world.size))
+    if compression == "auto":
+        compression = ("bf16" if world.backend == "nccl" else "fp16") if several_machines else "none"
+    if compression == "bf16" and world.backend not in (None, "nccl"):
+        raise ValueError(f"gradient_compression='bf16' needs the nccl backend (torch's bf16 hook), not "
+                         f"{world.backend!r}; use 'fp16' or 'none'")
+    return compression
+
+def compress_gradients(model: torch.nn.parallel.DistributedDataParallel,  # the DDP-wrapped model
+                       compression: str,  # `none`, `fp16` or `bf16` (`choose_compression`)
+                      ):
+    "Have `model` all-reduce its gradients compressed to fp16 or bf16 (`none`: in fp32, as DDP does by itself)."
+    if compression != "none":
+        model.register_comm_hook(None, getattr(default_hooks, f"{compression}_compress_hook"))

@@ -242,7 +242,7 @@ def train_cli(argv: list[str] | None = None):
     parser.add_argument("--instance_count", type=int, default=1)
     parser.add_argument("--processes_per_node", type=int, help="default: one per GPU")
     parser.add_argument("--train", help="S3 URI of the PANDA-layout data (default: the embedded data)")
-    parser.add_argument("--tiles", help="a tile store to train from, tiling nothing: S3 URI (or, with --local, a folder)")
+    parser.add_argument("--tiles", help="a tile store to train from, tiling nothing: S3 URI (--local: a folder)")
     parser.add_argument("--train_input_mode", choices=INPUT_MODES, default="File",
                         help="the train channel: copied to the instance first (File) or streamed as read (FastFile)")
     parser.add_argument("--output", help="S3 URI for the outputs (default: the session's default bucket)")

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from .devices import PRECISIONS, resolve_device, resolve_precision
-from .distributed import BACKENDS, LR_SCALINGS, choose_backend
+from .distributed import BACKENDS, GRADIENT_COMPRESSIONS, LR_SCALINGS, World, choose_backend, choose_compression
 from .model import POOLINGS, MILConfig
 from .synth import HARD_TUMOUR_SHARE, check_tumour_share
 from .tasks import TASKS
@@ -99,6 +99,7 @@ TRAIN_PARAMETER_CHECKS = {
     "device": _device,
     "precision": _one_of(PRECISIONS),
     "backend": _one_of(BACKENDS),
+    "gradient_compression": _one_of(GRADIENT_COMPRESSIONS),
 }
 
 # %% ../nbs/22_parameters.ipynb #f6a7b007
@@ -141,11 +142,14 @@ def _not_a_run_folder(path) -> str | None:
     if path.exists() and not path.is_dir(): return "a file, not a folder"
 
 def _device_problems(given: dict, problems: dict) -> list[str]:
-    "The device, precision and backend that cannot work together on this machine."
+    "The device, precision, backend and gradient compression that cannot work together on this machine."
     if problems.get("device"): return []
     try:
         device = resolve_device(given.get("device", "auto"))
         if "precision" in given and not problems.get("precision"): resolve_precision(given["precision"], device)
-        if "backend" in given and not problems.get("backend"): choose_backend(given["backend"], device)
+        if problems.get("backend"): return []
+        backend = choose_backend(given.get("backend", "auto"), device)
+        if "gradient_compression" in given and not problems.get("gradient_compression"):
+            choose_compression(given["gradient_compression"], World(size=2, backend=backend))  # as when run by torchrun
     except ValueError as error: return [str(error)]
     return []

@@ -65,7 +65,8 @@ def store_parts(path: Path) -> list[Path]:
                                           "(subfolders with meta.json)")
     for part in parts:
         if part.is_symlink(): raise ValueError(f"{part}: a link; parts are read only inside {path}")
-        if not (part/"summary.json").is_file(): raise ValueError(f"{part}: a part that did not finish (no summary.json)")
+        if not (part/"summary.json").is_file():
+            raise ValueError(f"{part}: a part that did not finish (no summary.json)")
     return parts
 
 class TileStore:
@@ -79,7 +80,7 @@ class TileStore:
         for part, meta in zip(self.parts, metas):
             if tiling_settings(meta) != tiling_settings(metas[0]):
                 raise ValueError(f"{part}: tiled with {meta}, not {metas[0]} like {self.parts[0]}")
-        self.meta = metas[0] if self.parts == [self.path] else metas[0] | {"src": str(self.path)}
+        self.meta = metas[0] if self.parts == [self.path] else metas[0] | {"src": str(self.path.resolve())}
         indexes = [_read_index(p/"index.csv") for p in self.parts]
         self.index = pd.concat(indexes, ignore_index=True)
         self.failures = pd.concat([_read_index(p/"failures.csv") for p in self.parts], ignore_index=True)

@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .devices import autocast, resolve_device, resolve_precision
-from .distributed import agree, all_sum, barrier, current_world
+from .distributed import agree, all_sum, barrier, choose_compression, compress_gradients, current_world
 from .evaluation import Predictions, instance_auc, model_task, predict, task_metrics
 from .run_files import RunFolder
 from .tiling import TilingConfig
@@ -151,6 +151,7 @@ def fit(model: torch.nn.Module,  # the model to train (an `AttentionMIL`); it en
         keep_best: bool = True,  # keep the best epoch's weights on `monitor` (False: the last epoch's)
         patience: int | None = None,  # stop after this many epochs without a better `monitor` (None: never)
         tiling: TilingConfig | None = None,  # how the tiles were cut: saved with the model, for serving
+        gradient_compression: str = "auto",  # under DDP: "none", "fp16", "bf16"; auto: on across machines
         progress: bool = True,  # progress bars and one line per epoch
        ) -> FitResult:
     "Train `model` on `train_loader`, validating on `valid_loader` (if any) every epoch; what it learnt."
@@ -158,6 +159,7 @@ def fit(model: torch.nn.Module,  # the model to train (an `AttentionMIL`); it en
     device = resolve_device(device)
     precision = resolve_precision(precision, device)
     monitor, world = monitor or model_task(model).monitor, current_world()
+    compression = choose_compression(gradient_compression, world)
     _check_shared(train_loader, world.size)
     folder = RunFolder(output_dir) if output_dir is not None else None
     writes, progress = folder is not None and world.is_main, progress and world.is_main
@@ -172,6 +174,7 @@ def fit(model: torch.nn.Module,  # the model to train (an `AttentionMIL`); it en
     _check_same_start(run.next_epoch, folder)
     trained = model if world.size == 1 else torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device] if device.type == "cuda" else None)
+    if world.size > 1: compress_gradients(trained, compression)
     start, kept_predictions, predictions = time.time() - run.elapsed, None, None
     for epoch in range(run.next_epoch, epochs + 1):
         if agree(run.best["epoch"] is not None and patience is not None and epoch - run.best["epoch"] > patience): break
@@ -191,7 +194,8 @@ def fit(model: torch.nn.Module,  # the model to train (an `AttentionMIL`); it en
              "n_train": len(train_loader.dataset),
              "n_valid": len(valid_loader.dataset) if valid_loader is not None else 0,
              "batch_size": train_loader.batch_size, "world_size": world.size, "lr": lr,
-             "train_seconds": time.time() - start, "device": str(device), "precision": precision}
+             "train_seconds": time.time() - start, "device": str(device), "precision": precision,
+             "gradient_compression": compression if world.size > 1 else "none"}
     metrics = {k: v for k, v in kept.items() if k.startswith("val_")} | facts
     if writes: folder.write_result(model, metrics, tiling)
     barrier()  # the other ranks go on once rank 0's files are written

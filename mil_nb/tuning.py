@@ -61,7 +61,7 @@ def tune(role: str,  # ARN of the SageMaker execution role the training jobs run
          instance_type: str = "ml.g5.xlarge",  # each training job's instance type
          instance_count: int = 1,  # instances per training job
          train_s3: str | None = None,  # S3 prefix of the PANDA-layout data (None: the embedded synthetic data)
-         tiles_s3: str | None = None,  # S3 prefix of a tile store (or its parts): the jobs train from it, tiling nothing
+         tiles_s3: str | None = None,  # S3 prefix of a tile store (or its parts) to train from, tiling nothing
          output_s3: str | None = None,  # S3 prefix for each job's model.tar.gz (None: the default bucket)
          base_job_name: str = "mil-nb-tune",  # the tuning job's name, before its timestamp (at most 32 characters)
          max_runtime_s: int = 24 * 3600,  # each training job is stopped after this long
@@ -81,5 +81,5 @@ def tune(role: str,  # ARN of the SageMaker execution role the training jobs run
         raise ValueError(f"early_stopping={early_stopping!r}: expected Auto or Off")
     start = functools.partial(_start_tuning, converted, objective, max_jobs, max_parallel_jobs, early_stopping)
     return launch(role, instance_type, instance_count, hyperparameters=hyperparameters, train_s3=train_s3,
-                  tiles_s3=tiles_s3, output_s3=output_s3, base_job_name=base_job_name, max_runtime_s=max_runtime_s, wait=wait,
-                  boto_session=boto_session, start=start)
+                  tiles_s3=tiles_s3, output_s3=output_s3, base_job_name=base_job_name, max_runtime_s=max_runtime_s,
+                  wait=wait, boto_session=boto_session, start=start)

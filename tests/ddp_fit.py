@@ -1,6 +1,6 @@
 """Run under torchrun by tests/test_distributed.py: `fit` on toy bags, data-parallel over the ranks torchrun starts.
 
-Usage: torchrun --nproc_per_node N tests/ddp_fit.py OUT_DIR BATCH_SIZE
+Usage: torchrun --nproc_per_node N tests/ddp_fit.py OUT_DIR BATCH_SIZE [GRADIENT_COMPRESSION (default: auto)]
 Rank 0 writes OUT_DIR/model.pt and metrics.json (through `fit`); every rank writes OUT_DIR/metrics.rank<r>.json, the
 metrics it computes from the gathered validation predictions of the final model."""
 import json
@@ -36,14 +36,14 @@ def toy_model() -> AttentionMIL:
     return AttentionMIL(MILConfig(tile_size=32, embed_dim=64, attention_dim=32))
 
 
-def train(batch_size: int, num_replicas: int = 1, rank: int = 0, output_dir=None):
+def train(batch_size: int, num_replicas: int = 1, rank: int = 0, output_dir=None, gradient_compression="auto"):
     "The toy model after EPOCHS epochs of 32 bags (validation: 13 bags), and its history."
     model = toy_model()
     share = dict(num_replicas=num_replicas, rank=rank)
     valid_loader = bag_loader(toy_bags(13, 1), batch_size, **share)
     result = fit(model, bag_loader(toy_bags(32, 0), batch_size, shuffle=True, seed=0, **share), valid_loader,
                  epochs=EPOCHS, lr=LR, device="cpu", precision="fp32", output_dir=output_dir, keep_best=False,
-                 progress=False)
+                 gradient_compression=gradient_compression, progress=False)
     return model, result.history, valid_loader
 
 
@@ -51,6 +51,7 @@ if __name__ == "__main__":
     out, batch_size = Path(sys.argv[1]), int(sys.argv[2])
     world, device = init_distributed("gloo", "cpu")
     torch.set_num_threads(1)
-    model, history, valid_loader = train(batch_size, world.size, world.rank, out)
+    compression = sys.argv[3] if len(sys.argv) > 3 else "auto"
+    model, history, valid_loader = train(batch_size, world.size, world.rank, out, compression)
     metrics = task_metrics(predict(model, valid_loader))
     (out/f"metrics.rank{world.rank}.json").write_text(json.dumps(metrics | {"world_size": world.size}))
