@@ -14,22 +14,29 @@ from mil_nb.tile_store import TileStore
 from conftest import REPO, ROLE, moto_session
 
 
-def test_two_shards_make_the_store_one_run_makes(tmp_path, small_panda):
-    options = ["--level", "1", "--workers", "1"]
-    one = subprocess.run(["mil_nb_tile", str(small_panda), str(tmp_path/"one"), *options], capture_output=True,
-                         text=True)
-    assert one.returncode == 0, one.stderr
-    run = subprocess.run(["mil_nb_launch", "tile", "--local", "2", "--slides", str(small_panda), "--output",
-                          str(tmp_path/"sharded"), "--local_dir", str(tmp_path/"job"), "--", *options],
-                         capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-3000:]
-    whole, merged = TileStore(tmp_path/"one"), TileStore(tmp_path/"sharded")
+@pytest.fixture(scope="module")
+def tiled_twice(tmp_path_factory, small_panda):
+    "The 24 small slides tiled by `mil_nb_tile` (one/) and by `mil_nb_launch tile --local 2` (sharded/, merged)."
+    out = tmp_path_factory.mktemp("tiled")
+    options = ["--level", "1", "--workers", "1", "--tile_size", "64", "--n_tiles", "8"]
+    runs = [subprocess.run(command, capture_output=True, text=True) for command in (
+        ["mil_nb_tile", str(small_panda), str(out/"one"), *options],
+        ["mil_nb_launch", "tile", "--local", "2", "--slides", str(small_panda), "--output", str(out/"sharded"),
+         "--local_dir", str(out/"job"), "--", *options])]
+    assert [run.returncode for run in runs] == [0, 0], [run.stderr[-3000:] for run in runs]
+    return out
+
+
+def test_two_shards_make_the_store_one_run_makes(tiled_twice, tmp_path):
+    whole, merged = TileStore(tiled_twice/"one"), TileStore(tiled_twice/"sharded")
     assert sorted(merged.image_ids) == sorted(whole.image_ids) and len(whole.image_ids) == 24
     for image_id in whole.image_ids:
         for key, array in whole.load(image_id).items(): np.testing.assert_array_equal(merged.load(image_id)[key], array)
     assert merged.tiling == whole.tiling
-    parts = [json.loads((tmp_path/"sharded"/h/"summary.json").read_text())["tiled"] for h in ("algo-1", "algo-2")]
+    assert (tiled_twice/"sharded"/"train.csv").read_bytes() == (tiled_twice/"one"/"train.csv").read_bytes()
+    parts = [json.loads((tiled_twice/"sharded"/h/"summary.json").read_text())["tiled"] for h in ("algo-1", "algo-2")]
     assert parts == [12, 12]
+    shutil.copytree(tiled_twice/"sharded", tmp_path/"sharded")
     (tmp_path/"sharded"/"algo-2"/"summary.json").unlink()  # as if the second instance had been stopped
     merge = subprocess.run(["mil_nb_launch", "tile", "--merge", str(tmp_path/"sharded")], capture_output=True,
                            text=True)
@@ -37,15 +44,10 @@ def test_two_shards_make_the_store_one_run_makes(tmp_path, small_panda):
 
 
 @pytest.mark.slow
-def test_a_job_trains_from_the_parts_without_tiling(tmp_path, small_panda):
+def test_a_job_trains_from_the_parts_without_tiling(tiled_twice, tmp_path):
     "`mil_nb_launch tile --local 2`'s parts as a `tiles` channel, as a job given their S3 prefix sees them: no merge."
-    options = ["--level", "1", "--workers", "1", "--tile_size", "64", "--n_tiles", "8"]
-    tiled = [subprocess.run(command, capture_output=True, text=True) for command in (
-        ["mil_nb_tile", str(small_panda), str(tmp_path/"one"), *options],
-        ["mil_nb_launch", "tile", "--local", "2", "--slides", str(small_panda), "--output", str(tmp_path/"sharded"),
-         "--local_dir", str(tmp_path/"tiling"), "--", *options])]
-    assert [run.returncode for run in tiled] == [0, 0], [run.stderr[-2000:] for run in tiled]
-    for part in ("algo-1", "algo-2"): shutil.copytree(tmp_path/"sharded"/part, tmp_path/"parts"/part)
+    for part in ("algo-1", "algo-2"): shutil.copytree(tiled_twice/"sharded"/part, tmp_path/"parts"/part)
+    shutil.copytree(tiled_twice/"one", tmp_path/"one")
     parameters = ["-p", "epochs", "2", "-p", "n_tiles", "8", "-p", "tile_size", "64", "-p", "num_workers", "0",
                   "-p", "n_bootstrap", "100"]
     runs = {store: subprocess.run(["mil_nb_launch", "--local", "2", "--local_dir", str(tmp_path/f"job_{store}"),
