@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import contextlib
 import random
+import time
 
 import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['PRECISIONS', 'resolve_device', 'resolve_precision', 'autocast', 'set_seed']
+__all__ = ['PRECISIONS', 'resolve_device', 'resolve_precision', 'autocast', 'matmul_peak_gflops', 'set_seed']
 
 # %% ../nbs/01_devices.ipynb #2c82a57d
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -47,6 +48,21 @@ def autocast(device: torch.device, precision: str):
     "The autocast context for a resolved `precision` on `device` (a no-op for fp32)."
     if precision == "fp32": return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+# %% ../nbs/01_devices.ipynb #d1e2f302
+def matmul_peak_gflops(dtype: torch.dtype,  # torch.float32 or torch.bfloat16
+                       n: int = 2048,  # the matrices' side
+                       seconds: float = 1.0,  # how long to measure
+                       device: str = "cpu",  # where
+                      ) -> float:
+    "GFLOP/s of repeated n x n matmuls in `dtype` on `device`: the practical peak runs are measured against."
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+    a @ b
+    synchronize = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    runs, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds: a @ b; runs += 1
+    synchronize()
+    return 2 * n**3 * runs / (time.perf_counter() - start) / 1e9
 
 # %% ../nbs/01_devices.ipynb #3904a873
 def set_seed(seed: int):

@@ -5,14 +5,15 @@ import pytest
 from fastcore.docments import docments
 from nbdev.showdoc import show_doc
 
-from mil_nb import (cohort, data, deploy, distributed, evaluation, geojson, inference, launch, local_processing,
-                    processing, scorer, tile_store, tiling, training)
+from mil_nb import (cohort, data, deploy, distributed, encoders, evaluation, features, geojson, inference, launch,
+                    local_processing, processing, scorer, tile_store, tiling, training)
 
 PUBLIC = [training.fit, data.bag_loader, tile_store.tile_slides, tiling.tile_slide, launch.launch, deploy.deploy,
           evaluation.predict, inference.predict, inference.predict_bag, cohort.predict_cohort, scorer.load_models,
           geojson.tile_geojson, processing.launch_processing, processing.launch_predict, processing.launch_tiling,
           processing.merge_scores, local_processing.run_predict_local, local_processing.run_tiling_local,
-          tile_store.merge_tile_stores, tile_store.ready_tile_store, distributed.compress_gradients]
+          tile_store.merge_tile_stores, tile_store.ready_tile_store, distributed.compress_gradients,
+          encoders.encoder_from_name, encoders.load_encoder_weights, features.extract_features, features.bench_features]
 
 
 @pytest.mark.parametrize("function", PUBLIC, ids=lambda f: f"{f.__module__}.{f.__name__}")

@@ -5,8 +5,6 @@ import json
 import sys
 
 import pytest
-import torch
-from torch import nn
 
 from mil_nb.data import BagDataset, bag_loader
 from mil_nb.splits import split_slides
@@ -17,20 +15,10 @@ from mil_nb.tile_store import TileStore
 from mil_nb.training import fit
 
 
-class FrozenTileEncoder(nn.Module):
-    "A user's module as `extract_features` calls it: float (n, 3, S, S) in [0, 1] -> (n, D)."
-    def __init__(self, encoder: nn.Module):
-        super().__init__()
-        self.encoder = encoder
-
-    def forward(self, images):
-        return self.encoder((images * 255).round().to(torch.uint8).permute(0, 2, 3, 1))
-
-
 @pytest.mark.slow
 def test_feature_bags_on_the_embedded_tile_store(tmp_path, main_job):
     tiles = TileStore(main_job/"tiles")
-    encoder = FrozenTileEncoder(load_model(main_job/"model.pt").encoder)
+    encoder = load_model(main_job/"model.pt").encoder  # uint8 tiles (n, S, S, 3) in, as every tile encoder
     features = extract_features(encoder, tiles, tmp_path/"features", progress=False)
     assert features.image_ids == tiles.image_ids and features.meta["features"] == 512
 
