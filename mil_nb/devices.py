@@ -19,7 +19,8 @@ __all__ = ['PRECISIONS', 'resolve_device', 'resolve_precision', 'autocast', 'mat
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     "The torch device for `device`: 'auto' means cuda when available, else cpu."
     if str(device) == "auto": return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try: device = torch.device(device)
+    except RuntimeError: raise ValueError(f"device={str(device)!r}: expected cpu, cuda, cuda:N or auto") from None
     if device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index):
         raise ValueError(f"device={str(device)!r}: expected cpu, cuda, cuda:N or auto")
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -5,6 +5,7 @@
 # %% ../nbs/20_encoders.ipynb #e0c0d004
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,7 +82,7 @@ class PretrainedEncoder(nn.Module):
     def __init__(self, name: str, network: nn.Module, output: str):
         super().__init__()
         self.name, self.spec, self.network, self.output = name, ENCODERS[name], network, output
-        self.weights = None  # the checkpoint file loaded (`load_encoder_weights`); None: random weights
+        self.weights = "random (seed 0)"  # or the checkpoint loaded and its SHA-256 (`load_encoder_weights`)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
@@ -103,7 +104,11 @@ def weights_file(path: str | os.PathLike) -> Path:
     "The checkpoint file `path` names: itself, one of `WEIGHT_FILES` in it, or in a Hugging Face cache's main snapshot."
     path = Path(path).expanduser()
     if path.is_file(): return path
-    if (path/"refs"/"main").is_file(): path = path/"snapshots"/(path/"refs"/"main").read_text().strip()
+    if (path/"refs"/"main").is_file():
+        snapshot = path/"snapshots"/(path/"refs"/"main").read_text().strip()
+        if snapshot.resolve().parent != (path/"snapshots").resolve():
+            raise ValueError(f"weights {path}: refs/main names {snapshot}, not a snapshot of this cache folder")
+        path = snapshot
     found = [path/name for name in WEIGHT_FILES if (path/name).is_file()]
     if not found: raise FileNotFoundError(f"weights {path}: no checkpoint file, nor a folder holding one of "
                                           f"{', '.join(WEIGHT_FILES)} (or a Hugging Face cache models--ORG--NAME)")
@@ -138,7 +143,10 @@ def load_encoder_weights(encoder: PretrainedEncoder,  # the encoder to load into
                          f"keys such as {list(expected)[:3]}")
     try: encoder.network.load_state_dict(state, strict=False)
     except RuntimeError as error: raise ValueError(f"weights {file}: {encoder.name}: {error}") from None
-    encoder.weights = str(file.resolve())
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""): digest.update(chunk)
+    encoder.weights = f"{file.resolve()} (sha256 {digest.hexdigest()[:16]})"
     return file
 
 def save_encoder_weights(encoder: PretrainedEncoder, path: str | os.PathLike):
@@ -158,7 +166,9 @@ def encoder_from_name(name: str,  # a registry name: resnet50-imagenet, phikon, 
         raise ValueError(f"encoder {name!r}: give weights=PATH (from {ENCODERS[name].weights}), or random_weights=True")
     if weights is not None and random_weights:
         raise ValueError(f"encoder {name!r}: weights or random_weights, not both")
-    network, output = ENCODERS[name].build(layers)
+    with torch.random.fork_rng(devices=[]):  # random weights: the same ones every time (seed 0)
+        torch.manual_seed(0)
+        network, output = ENCODERS[name].build(layers)
     encoder = PretrainedEncoder(name, network, output)
     if weights is not None: load_encoder_weights(encoder, weights)
     return encoder.eval()

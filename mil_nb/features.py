@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from .devices import autocast, matmul_peak_gflops, resolve_device, resolve_precision
 from .encoders import ENCODERS, encoder_from_name
 from .files import atomic_path, write_json, write_table
-from .tile_store import TileStore
+from .tile_store import TileStore, check_output_folder, tiling_settings
 
 # %% auto #0
 __all__ = ['encode_tiles', 'FloatInput', 'extract_features', 'tiling_warnings', 'features_cli', 'bench_features']
@@ -62,14 +62,18 @@ def extract_features(
     precision = resolve_precision(precision, device)
     if not (isinstance(batch_size, int) and batch_size >= 1):
         raise ValueError(f"batch_size={batch_size!r}: expected an integer >= 1")
-    made_by = {"tile_store": str(store.path.resolve()), "encoder": getattr(encoder, "name", type(encoder).__name__),
-               "weights": getattr(encoder, "weights", None)}
+    if "features" in store.meta: raise ValueError(f"{store.path}: a store of features, not of tiles")
+    check_output_folder(store.path, dest, ("bags",))
+    made_by = {"tile_store": str(store.path.resolve()), "tiling": tiling_settings(store.meta),
+               "encoder": getattr(encoder, "name", type(encoder).__name__),
+               "weights": getattr(encoder, "weights", None)}  # a registry encoder's file and hash
     if (dest/"meta.json").exists():
         old = json.loads((dest/"meta.json").read_text())
         if {k: old.get(k) for k in made_by} != made_by:
             raise ValueError(f"{dest}: holds features made by {({k: old.get(k) for k in made_by})}, not {made_by}; "
                              "choose another folder")
     else: write_json(store.meta | made_by, dest/"meta.json")
+    for stale in (dest/"bags").glob(".*.part"): stale.unlink()  # temporaries of a killed run
     encoder = encoder.to(device).eval()
     for image_id in tqdm(store.image_ids, desc="extracting features", disable=not progress):
         out = dest/"bags"/store.bag_file(image_id).name  # the store's file name for it (the id checked)
@@ -113,6 +117,8 @@ def features_cli(tiles: str,  # a tile store (or the folder of its parts)
                  precision: str = "auto"):  # fp32 or bf16 (auto: bf16 where native)
     "Encode the tile store TILES with a registry encoder into the feature store DEST."
     try:
+        if batch_size < 1: raise ValueError(f"--batch_size={batch_size}: expected an integer >= 1")
+        resolve_precision(precision, resolve_device(device))  # checked before any work
         store = TileStore(tiles)
         module = encoder_from_name(encoder, weights, random_weights)
         for warning in tiling_warnings(store.meta, encoder):

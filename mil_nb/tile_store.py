@@ -60,9 +60,13 @@ def _read_index(path: Path) -> pd.DataFrame:
 
 def store_parts(path: Path) -> list[Path]:
     "The parts of a store made in parts (a Processing job's `algo-<i>/`): the subfolders of `path` with a meta.json."
-    parts = sorted(p for p in path.iterdir() if (p/"meta.json").is_file()) if path.is_dir() else []
+    folders = sorted(p for p in path.iterdir() if p.is_dir()) if path.is_dir() else []
+    parts = [p for p in folders if (p/"meta.json").is_file()]
     if not parts: raise FileNotFoundError(f"{path}: not a tile store (no index.csv), nor the parts of one "
                                           "(subfolders with meta.json)")
+    for folder in folders:
+        if folder not in parts and ((folder/"bags").exists() or (folder/"index.csv").exists()):
+            raise ValueError(f"{folder}: a part without meta.json (its tiling settings); tile it again")
     for part in parts:
         if part.is_symlink(): raise ValueError(f"{part}: a link; parts are read only inside {path}")
         if not (part/"summary.json").is_file():
@@ -260,10 +264,11 @@ def ready_tile_store(tiles_dir: str | os.PathLike | None,  # the run's tile stor
                     ) -> TileStore | None:
     "A finished store at `tiles_dir` tiled from other slides than `data_dir`'s, checked: train from it as it is."
     tiles_dir = None if tiles_dir is None else Path(tiles_dir)
-    if tiles_dir is None or not tiles_dir.is_dir(): return None
-    if not (tiles_dir/"index.csv").exists() and not any((p/"meta.json").is_file() for p in tiles_dir.iterdir()):
-        return None  # empty, or a tiling that has not finished: tile_slides makes or resumes it
-    store = TileStore(tiles_dir)
+    if tiles_dir is None or not tiles_dir.is_dir() or not any(tiles_dir.iterdir()): return None  # tiled into
+    if (tiles_dir/"meta.json").is_file() and not (tiles_dir/"index.csv").exists(): return None  # resumed
+    store = TileStore(tiles_dir)  # a finished store or its parts, else an error naming the folder
+    if "features" in store.meta:
+        raise ValueError(f"tiles_dir {tiles_dir}: a store of features ({store.meta.get('encoder')}), not of tiles")
     if data_dir is not None and store.meta.get("src") == str(Path(data_dir).resolve()): return None
     asked = {"mode": mode, "n_tiles": n_tiles or None, "tile_size": tile_size, "level": level}
     for name, value in asked.items():
