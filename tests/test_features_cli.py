@@ -8,9 +8,11 @@ import time
 import numpy as np
 import pytest
 import torch
+from fastcore.script import anno_parser
 
 from mil_nb.data import BagDataset
 from mil_nb.encoders import encoder_from_name, save_encoder_weights
+from mil_nb.features import features_cli
 from mil_nb.panda import read_slide_table
 from mil_nb.tile_store import TileStore
 
@@ -75,14 +77,19 @@ def test_a_killed_run_completes_when_run_again(store_and_weights, first_run):
         np.testing.assert_allclose(done.load(image_id)["features"], expected.load(image_id)["features"], atol=1e-5)
 
 
-def test_bad_arguments_exit_2_before_any_work(store_and_weights, tmp_path):
+def test_bad_arguments_exit_2_before_any_work(store_and_weights, tmp_path, capsys):
+    "Called as the console script calls it (in this process, to spare five interpreter starts)."
     tiles = store_and_weights/"tiles"
     for args, message in [((tmp_path/"none", tmp_path/"d", "--random_weights"), "not a tile store"),
                           ((tiles, tmp_path/"d", "--encoder", "vgg", "--random_weights"), "encoder 'vgg'"),
                           ((tiles, tmp_path/"d", "--encoder", "phikon"), "give weights=PATH"),
                           ((tiles, tmp_path/"d", "--encoder", "phikon", "--weights",
                             store_and_weights/"resnet50.safetensors"), "not a phikon checkpoint"),
-                          ((tiles, tmp_path/"d", "--random_weights", "--batch_size", "0"), "batch_size=0")]:
-        run = features(*args)
-        assert run.returncode == 2 and message in run.stderr, (args, run.stderr)
+                          ((tiles, tmp_path/"d", "--random_weights", "--batch_size", "0"), "batch_size=0"),
+                          ((tiles, tmp_path/"d", "--random_weights", "--device", "gpu7"), "device='gpu7'"),
+                          ((tiles, tiles, "--random_weights"), "the source folder itself")]:
+        options = vars(anno_parser(features_cli.__wrapped__, "mil_nb_features").parse_args([*map(str, args)]))
+        with pytest.raises(SystemExit) as stop:
+            features_cli.__wrapped__(**{k: v for k, v in options.items() if k not in ("pdb", "xtra")})
+        assert stop.value.code == 2 and message in capsys.readouterr().err, args
     assert not (tmp_path/"d").exists()
