@@ -56,7 +56,20 @@ def tiling_settings(meta: dict) -> dict:
     return {k: v for k, v in meta.items() if k != "src"}
 
 def _read_index(path: Path) -> pd.DataFrame:
-    return pd.read_csv(path, dtype={"image_id": str, "thumbnail_hash": str}, keep_default_na=False)
+    "A store's index.csv or failures.csv, which must name its slides (`image_id`)."
+    try: table = pd.read_csv(path, dtype={"image_id": str, "thumbnail_hash": str}, keep_default_na=False)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: not a table of slides ({error})") from None
+    if "image_id" not in table.columns: raise ValueError(f"{path}: no image_id column; found {list(table.columns)}")
+    return table
+
+def _read_meta(path: Path) -> dict:
+    "A store's meta.json, which must hold the tiling settings."
+    try: meta = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as error: raise ValueError(f"{path}: not JSON ({error})") from None
+    missing = [f.name for f in dataclasses.fields(TilingConfig) if not isinstance(meta, dict) or f.name not in meta]
+    if missing: raise ValueError(f"{path}: not a tile store's meta.json (no {', '.join(missing)})")
+    return meta
 
 def store_parts(path: Path) -> list[Path]:
     "The parts of a store made in parts (a Processing job's `algo-<i>/`): the subfolders of `path` with a meta.json."
@@ -80,7 +93,7 @@ class TileStore:
                 ):
         self.path = Path(path)
         self.parts = parts or ([self.path] if (self.path/"index.csv").exists() else store_parts(self.path))
-        metas = [json.loads((p/"meta.json").read_text()) for p in self.parts]
+        metas = [_read_meta(p/"meta.json") for p in self.parts]
         for part, meta in zip(self.parts, metas):
             if tiling_settings(meta) != tiling_settings(metas[0]):
                 raise ValueError(f"{part}: tiled with {meta}, not {metas[0]} like {self.parts[0]}")
