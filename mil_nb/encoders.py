@@ -19,8 +19,8 @@ from torch import nn
 from .files import atomic_path
 
 # %% auto #0
-__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'ENCODERS', 'WEIGHT_FILES', 'OPTIONAL_KEYS', 'EncoderSpec', 'PretrainedEncoder',
-           'weights_file', 'load_encoder_weights', 'save_encoder_weights', 'encoder_from_name']
+__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'PRETRAINED_ENCODERS', 'WEIGHT_FILES', 'OPTIONAL_KEYS', 'EncoderSpec',
+           'PretrainedEncoder', 'weights_file', 'load_encoder_weights', 'save_encoder_weights', 'encoder_from_name']
 
 # %% ../nbs/20_encoders.ipynb #e0c0d005
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -64,7 +64,7 @@ def _timm_vit_l16(layers: int | None):
     return timm.create_model("vit_large_patch16_224", depth=layers or 24, init_values=1e-5, num_classes=0,
                              dynamic_img_size=True), "timm"
 
-ENCODERS = {
+PRETRAINED_ENCODERS = {
     "resnet50-imagenet": EncoderSpec("transformers ResNet-50, truncated after layer 3", _resnet50_layer3, 1024, 224,
                                      0.5, "Apache-2.0", "huggingface.co/microsoft/resnet-50", ("resnet.",),
                                      ("classifier.", "encoder.stages.3.")),
@@ -81,7 +81,7 @@ class PretrainedEncoder(nn.Module):
     "A registry encoder: uint8 tiles (n, S, S, 3) in, float features (n, D) out."
     def __init__(self, name: str, network: nn.Module, output: str):
         super().__init__()
-        self.name, self.spec, self.network, self.output = name, ENCODERS[name], network, output
+        self.name, self.spec, self.network, self.output = name, PRETRAINED_ENCODERS[name], network, output
         self.weights = "random (seed 0)"  # or the checkpoint loaded and its SHA-256 (`load_encoder_weights`)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
@@ -161,14 +161,14 @@ def encoder_from_name(name: str,  # a registry name: resnet50-imagenet, phikon, 
                       layers: int | None = None,  # transformer encoders: fewer layers than the real one (tests)
                      ) -> PretrainedEncoder:
     "The registry encoder `name`, in eval mode, with the user's `weights` (or random ones when asked)."
-    if name not in ENCODERS: raise ValueError(f"encoder {name!r}: expected one of {', '.join(ENCODERS)}")
+    if name not in PRETRAINED_ENCODERS: raise ValueError(f"encoder {name!r}: expected one of {', '.join(PRETRAINED_ENCODERS)}")
     if weights is None and not random_weights:
-        raise ValueError(f"encoder {name!r}: give weights=PATH (from {ENCODERS[name].weights}), or random_weights=True")
+        raise ValueError(f"encoder {name!r}: give weights=PATH (from {PRETRAINED_ENCODERS[name].weights}), or random_weights=True")
     if weights is not None and random_weights:
         raise ValueError(f"encoder {name!r}: weights or random_weights, not both")
     with torch.random.fork_rng(devices=[]):  # random weights: the same ones every time (seed 0)
         torch.manual_seed(0)
-        network, output = ENCODERS[name].build(layers)
+        network, output = PRETRAINED_ENCODERS[name].build(layers)
     encoder = PretrainedEncoder(name, network, output)
     if weights is not None: load_encoder_weights(encoder, weights)
     return encoder.eval()

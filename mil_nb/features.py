@@ -19,7 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
 from .devices import autocast, matmul_peak_gflops, resolve_device, resolve_precision
-from .encoders import ENCODERS, encoder_from_name
+from .encoders import PRETRAINED_ENCODERS, encoder_from_name
 from .files import atomic_path, write_json, write_table
 from .tile_store import TileStore, check_output_folder, tiling_settings
 
@@ -93,7 +93,7 @@ def tiling_warnings(tiling: dict,  # a tile store's meta.json
                     name: str,  # the registry encoder
                    ) -> list[str]:
     "What differs between how a store was tiled and the tiles encoder `name` expects."
-    spec = ENCODERS[name]
+    spec = PRETRAINED_ENCODERS[name]
     advice = f"tile for it: mil_nb_tile SRC DEST --mode tissue --mpp {spec.mpp} --tile_size {spec.input_size}"
     warnings = []
     if tiling["tile_size"] != spec.input_size:
