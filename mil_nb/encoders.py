@@ -161,9 +161,11 @@ def encoder_from_name(name: str,  # a registry name: resnet50-imagenet, phikon, 
                       layers: int | None = None,  # transformer encoders: fewer layers than the real one (tests)
                      ) -> PretrainedEncoder:
     "The registry encoder `name`, in eval mode, with the user's `weights` (or random ones when asked)."
-    if name not in PRETRAINED_ENCODERS: raise ValueError(f"encoder {name!r}: expected one of {', '.join(PRETRAINED_ENCODERS)}")
+    if name not in PRETRAINED_ENCODERS:
+        raise ValueError(f"encoder {name!r}: expected one of {', '.join(PRETRAINED_ENCODERS)}")
     if weights is None and not random_weights:
-        raise ValueError(f"encoder {name!r}: give weights=PATH (from {PRETRAINED_ENCODERS[name].weights}), or random_weights=True")
+        raise ValueError(f"encoder {name!r}: give weights=PATH (from {PRETRAINED_ENCODERS[name].weights}), "
+                         "or random_weights=True")
     if weights is not None and random_weights:
         raise ValueError(f"encoder {name!r}: weights or random_weights, not both")
     with torch.random.fork_rng(devices=[]):  # random weights: the same ones every time (seed 0)
