@@ -5,6 +5,7 @@
 # %% ../nbs/31_deploy.ipynb #ea1cc1f7
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -16,10 +17,11 @@ from sagemaker.core.resources import Endpoint, EndpointConfig, Model
 from sagemaker.core.shapes import ContainerDefinition, ProductionVariant
 
 from .devices import PRECISIONS
+from .encoders import ENCODER_WEIGHTS_ENV, weights_file
 from .bundle import copy_package, imported_requirements
 
 # %% auto #0
-__all__ = ['ENTRY_SCRIPT', 'write_entry_source', 'serving_environment', 'deploy']
+__all__ = ['ENTRY_SCRIPT', 'CONTAINER_CODE', 'write_entry_source', 'serving_environment', 'deploy']
 
 # %% ../nbs/31_deploy.ipynb #55af8a70
 ENTRY_SCRIPT = '''"SageMaker PyTorch container entry script: mil_nb's serving functions."
@@ -31,15 +33,21 @@ def write_entry_source(dest: str | Path) -> Path:
     dest = Path(dest)
     copy_package(dest)
     (dest/"inference.py").write_text(ENTRY_SCRIPT)
-    (dest/"requirements.txt").write_text("\n".join(imported_requirements(["mil_nb.inference"])) + "\n")
+    requirements = imported_requirements(["mil_nb.inference"], extra=["transformers"])  # two-stage models' encoders
+    (dest/"requirements.txt").write_text("\n".join(requirements) + "\n")
     return dest
 
 # %% ../nbs/31_deploy.ipynb #af9658e3
-def serving_environment(region: str, precision: str = "fp32") -> dict[str, str]:
-    "The serving container's environment: where its entry script is, and the precision to serve in."
+CONTAINER_CODE = "/opt/ml/model/code"  # where the container finds the artifact's code/ folder
+
+def serving_environment(region: str, precision: str = "fp32",
+                        encoder_weights: str | None = None,  # the packed encoder weights' path inside code/
+                       ) -> dict[str, str]:
+    "The serving container's environment: its entry script, the precision, and packed encoder weights if any."
     if precision not in PRECISIONS: raise ValueError(f"precision={precision!r}: expected one of {PRECISIONS}")
-    return {"SAGEMAKER_PROGRAM": "inference.py", "SAGEMAKER_SUBMIT_DIRECTORY": "/opt/ml/model/code",
-            "SAGEMAKER_CONTAINER_LOG_LEVEL": "20", "SAGEMAKER_REGION": region, "MIL_NB_PRECISION": precision}
+    packed = {ENCODER_WEIGHTS_ENV: f"{CONTAINER_CODE}/{encoder_weights}"} if encoder_weights else {}
+    return {"SAGEMAKER_PROGRAM": "inference.py", "SAGEMAKER_SUBMIT_DIRECTORY": CONTAINER_CODE,
+            "SAGEMAKER_CONTAINER_LOG_LEVEL": "20", "SAGEMAKER_REGION": region, "MIL_NB_PRECISION": precision} | packed
 
 # %% ../nbs/31_deploy.ipynb #42bafaea
 def deploy(model_data_s3: str,  # S3 URI of the model.tar.gz a training job wrote (model.pt at its root)
@@ -52,24 +60,27 @@ def deploy(model_data_s3: str,  # S3 URI of the model.tar.gz a training job wrot
            py_version: str = "py312",  # its Python
            boto_session: boto3.Session | None = None,  # region and credentials (None: the default session)
            wait: bool = False,  # return only once the endpoint is InService
+           encoder_weights: str | None = None,  # a two-stage model's encoder weights to pack (file or folder)
           ) -> Endpoint:
     "Deploy the model in `model_data_s3` (a `model.tar.gz` holding `model.pt`) to a SageMaker endpoint."
     if not (model_data_s3.startswith("s3://") and model_data_s3.endswith(".tar.gz")):
         raise ValueError(
             f"model_data_s3={model_data_s3!r}: expected the S3 URI of a model.tar.gz (s3://bucket/.../model.tar.gz)"
         )
+    weights = weights_file(encoder_weights) if encoder_weights is not None else None  # checked before any work
     boto_session = boto_session or boto3.Session()
     region = boto_session.region_name
     if not region:
         raise ValueError("no AWS region: pass boto_session=boto3.Session(region_name=...) or set AWS_DEFAULT_REGION")
     name = name or name_from_base("mil-nb")
-    environment = serving_environment(region, precision)
+    environment = serving_environment(region, precision, weights and f"encoder/{weights.name}")
     image = image_uris.retrieve(framework="pytorch", region=region, version=framework_version, py_version=py_version,
                                 instance_type=instance_type, image_scope="inference")
     model_data = f"{model_data_s3.rsplit('/', 1)[0]}/{name}/model.tar.gz"
     with tempfile.TemporaryDirectory() as tmp:
-        repack_model("inference.py", str(write_entry_source(Path(tmp)/"code")), [], model_data_s3, model_data,
-                     Session(boto_session=boto_session))
+        code = write_entry_source(Path(tmp)/"code")
+        if weights: (code/"encoder").mkdir(); shutil.copyfile(weights, code/"encoder"/weights.name)
+        repack_model("inference.py", str(code), [], model_data_s3, model_data, Session(boto_session=boto_session))
     Model.create(model_name=name,
                  primary_container=ContainerDefinition(image=image, model_data_url=model_data, environment=environment),
                  execution_role_arn=role, session=boto_session, region=region)

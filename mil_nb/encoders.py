@@ -17,10 +17,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .files import atomic_path
+from .model import AttentionMIL
 
 # %% auto #0
-__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'PRETRAINED_ENCODERS', 'WEIGHT_FILES', 'OPTIONAL_KEYS', 'EncoderSpec',
-           'PretrainedEncoder', 'weights_file', 'load_encoder_weights', 'save_encoder_weights', 'encoder_from_name']
+__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'PRETRAINED_ENCODERS', 'WEIGHT_FILES', 'OPTIONAL_KEYS', 'ENCODER_WEIGHTS_FILE',
+           'MODEL_FILES', 'ENCODER_WEIGHTS_ENV', 'EncoderSpec', 'PretrainedEncoder', 'weights_file',
+           'load_encoder_weights', 'save_encoder_weights', 'encoder_from_name', 'weights_fingerprint',
+           'find_encoder_weights', 'attach_tile_encoder']
 
 # %% ../nbs/20_encoders.ipynb #e0c0d005
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -174,3 +177,49 @@ def encoder_from_name(name: str,  # a registry name: resnet50-imagenet, phikon, 
     encoder = PretrainedEncoder(name, network, output)
     if weights is not None: load_encoder_weights(encoder, weights)
     return encoder.eval()
+
+# %% ../nbs/20_encoders.ipynb #e0c0d016
+ENCODER_WEIGHTS_FILE = "encoder.safetensors"  # a two-stage model's encoder weights, next to its model.pt
+MODEL_FILES = ("model.pt", "metrics.json", ENCODER_WEIGHTS_FILE)  # a model folder (what a model.tar.gz holds)
+ENCODER_WEIGHTS_ENV = "MIL_NB_ENCODER_WEIGHTS"  # else: the checkpoint file or folder this variable names
+
+def weights_fingerprint(encoder: PretrainedEncoder) -> str:
+    "SHA-256 (16 hex digits) of `encoder`'s weights as loaded: the same for one checkpoint in any file format."
+    digest = hashlib.sha256()
+    for key, value in sorted(encoder.network.state_dict().items()):
+        digest.update(f"{key} {value.dtype} {tuple(value.shape)}".encode())
+        digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+def find_encoder_weights(model_dir: str | os.PathLike,  # the folder holding the model's model.pt
+                         name: str,  # the model's encoder (`MILConfig.pretrained`)
+                        ) -> Path:
+    "The weights of a two-stage model's encoder: `encoder.safetensors` in `model_dir`, else `$MIL_NB_ENCODER_WEIGHTS`."
+    next_to = Path(model_dir)/ENCODER_WEIGHTS_FILE
+    if next_to.is_file(): return next_to
+    named = os.environ.get(ENCODER_WEIGHTS_ENV, "").strip()
+    if named:
+        try: return weights_file(named)
+        except (FileNotFoundError, ValueError) as error: raise type(error)(f"${ENCODER_WEIGHTS_ENV}: {error}") from None
+    raise FileNotFoundError(f"{model_dir}: a model on {name} features needs that encoder's weights: no "
+                            f"{ENCODER_WEIGHTS_FILE} next to its model.pt, and ${ENCODER_WEIGHTS_ENV} is not set "
+                            f"(weights from {PRETRAINED_ENCODERS[name].weights})")
+
+def attach_tile_encoder(model: AttentionMIL,  # a model from `load_model`; one without `config.pretrained` is returned
+                        model_dir: str | os.PathLike | None = None,  # where `find_encoder_weights` looks
+                        weights: str | os.PathLike | None = None,  # the weights instead (file or folder)
+                       ) -> AttentionMIL:
+    "`model`, taking tiles: a two-stage model gets its frozen encoder, with the weights its features came from."
+    name = model.config.pretrained
+    if name is None: return model
+    if name not in PRETRAINED_ENCODERS:
+        raise ValueError(f"the model was trained on features of {name!r}, not an encoder of this version of mil_nb "
+                         f"({', '.join(PRETRAINED_ENCODERS)})")
+    weights = weights if weights is not None else find_encoder_weights(model_dir, name)
+    encoder = encoder_from_name(name, weights=weights)
+    fingerprint = weights_fingerprint(encoder)
+    if model.pretrained_weights is not None and fingerprint != model.pretrained_weights:
+        raise ValueError(f"weights {weights}: not the {name} weights the model's features came from (fingerprint "
+                         f"{fingerprint}; the model's is {model.pretrained_weights})")
+    model.tile_encoder = encoder.requires_grad_(False).to(next(model.parameters()).device)
+    return model.eval()

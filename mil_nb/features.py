@@ -5,6 +5,7 @@
 # %% ../nbs/21_features.ipynb #d6803fb9
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -21,10 +22,12 @@ from tqdm.auto import tqdm
 from .devices import autocast, matmul_peak_gflops, resolve_device, resolve_precision
 from .encoders import PRETRAINED_ENCODERS, encoder_from_name
 from .files import atomic_path, write_json, write_table
+from .slides import open_slide
 from .tile_store import TileStore, check_output_folder, tiling_settings
 
 # %% auto #0
-__all__ = ['encode_tiles', 'FloatInput', 'extract_features', 'tiling_warnings', 'features_cli', 'bench_features']
+__all__ = ['encode_tiles', 'FloatInput', 'extract_features', 'cached_features', 'encoder_mpp', 'tiling_warnings', 'features_cli',
+           'bench_features']
 
 # %% ../nbs/21_features.ipynb #c0444b3a
 @torch.no_grad()
@@ -47,6 +50,12 @@ class FloatInput(nn.Module):
     def forward(self, tiles: torch.Tensor) -> torch.Tensor:
         return self.module(tiles.permute(0, 3, 1, 2).float() / 255)
 
+def _made_by(encoder: nn.Module, store: TileStore) -> dict:
+    "What a feature store is made from: the tile store, its tiling, the encoder and (registry encoders) its weights."
+    return {"tile_store": str(store.path.resolve()), "tiling": tiling_settings(store.meta),
+            "encoder": getattr(encoder, "name", type(encoder).__name__),
+            "weights": getattr(encoder, "weights", None)}  # a registry encoder's file and hash
+
 def extract_features(
     encoder: torch.nn.Module,  # a tile encoder: uint8 tiles (n, S, S, 3) in, (n, D) out (`encoder_from_name`)
     store: TileStore | str | os.PathLike,  # the tile store (or the folder of its parts)
@@ -64,9 +73,7 @@ def extract_features(
         raise ValueError(f"batch_size={batch_size!r}: expected an integer >= 1")
     if "features" in store.meta: raise ValueError(f"{store.path}: a store of features, not of tiles")
     check_output_folder(store.path, dest, ("bags",))
-    made_by = {"tile_store": str(store.path.resolve()), "tiling": tiling_settings(store.meta),
-               "encoder": getattr(encoder, "name", type(encoder).__name__),
-               "weights": getattr(encoder, "weights", None)}  # a registry encoder's file and hash
+    made_by = _made_by(encoder, store)
     if (dest/"meta.json").exists():
         old = json.loads((dest/"meta.json").read_text())
         if {k: old.get(k) for k in made_by} != made_by:
@@ -87,6 +94,30 @@ def extract_features(
     write_table(store.failures, dest/"failures.csv")
     write_table(store.index, dest/"index.csv")  # last: a store is complete once it has one
     return TileStore(dest)
+
+# %% ../nbs/21_features.ipynb #f0e1a011
+def cached_features(encoder: nn.Module,  # a tile encoder (`encoder_from_name`)
+                    store: TileStore | str | os.PathLike,  # the tile store (or the folder of its parts)
+                    cache_dir: str | os.PathLike,  # the folder of feature stores (one per store, tiling, encoder)
+                    **options,  # `extract_features`'s batch_size, device, precision, progress
+                   ) -> TileStore:
+    "`store` encoded by `encoder`: the feature store for them in `cache_dir`, made the first time."
+    store = store if isinstance(store, TileStore) else TileStore(store)
+    made_by = _made_by(encoder, store)
+    key = hashlib.sha256(json.dumps(made_by, sort_keys=True).encode()).hexdigest()[:12]
+    dest = Path(cache_dir)/f"{made_by['encoder']}-{key}"
+    if (dest/"index.csv").is_file() and (dest/"meta.json").is_file(): return TileStore(dest)
+    return extract_features(encoder, store, dest, **options)
+
+def encoder_mpp(name: str,  # a registry encoder
+                slides: list,  # slide files (the first that opens is asked)
+               ) -> float | None:
+    "The µm/px to tile at for encoder `name`: its own if the slides record theirs; None: tile at a level instead."
+    for slide in slides[:8]:
+        try:
+            with open_slide(slide) as reader: return PRETRAINED_ENCODERS[name].mpp if reader.mpp else None
+        except Exception: continue  # an unreadable slide: tiling reports it
+    return None
 
 # %% ../nbs/21_features.ipynb #f0e1a002
 def tiling_warnings(tiling: dict,  # a tile store's meta.json

@@ -21,6 +21,7 @@ import torch
 
 from .data import Bag, collate_bags
 from .devices import autocast, resolve_device, resolve_precision
+from .encoders import attach_tile_encoder
 from .model import AttentionMIL, MILConfig, load_model
 from .slides import SlideLimits, check_pages
 from .tasks import get_task
@@ -118,8 +119,10 @@ def load_served_model(model_dir: str | os.PathLike,  # the folder holding model.
     try: model = load_model(path, map_location=device)
     except Exception as error:
         raise ValueError(f"{path}: not a model that can be served ({_load_reason(error)})") from None
-    if model.config.encoder == "identity":
+    if model.config.encoder == "identity" and model.config.pretrained is None:
         raise ValueError(f"{path}: a model on feature bags (encoder='identity'); serving takes models on image tiles")
+    try: model = attach_tile_encoder(model, model_dir)  # two-stage: its encoder, with the weights it was trained on
+    except ImportError as error: raise ValueError(f"{path}: {error}") from None
     model.encode_chunk = ENCODE_CHUNK
     tiling = model.tiling or TilingConfig(tile_size=model.config.tile_size)
     return ServedModel(model, tiling, device, precision, limits or RequestLimits.from_env())

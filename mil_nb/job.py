@@ -19,6 +19,7 @@ import papermill
 from papermill.exceptions import PapermillExecutionError
 
 import mil_nb
+from .encoders import MODEL_FILES
 from .files import atomic_path
 from .parallel import die_with_parent
 from .parameters import check_train_parameters
@@ -108,7 +109,8 @@ def run_rank(parameters: dict, env: dict, notebook: str | os.PathLike = TRAIN_NO
         )
         return 1
     if rank == 0:
-        for name in ("model.pt", "metrics.json"): _copy(output_dir/name, Path(env["SM_MODEL_DIR"]))
+        for name in MODEL_FILES:  # the model, its metrics and a two-stage model's encoder weights
+            if (output_dir/name).is_file(): _copy(output_dir/name, Path(env["SM_MODEL_DIR"]))
         for pattern in REPORT_FILES:
             for path in output_dir.glob(pattern): _copy(path, report)
     return 0

@@ -44,6 +44,9 @@ class MILConfig:
     attention_dim: int = 128
     attention_branches: int = 1  # independent attention heads, their pooled embeddings concatenated
     task: str = "binary"  # a name in `mil_nb.tasks.TASKS`: "binary" (benign vs malignant), "isup" (grades 0-5)
+    hidden_dim: int = 0  # a Linear + ReLU from embed_dim to this size before pooling (CLAM's 512); 0: none
+    dropout: float = 0.0  # dropout on the (projected) embeddings and in the attention branches, when training
+    pretrained: str | None = None  # two-stage: the `mil_nb.encoders` encoder whose features are the instances
 
     def __post_init__(self):
         allowed_values = (("encoder", ENCODERS), ("pooling", POOLINGS), ("task", tuple(TASKS)))
@@ -52,12 +55,23 @@ class MILConfig:
             if value not in allowed: raise ValueError(f"MILConfig.{field}={value!r}: expected one of {allowed}")
         if self.attention_branches < 1:
             raise ValueError(f"MILConfig.attention_branches={self.attention_branches}: need at least 1")
+        if not (isinstance(self.hidden_dim, int) and self.hidden_dim >= 0):
+            raise ValueError(f"MILConfig.hidden_dim={self.hidden_dim!r}: expected an integer >= 0")
+        if not 0 <= self.dropout < 1: raise ValueError(f"MILConfig.dropout={self.dropout!r}: expected 0 <= dropout < 1")
+        if self.pretrained is not None and self.encoder != "identity":
+            raise ValueError(f"MILConfig.pretrained={self.pretrained!r}: a model on a pretrained encoder's features "
+                             f"takes them as they are (encoder='identity'), not encoder={self.encoder!r}")
         if self.encoder in _CONV_KERNELS and _conv_side(self.tile_size, _CONV_KERNELS[self.encoder]) < 1:
             smallest = next(s for s in range(1, 1000) if _conv_side(s, _CONV_KERNELS[self.encoder]) >= 1)
             raise ValueError(
                 f"MILConfig.tile_size={self.tile_size}: the {self.encoder} encoder needs tiles of at least "
                 f"{smallest} px"
             )
+
+    @property
+    def instance_dim(self) -> int:
+        "The size of the instance embeddings that are pooled: `hidden_dim` when there is a projection."
+        return self.hidden_dim or self.embed_dim
 
     @property
     def n_outputs(self) -> int:
@@ -114,8 +128,9 @@ class AttentionPool(nn.Module):
     "(Gated) attention pooling: softmax weights over the instances of each bag and the weighted mean embedding."
     def __init__(self, config: MILConfig, gated: bool = False):
         super().__init__()
-        self.tanh_branch = nn.Sequential(nn.Linear(config.embed_dim, config.attention_dim), nn.Tanh())
-        self.gate = nn.Sequential(nn.Linear(config.embed_dim, config.attention_dim), nn.Sigmoid()) if gated else None
+        dim, hidden, dropout = config.instance_dim, config.attention_dim, config.dropout
+        self.tanh_branch = nn.Sequential(nn.Linear(dim, hidden), nn.Tanh(), nn.Dropout(dropout))
+        self.gate = nn.Sequential(nn.Linear(dim, hidden), nn.Sigmoid(), nn.Dropout(dropout)) if gated else None
         # softmax is shift-invariant
         self.score = nn.Linear(config.attention_dim, config.attention_branches, bias=False)
 
@@ -156,15 +171,31 @@ class AttentionMIL(nn.Module):
         super().__init__()
         self.config = config
         self.encoder = _ENCODER_CLASSES[config.encoder](config)
-        pooled_dim = config.embed_dim
+        self.project = nn.Sequential(nn.Linear(config.embed_dim, config.hidden_dim), nn.ReLU()) \
+            if config.hidden_dim else nn.Identity()
+        self.dropout = nn.Dropout(config.dropout)
+        pooled_dim = config.instance_dim
         if config.pooling in ("attention", "gated_attention"):
             self.pool = AttentionPool(config, gated=config.pooling == "gated_attention")
-            pooled_dim = config.embed_dim * config.attention_branches
+            pooled_dim = config.instance_dim * config.attention_branches
         else:
             self.pool = {"mean": MeanPool(), "max": MaxPool()}.get(config.pooling)
         self.classifier = nn.Linear(pooled_dim, config.n_outputs)
         self.encode_chunk = 128  # instances per encoder call: bounds the activations held at once
         self.tiling: TilingConfig | None = None  # how the tiles it learnt from were cut (set by `fit` and `load_model`)
+        self.tile_encoder: nn.Module | None = None  # two-stage: the frozen encoder of tiles into features (not saved)
+        self.pretrained_weights: str | None = None  # two-stage: the fingerprint of that encoder's weights
+
+    @property
+    def takes_tiles(self) -> bool:
+        "Whether the instances are image tiles: an image encoder's, or a two-stage model's with its tile encoder."
+        return self.config.encoder != "identity" or self.tile_encoder is not None
+
+    def train(self, mode: bool = True):
+        "Training (or eval) mode for the model; an attached tile encoder stays frozen, in eval mode."
+        super().train(mode)
+        if self.tile_encoder is not None: self.tile_encoder.eval()
+        return self
 
     def _encode(self, instances: torch.Tensor) -> torch.Tensor:
         "Embeddings of (n, ...) instances, encoded `encode_chunk` at a time."
@@ -176,6 +207,7 @@ class AttentionMIL(nn.Module):
         # n in [2^k, 2^(k+1)) rounds up to a multiple of 2^(k-2): < 25% more
         padding = -n % (1 << max(n.bit_length() - 3, 0))
         if padding: instances = torch.cat([instances, instances.new_zeros((padding, *instances.shape[1:]))])
+        if self.tile_encoder is not None: instances = self.tile_encoder(instances)
         return self.encoder(instances)[:n]
 
     def _check(self, instances: torch.Tensor, mask: torch.Tensor):
@@ -184,7 +216,7 @@ class AttentionMIL(nn.Module):
                 f"instances {tuple(instances.shape)} and mask {tuple(mask.shape)} disagree on (bags, instances)"
             )
         expected = (self.config.tile_size, self.config.tile_size, self.config.channels)
-        if self.config.encoder != "identity" and tuple(instances.shape[2:]) != expected:
+        if self.takes_tiles and tuple(instances.shape[2:]) != expected:
             raise ValueError(f"instances are {tuple(instances.shape[2:])}; this model takes "
                              f"{self.config.tile_size} x {self.config.tile_size} x {self.config.channels} tiles")
         if not mask.any(dim=1).all(): raise ValueError("every bag needs at least one instance (mask has an empty row)")
@@ -192,7 +224,7 @@ class AttentionMIL(nn.Module):
     def forward(self, instances: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         "Logits ((B,) for one output, else (B, outputs)) and attention (B, N) of padded instances and their mask."
         self._check(instances, mask)
-        real = self._encode(instances[mask])
+        real = self.dropout(self.project(self._encode(instances[mask])))
         embeddings = real.new_zeros((*mask.shape, real.shape[-1]))
         embeddings[mask] = real
         if self.pool is None:  # instance-level pooling: classify every instance, then pool probabilities
@@ -241,9 +273,10 @@ def check_mil_invariants(model: AttentionMIL, bags: list, eps: float = 1e-5):
 # %% ../nbs/13_model.ipynb #6251c2fd
 def save_model(model: AttentionMIL, path: str | os.PathLike, tiling: TilingConfig | None = None):
     "Write the model's config, weights and tiling settings (`tiling`, else `model.tiling`) to `path` (atomically)."
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items() if not k.startswith("tile_encoder.")}
     tiling = tiling or model.tiling
     saved = {"config": asdict(model.config), "state_dict": state} | ({"tiling": asdict(tiling)} if tiling else {})
+    if model.pretrained_weights: saved["pretrained_weights"] = model.pretrained_weights
     with atomic_path(path) as tmp: torch.save(saved, tmp)
 
 def load_model(path: str | os.PathLike,  # a file written by `save_model`
@@ -254,6 +287,7 @@ def load_model(path: str | os.PathLike,  # a file written by `save_model`
     model = AttentionMIL(MILConfig(**saved["config"])).to(map_location)
     model.load_state_dict(saved["state_dict"])
     model.tiling = TilingConfig(**saved["tiling"]) if "tiling" in saved else None
+    model.pretrained_weights = saved.get("pretrained_weights")
     if model.tiling and model.tiling.tile_size != model.config.tile_size:
         raise ValueError(f"{path}: its tiling makes {model.tiling.tile_size} px tiles, but the model takes "
                          f"{model.config.tile_size} px tiles")

@@ -20,21 +20,21 @@ import torch
 
 from .data import Bag, collate_bags
 from .devices import autocast
+from .encoders import MODEL_FILES
 from .inference import ServedModel, load_served_model
 from .panda import check_image_id
 from .slides import SlideLimits, open_slide
 from .tiling import TilingConfig, tile_side_level0, tile_slide
 
 # %% auto #0
-__all__ = ['MODEL_FILES', 'MAX_MODEL_BYTES', 'model_folder', 'CohortModels', 'load_models', 'tile_for_scoring', 'predict_bags',
+__all__ = ['MAX_MODEL_BYTES', 'model_folder', 'CohortModels', 'load_models', 'tile_for_scoring', 'predict_bags',
            'tile_measurements']
 
 # %% ../nbs/34_scorer.ipynb #c0400008
-MODEL_FILES = ("model.pt", "metrics.json")  # what is taken from a model.tar.gz
-MAX_MODEL_BYTES = 2**32  # the largest member unpacked from a model.tar.gz (4 GiB; the tile model is 88 MB)
+MAX_MODEL_BYTES = 2**32  # the largest member unpacked from a model.tar.gz (4 GiB; model.pt 88 MB, a ViT-L 1.2 GB)
 
 def model_folder(model_dir: str | os.PathLike,  # a folder with model.pt, or a model.tar.gz
-                 scratch: Path,  # where a model.tar.gz's model.pt and metrics.json are unpacked
+                 scratch: Path,  # where a model.tar.gz's `MODEL_FILES` are unpacked
                 ) -> Path:
     "The folder holding `model_dir`'s model.pt: itself, or the unpacked `model.tar.gz`."
     path = Path(model_dir)

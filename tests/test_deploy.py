@@ -108,3 +108,38 @@ def test_deploy_creates_model_and_endpoint_that_serve(aws, tmp_path):
 
 def test_deploy_refuses_what_is_not_a_model_tar_gz(aws):
     with pytest.raises(ValueError, match="model.tar.gz"): deploy("s3://models/model.pt", "ml.m5.xlarge", ROLE)
+
+
+def test_deploy_packs_a_two_stage_models_encoder_weights(aws, tmp_path):
+    from mil_nb.encoders import encoder_from_name, save_encoder_weights, weights_fingerprint
+    resnet = encoder_from_name("resnet50-imagenet", random_weights=True)
+    save_encoder_weights(resnet, tmp_path/"resnet.safetensors")
+    head = AttentionMIL(MILConfig(encoder="identity", embed_dim=1024, hidden_dim=16, pretrained="resnet50-imagenet",
+                                  tile_size=32))
+    head.pretrained_weights = weights_fingerprint(resnet)
+    save_model(head, tmp_path/"model.pt", tiling=TilingConfig(mode="tissue", n_tiles=8, tile_size=32, level=0))
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar: tar.add(tmp_path/"model.pt", arcname="model.pt")
+    s3 = boto3.client("s3", region_name=REGION)
+    s3.create_bucket(Bucket="models")
+    s3.put_object(Bucket="models", Key="two-stage/model.tar.gz", Body=buffer.getvalue())
+
+    deploy("s3://models/two-stage/model.tar.gz", "ml.m5.xlarge", ROLE, name="two-stage", boto_session=moto_session(),
+           encoder_weights=str(tmp_path/"resnet.safetensors"))
+
+    environment = boto3.client("sagemaker", region_name=REGION).describe_model(
+        ModelName="two-stage")["PrimaryContainer"]["Environment"]
+    assert environment["MIL_NB_ENCODER_WEIGHTS"] == "/opt/ml/model/code/encoder/resnet.safetensors"
+    model_dir = tmp_path/"opt-ml-model"
+    artifact = s3.get_object(Bucket="models", Key="two-stage/two-stage/model.tar.gz")["Body"].read()
+    with tarfile.open(fileobj=io.BytesIO(artifact)) as tar: tar.extractall(model_dir, filter="data")
+    assert (model_dir/"code"/"encoder"/"resnet.safetensors").read_bytes() == (tmp_path/"resnet.safetensors").read_bytes()
+    (tmp_path/"bag.npy").write_bytes(npy_body(np.zeros((3, 32, 32, 3), np.uint8)))
+    code = model_dir/"code"
+    packed = str(code/"encoder"/"resnet.safetensors")  # where the container's /opt/ml/model/code/encoder/ is here
+    run = subprocess.run([sys.executable, "-c", CONTAINER, str(code), str(model_dir), str(tmp_path/"bag.npy"),
+                          "application/x-npy"], cwd=code, capture_output=True, text=True,
+                         env={**os.environ, "SAGEMAKER_PROGRAM": "inference.py", "MIL_NB_ENCODER_WEIGHTS": packed})
+    assert run.returncode == 0, run.stderr
+    (status, answer), = json.loads(run.stdout.splitlines()[-1])
+    assert (status, answer["n_tiles"]) == (200, 3)

@@ -13,7 +13,9 @@ PUBLIC = [training.fit, data.bag_loader, tile_store.tile_slides, tiling.tile_sli
           geojson.tile_geojson, processing.launch_processing, processing.launch_predict, processing.launch_tiling,
           processing.merge_scores, local_processing.run_predict_local, local_processing.run_tiling_local,
           tile_store.merge_tile_stores, tile_store.ready_tile_store, distributed.compress_gradients,
-          encoders.encoder_from_name, encoders.load_encoder_weights, features.extract_features, features.bench_features]
+          encoders.encoder_from_name, encoders.load_encoder_weights, encoders.attach_tile_encoder,
+          encoders.find_encoder_weights, features.extract_features, features.cached_features, features.encoder_mpp,
+          features.bench_features]
 
 
 @pytest.mark.parametrize("function", PUBLIC, ids=lambda f: f"{f.__module__}.{f.__name__}")
