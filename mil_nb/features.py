@@ -99,7 +99,10 @@ def extract_features(
 def cached_features(encoder: nn.Module,  # a tile encoder (`encoder_from_name`)
                     store: TileStore | str | os.PathLike,  # the tile store (or the folder of its parts)
                     cache_dir: str | os.PathLike,  # the folder of feature stores (one per store, tiling, encoder)
-                    **options,  # `extract_features`'s batch_size, device, precision, progress
+                    batch_size: int = 64,  # tiles per forward pass
+                    device: str = "auto",  # auto (cuda when present), cpu, cuda, cuda:1, ...
+                    precision: str = "auto",  # fp32, bf16 or fp16 (auto: bf16 where native)
+                    progress: bool = True,  # show a progress bar
                    ) -> TileStore:
     "`store` encoded by `encoder`: the feature store for them in `cache_dir`, made the first time."
     store = store if isinstance(store, TileStore) else TileStore(store)
@@ -107,7 +110,7 @@ def cached_features(encoder: nn.Module,  # a tile encoder (`encoder_from_name`)
     key = hashlib.sha256(json.dumps(made_by, sort_keys=True).encode()).hexdigest()[:12]
     dest = Path(cache_dir)/f"{made_by['encoder']}-{key}"
     if (dest/"index.csv").is_file() and (dest/"meta.json").is_file(): return TileStore(dest)
-    return extract_features(encoder, store, dest, **options)
+    return extract_features(encoder, store, dest, batch_size, device, precision, progress)
 
 def encoder_mpp(name: str,  # a registry encoder
                 slides: list,  # slide files (the first that opens is asked)
