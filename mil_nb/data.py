@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -19,7 +19,8 @@ from .tasks import Task, get_task
 from .tile_store import TileStore
 
 # %% auto #0
-__all__ = ['Bag', 'BagDataset', 'Batch', 'collate_bags', 'EpochSampler', 'InstanceSampling', 'bag_loader']
+__all__ = ['RGB_FROM_HED', 'HED_FROM_RGB', 'Bag', 'BagDataset', 'Batch', 'collate_bags', 'dihedral_transform',
+           'jitter_hed_stains', 'augment_tiles', 'EpochSampler', 'TrainingDraws', 'bag_loader']
 
 # %% ../nbs/12_data.ipynb #341cf587
 @dataclass
@@ -99,6 +100,51 @@ def collate_bags(bags: list[Bag]) -> Batch:
     labels = torch.tensor([bag.label for bag in bags], dtype=torch.float32)
     return Batch(instances, mask, labels, bags)
 
+# %% ../nbs/12_data.ipynb #a7d3e1c1
+def dihedral_transform(tile: np.ndarray,  # one image (S, S, C)
+                  k: int,  # which of the 8 symmetries of a square: k % 4 quarter turns, then a flip when k >= 4
+                 ) -> np.ndarray:
+    "`tile` turned by `k` % 4 quarter turns, and flipped left to right when `k` >= 4."
+    turned = np.rot90(tile, k % 4)
+    return turned[:, ::-1] if k >= 4 else turned
+
+# %% ../nbs/12_data.ipynb #a7d3e1c4
+RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], np.float32)
+HED_FROM_RGB = np.linalg.inv(RGB_FROM_HED)
+
+def jitter_hed_stains(image: np.ndarray,  # RGB uint8 (..., 3)
+                  alpha: np.ndarray,  # (3,) factors of the haematoxylin, eosin and DAB amounts
+                  beta: np.ndarray,  # (3,) then added to them (in optical density units)
+                 ) -> np.ndarray:
+    "`image` with the amount `s` of each stain of each pixel changed to `s * alpha + beta`, back in RGB uint8."
+    density = -np.log((image.astype(np.float32) + 1) / 256)  # white (255) is 0; +1: black is finite
+    stains = density @ HED_FROM_RGB
+    rgb = 256 * np.exp(-((stains * alpha + beta) @ RGB_FROM_HED)) - 1
+    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+
+# %% ../nbs/12_data.ipynb #a7d3e1c7
+def _is_rgb_tiles(instances: np.ndarray) -> bool:
+    "Whether `instances` are square RGB uint8 tiles (n, S, S, 3)."
+    return (instances.ndim == 4 and instances.dtype == np.uint8 and instances.shape[3] == 3
+            and instances.shape[1] == instances.shape[2])
+
+def augment_tiles(tiles: np.ndarray,  # a bag's RGB tiles (n, S, S, 3) uint8
+                  rng: np.random.Generator,  # where the draws come from
+                  dihedral: bool = True,  # turn and flip each tile (`dihedral_transform`)
+                  stain_jitter: float = 0.0,  # σ: each stain's amount s becomes s * U(1-σ, 1+σ) + U(-σ, σ)
+                 ) -> np.ndarray:
+    "`tiles`, each in its own random orientation and staining."
+    if not _is_rgb_tiles(tiles):
+        raise ValueError(f"tiles: expected (n, S, S, 3) uint8, got {tiles.dtype} {tiles.shape}")
+    turns = rng.integers(8, size=len(tiles)) if dihedral else np.zeros(len(tiles), int)
+    alphas = rng.uniform(1 - stain_jitter, 1 + stain_jitter, (len(tiles), 3))
+    betas = rng.uniform(-stain_jitter, stain_jitter, (len(tiles), 3))
+    augmented = np.empty_like(tiles)
+    for i, tile in enumerate(tiles):
+        stained = jitter_hed_stains(tile, alphas[i], betas[i]) if stain_jitter else tile
+        augmented[i] = dihedral_transform(stained, turns[i])
+    return augmented
+
 # %% ../nbs/12_data.ipynb #d95cee3f
 class EpochSampler(Sampler):
     "Wraps a `DistributedSampler`: yields (index, epoch), so that a data set can draw per-epoch randomness."
@@ -114,25 +160,50 @@ class EpochSampler(Sampler):
     def __iter__(self): return ((i, self.sampler.epoch) for i in self.sampler)
     def __len__(self): return len(self.sampler)
 
-class InstanceSampling(Dataset):
-    "`dataset`'s bags, each cut to at most `max_instances` instances drawn from (seed, epoch, index)."
-    def __init__(self, dataset: Dataset, max_instances: int, seed: int = 0):
-        if not isinstance(max_instances, int) or max_instances < 1:
-            raise ValueError(f"max_instances={max_instances!r}: expected None or an integer >= 1")
+def _check_draws(max_instances, augment, stain_jitter):
+    "Refuse per-epoch draws a training loader cannot make, naming each."
+    is_number = isinstance(stain_jitter, (int, float)) and not isinstance(stain_jitter, bool)
+    problems = [f"max_instances={max_instances!r}: expected None or an integer >= 1" * (
+                    max_instances is not None and (not isinstance(max_instances, int) or max_instances < 1)),
+                f"augment={augment!r}: expected True or False" * (not isinstance(augment, bool)),
+                f"stain_jitter={stain_jitter!r}: expected a number in [0, 1)" * (
+                    not is_number or not 0 <= stain_jitter < 1)]
+    if any(problems): raise ValueError("; ".join(p for p in problems if p))
+
+class TrainingDraws(Dataset):
+    "`dataset`'s bags with their random draws of an epoch, from (seed, epoch, index) alone: instances, augmentation."
+    def __init__(self, dataset: Dataset, max_instances: int | None = None, augment: bool = False,
+                 stain_jitter: float = 0.0, seed: int = 0):
+        _check_draws(max_instances, augment, stain_jitter)
         self.dataset, self.max_instances, self.seed = dataset, max_instances, seed
+        self.augment, self.stain_jitter = augment, stain_jitter
+        if self.augments and len(dataset): self._check_tiles(dataset[0])
+
+    @property
+    def augments(self) -> bool: return self.augment or self.stain_jitter > 0
 
     def __len__(self): return len(self.dataset)
 
     def __getitem__(self, index_epoch: tuple[int, int]) -> Bag:
         index, epoch = index_epoch
-        bag = self.dataset[index]
-        if len(bag) <= self.max_instances: return bag
-        rng = np.random.default_rng([self.seed, epoch, index])
-        keep = np.sort(rng.choice(len(bag), self.max_instances, replace=False))
-        take = lambda a: None if a is None else a[keep]
-        return Bag(
-            bag.instances[keep], bag.label, bag.image_id, bag.isup_grade, take(bag.coords), take(bag.instance_labels)
-        )
+        bag, rng = self.dataset[index], np.random.default_rng([self.seed, epoch, index])
+        if self.max_instances is not None and len(bag) > self.max_instances:
+            keep = np.sort(rng.choice(len(bag), self.max_instances, replace=False))
+            take = lambda a: None if a is None else a[keep]
+            bag = Bag(bag.instances[keep], bag.label, bag.image_id, bag.isup_grade, take(bag.coords),
+                      take(bag.instance_labels))
+        if not self.augments: return bag
+        self._check_tiles(bag)
+        return replace(bag, instances=augment_tiles(bag.instances, rng, self.augment, self.stain_jitter))
+
+    def _check_tiles(self, bag: Bag):
+        "Only RGB image tiles are augmented, never features."
+        if _is_rgb_tiles(bag.instances): return
+        asked = " and ".join(f"{k}={v!r}" for k, v in (("augment", self.augment), ("stain_jitter", self.stain_jitter))
+                             if v)
+        raise ValueError(f"{asked}: augmentation needs RGB image tiles (n, S, S, 3) uint8, but bag "
+                         f"{bag.image_id or '(unnamed)'} holds {bag.instances.dtype} {bag.instances.shape} "
+                         "(features are never augmented)")
 
 def bag_loader(dataset: Dataset,  # a `BagDataset`, or any data set of `Bag`s
                batch_size: int = 8,  # bags per batch (per process under torchrun)
@@ -143,12 +214,15 @@ def bag_loader(dataset: Dataset,  # a `BagDataset`, or any data set of `Bag`s
                num_replicas: int = 1,  # data-parallel processes sharing the data (torchrun's WORLD_SIZE)
                rank: int = 0,  # this process's place among them (RANK)
                max_instances: int | None = None,  # training: at most this many instances of a bag per step (None: all)
+               augment: bool = False,  # training: each tile in one of its 8 orientations (flips, quarter turns)
+               stain_jitter: float = 0.0,  # training: strength of the HED stain jitter of each tile (0: none; 0.05)
               ) -> DataLoader:
     "A DataLoader of padded `Batch`es over `dataset`, shuffled per epoch from `seed` when `shuffle`."
+    _check_draws(max_instances, augment, stain_jitter)
     if shuffle:
         sampler = DistributedSampler(dataset, num_replicas, rank, shuffle=True, seed=seed)
-        if max_instances is not None:
-            sampler, dataset = EpochSampler(sampler), InstanceSampling(dataset, max_instances, seed)
+        if max_instances is not None or augment or stain_jitter > 0:
+            sampler, dataset = EpochSampler(sampler), TrainingDraws(dataset, max_instances, augment, stain_jitter, seed)
     else: sampler = ShardSampler(len(dataset), num_replicas, rank) if num_replicas > 1 else None
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_bags, num_workers=num_workers,
                       pin_memory=pin_memory, persistent_workers=num_workers > 0, worker_init_fn=_die_with_parent)

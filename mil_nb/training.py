@@ -21,12 +21,12 @@ from .run_files import RunFolder
 from .tiling import TilingConfig
 
 # %% auto #0
-__all__ = ['CHANCE', 'train_epoch', 'improved', 'FitResult', 'fit']
+__all__ = ['OPTIMIZERS', 'SCHEDULES', 'CHANCE', 'train_epoch', 'make_schedule', 'improved', 'FitResult', 'fit']
 
 # %% ../nbs/17_training.ipynb #0457a04e
-def train_epoch(model: torch.nn.Module, loader, optimizer, scaler, device: torch.device, precision: str,
+def train_epoch(model: torch.nn.Module, loader, optimizer, scheduler, scaler, device: torch.device, precision: str,
                 progress: bool = False, desc: str = "") -> tuple[float, int]:
-    "One pass over `loader`, one optimiser step per batch of bags: mean loss and number of bags (over all ranks)."
+    "One pass over `loader`, one optimiser (and `scheduler`) step per batch of bags: mean loss and number of bags."
     model.train()
     task, total, seen = model_task(getattr(model, "module", model)), 0.0, 0
     bar = tqdm(loader, desc=desc, disable=not progress, leave=False)
@@ -39,10 +39,33 @@ def train_epoch(model: torch.nn.Module, loader, optimizer, scaler, device: torch
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
+        scheduler.step()
         total += loss.item() * len(batch.labels); seen += len(batch.labels)
         bar.set_postfix(loss=f"{total / seen:.4f}")
     total, seen = all_sum(total, seen)
     return total / seen, int(seen)
+
+# %% ../nbs/17_training.ipynb #b7e2c4a1
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}  # name: Adam (L2 penalty), AdamW (decoupled)
+SCHEDULES = ("constant", "cosine")
+
+def make_schedule(optimizer: torch.optim.Optimizer,  # the optimiser whose learning rate the schedule sets
+                  schedule: str = "constant",  # "constant" or "cosine" (to 0 at `total_steps`)
+                  warmup_steps: int = 0,  # steps of linear warm-up first
+                  total_steps: int = 1,  # steps of the whole run
+                 ) -> torch.optim.lr_scheduler.LambdaLR:
+    "A per-step schedule of `optimizer`'s learning rate: linear warm-up, then constant or cosine decay."
+    problems = [f"schedule={schedule!r}: expected one of {', '.join(SCHEDULES)}" * (schedule not in SCHEDULES),
+                f"total_steps={total_steps!r}: expected an integer >= 1" * (
+                    not isinstance(total_steps, int) or total_steps < 1),
+                f"warmup_steps={warmup_steps!r}: expected an integer >= 0 and < total_steps" * (
+                    not isinstance(warmup_steps, int) or not 0 <= warmup_steps < total_steps)]
+    if any(problems): raise ValueError("make_schedule: " + "; ".join(p for p in problems if p))
+    def factor(step: int) -> float:  # of the base learning rate, before optimiser step `step` (from 0)
+        if step < warmup_steps: return (step + 1) / warmup_steps
+        if schedule == "constant": return 1.0
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / (total_steps - warmup_steps)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 # %% ../nbs/17_training.ipynb #0c7ee9fb
 def improved(score: float, best: float | None, monitor: str) -> bool:
@@ -52,10 +75,13 @@ def improved(score: float, best: float | None, monitor: str) -> bool:
     return score < best if monitor.endswith("loss") else score > best
 
 # %% ../nbs/17_training.ipynb #f7dd8115
-def _settings(model, train_loader, lr, betas, weight_decay, monitor) -> dict:
+def _settings(model, train_loader, lr, betas, weight_decay, monitor, optimizer, schedule, warmup_epochs,
+              epochs) -> dict:
     "What a checkpoint must have been made with for this run to resume from it."
     return {"model": asdict(model.config) if hasattr(model, "config") else type(model).__name__, "lr": lr,
-            "betas": list(betas), "weight_decay": weight_decay, "monitor": monitor,
+            "betas": list(betas), "weight_decay": weight_decay, "monitor": monitor, "optimizer": optimizer,
+            "schedule": schedule, "warmup_epochs": warmup_epochs,
+            "schedule_epochs": epochs if schedule == "cosine" else None,
             "batch_size": train_loader.batch_size, "n_train": len(train_loader.dataset),
             "world_size": current_world().size}
 
@@ -71,20 +97,21 @@ class _RunState:
     next_epoch: int = 1
 
     @classmethod
-    def restore(cls, checkpoint: dict | None, model, optimizer, scaler) -> "_RunState":
-        "A new run's state, or (from `checkpoint`) the model, optimiser, loss scaler, random state and run resumed."
+    def restore(cls, checkpoint: dict | None, model, optimizer, scheduler, scaler) -> "_RunState":
+        "A new run's state, or (from `checkpoint`) the model, optimiser, schedule, loss scaler, random state and run."
         if checkpoint is None: return cls()
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
         scaler.load_state_dict(checkpoint["scaler"])
         torch.set_rng_state(checkpoint["rng"])
         return cls(checkpoint["history"], checkpoint["best"], checkpoint["elapsed"], checkpoint["epoch"] + 1)
 
-    def checkpoint(self, model, optimizer, scaler, settings: dict, elapsed: float) -> dict:
+    def checkpoint(self, model, optimizer, scheduler, scaler, settings: dict, elapsed: float) -> dict:
         "Everything to resume from after the last epoch (tensors and plain values: loads with weights_only=True)."
         return {"epoch": self.history[-1]["epoch"], "model": _cpu_state(model), "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(), "rng": torch.get_rng_state(), "history": self.history,
-                "best": self.best, "settings": settings, "elapsed": elapsed}
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": torch.get_rng_state(),
+                "history": self.history, "best": self.best, "settings": settings, "elapsed": elapsed}
 
     def keep_if_best(self, valid: dict, monitor: str, model) -> bool:
         "Whether the last epoch's `valid` metrics are the best so far; if so they (and `model`'s weights) are kept."
@@ -99,7 +126,7 @@ class _RunState:
 @dataclass
 class FitResult:
     "What `fit` learnt: the history, the kept epoch with its validation metrics, and its validation predictions."
-    history: pd.DataFrame  # one row per epoch: train_loss, val_* metrics, train_bags_per_s, seconds
+    history: pd.DataFrame  # one row per epoch: train_loss, lr, val_* metrics, train_bags_per_s, seconds
     metrics: dict  # the kept epoch's validation metrics (val_*) and the run's facts: what metrics.json holds
     kept_epoch: int | None  # the epoch whose weights the model holds (None: no epoch ran)
     predictions: Predictions | None  # the kept model's predictions on the validation bags (None without them)
@@ -127,11 +154,17 @@ class FitResult:
 
 CHANCE = {"auc": 0.5, "qwk": 0.0}  # a monitored metric's value for a model that learnt nothing
 
-def _check_arguments(epochs, lr, weight_decay, patience, resume, output_dir):
+def _check_arguments(epochs, lr, weight_decay, patience, resume, output_dir, optimizer, schedule, warmup_epochs):
     "Refuse arguments `fit` cannot train with, naming each, before any work."
-    problems = [f"epochs={epochs!r}: expected an integer >= 1" * (not isinstance(epochs, int) or epochs < 1),
+    epochs_ok = isinstance(epochs, int) and epochs >= 1
+    warmup_ok = isinstance(warmup_epochs, (int, float)) and not isinstance(warmup_epochs, bool) and (
+        0 <= warmup_epochs < (epochs if epochs_ok else math.inf))
+    problems = [f"epochs={epochs!r}: expected an integer >= 1" * (not epochs_ok),
                 f"lr={lr!r}: expected a number > 0" * (not isinstance(lr, (int, float)) or not lr > 0),
                 f"weight_decay={weight_decay!r}: expected a number >= 0" * (not weight_decay >= 0),
+                f"optimizer={optimizer!r}: expected one of {', '.join(OPTIMIZERS)}" * (optimizer not in OPTIMIZERS),
+                f"schedule={schedule!r}: expected one of {', '.join(SCHEDULES)}" * (schedule not in SCHEDULES),
+                f"warmup_epochs={warmup_epochs!r}: expected a number >= 0 and < epochs" * (not warmup_ok),
                 f"patience={patience!r}: expected None or an integer >= 1" * (patience is not None and patience < 1),
                 "resume=True needs the output_dir of the run to resume" * (resume and output_dir is None)]
     if any(problems): raise ValueError("fit: " + "; ".join(p for p in problems if p))
@@ -140,9 +173,12 @@ def fit(model: torch.nn.Module,  # the model to train (an `AttentionMIL`); it en
         train_loader,  # `bag_loader(..., shuffle=True)` over the training bags (under torchrun: this rank's share)
         valid_loader=None,  # `bag_loader` over the validation bags, predicted after every epoch (None: no validation)
         epochs: int = 10,  # the last epoch to train (a resumed run goes on up to it)
-        lr: float = 1e-4,  # Adam's learning rate
+        lr: float = 1e-4,  # the learning rate (the peak of a schedule)
         betas: tuple[float, float] = (0.9, 0.999),  # Adam's betas
-        weight_decay: float = 5e-4,  # Adam's weight decay
+        weight_decay: float = 5e-4,  # an L2 penalty (adam) or the decay of the weights per unit of lr (adamw)
+        optimizer: str = "adam",  # "adam" (weight decay as an L2 penalty) or "adamw" (decoupled weight decay)
+        schedule: str = "constant",  # the learning rate per step: "constant" or "cosine" (down to 0 at the end)
+        warmup_epochs: float = 0,  # epochs of linear warm-up to `lr` first (< epochs)
         device: str = "auto",  # "auto" (CUDA when present, else CPU), "cpu", "cuda", "cuda:1", ...
         precision: str = "auto",  # "auto" (bf16 where native, else fp32), "fp32", "bf16", "fp16" (CUDA AMP)
         output_dir: str | os.PathLike | None = None,  # folder for checkpoint.pt, history.csv, model.pt, metrics.json
@@ -155,7 +191,7 @@ def fit(model: torch.nn.Module,  # the model to train (an `AttentionMIL`); it en
         progress: bool = True,  # progress bars and one line per epoch
        ) -> FitResult:
     "Train `model` on `train_loader`, validating on `valid_loader` (if any) every epoch; what it learnt."
-    _check_arguments(epochs, lr, weight_decay, patience, resume, output_dir)
+    _check_arguments(epochs, lr, weight_decay, patience, resume, output_dir, optimizer, schedule, warmup_epochs)
     device = resolve_device(device)
     precision = resolve_precision(precision, device)
     monitor, world = monitor or model_task(model).monitor, current_world()
@@ -165,11 +201,13 @@ def fit(model: torch.nn.Module,  # the model to train (an `AttentionMIL`); it en
     writes, progress = folder is not None and world.is_main, progress and world.is_main
     keep_best = keep_best and valid_loader is not None
     model.to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay,
-                                 fused=device.type in ("cpu", "cuda"))
+    settings = _settings(model, train_loader, lr, betas, weight_decay, monitor, optimizer, schedule, warmup_epochs,
+                         epochs)
+    optim = OPTIMIZERS[optimizer](model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay,
+                                  fused=device.type in ("cpu", "cuda"))
+    scheduler = make_schedule(optim, schedule, int(warmup_epochs * len(train_loader)), epochs * len(train_loader))
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    settings = _settings(model, train_loader, lr, betas, weight_decay, monitor)
-    run = _RunState.restore(folder.read_checkpoint(settings) if resume else None, model, optimizer, scaler)
+    run = _RunState.restore(folder.read_checkpoint(settings) if resume else None, model, optim, scheduler, scaler)
     if progress and run.history: print(f"resuming {output_dir} after epoch {run.next_epoch - 1}")
     _check_same_start(run.next_epoch, folder)
     trained = model if world.size == 1 else torch.nn.parallel.DistributedDataParallel(
@@ -179,12 +217,13 @@ def fit(model: torch.nn.Module,  # the model to train (an `AttentionMIL`); it en
     for epoch in range(run.next_epoch, epochs + 1):
         if agree(run.best["epoch"] is not None and patience is not None and epoch - run.best["epoch"] > patience): break
         if hasattr(train_loader.sampler, "set_epoch"): train_loader.sampler.set_epoch(epoch)
-        row, valid, predictions = _epoch(trained, model, train_loader, valid_loader, optimizer, scaler, device,
-                                         precision, progress, f"epoch {epoch}/{epochs}")
+        row, valid, predictions = _epoch(trained, model, train_loader, valid_loader, optim, scheduler, scaler,
+                                         device, precision, progress, f"epoch {epoch}/{epochs}")
         run.history.append({"epoch": epoch, **row})
         if run.keep_if_best(valid, monitor, model if keep_best else None): kept_predictions = predictions
         if writes:
-            folder.write_epoch(run.history, run.checkpoint(model, optimizer, scaler, settings, time.time() - start))
+            checkpoint = run.checkpoint(model, optim, scheduler, scaler, settings, time.time() - start)
+            folder.write_epoch(run.history, checkpoint)
     if keep_best and run.best["state"] is not None: model.load_state_dict(run.best["state"])
     kept = (run.history[run.best["epoch"] - 1] if keep_best else run.history[-1]) if run.history else {}
     if valid_loader is not None and run.history and (kept_predictions is None or not keep_best):
@@ -194,6 +233,7 @@ def fit(model: torch.nn.Module,  # the model to train (an `AttentionMIL`); it en
              "n_train": len(train_loader.dataset),
              "n_valid": len(valid_loader.dataset) if valid_loader is not None else 0,
              "batch_size": train_loader.batch_size, "world_size": world.size, "lr": lr,
+             "optimizer": optimizer, "schedule": schedule, "warmup_epochs": warmup_epochs,
              "train_seconds": time.time() - start, "device": str(device), "precision": precision,
              "gradient_compression": compression if world.size > 1 else "none"}
     metrics = {k: v for k, v in kept.items() if k.startswith("val_")} | facts
@@ -201,17 +241,18 @@ def fit(model: torch.nn.Module,  # the model to train (an `AttentionMIL`); it en
     barrier()  # the other ranks go on once rank 0's files are written
     return FitResult(pd.DataFrame(run.history), metrics, kept.get("epoch"), kept_predictions)
 
-def _epoch(trained, model, train_loader, valid_loader, optimizer, scaler, device, precision, progress: bool,
-           desc: str) -> tuple[dict, dict, Predictions | None]:
+def _epoch(trained, model, train_loader, valid_loader, optimizer, scheduler, scaler, device, precision,
+           progress: bool, desc: str) -> tuple[dict, dict, Predictions | None]:
     "Train one epoch, then predict the validation bags: the history row, the validation metrics, the predictions."
     epoch_start = time.time()
-    train_loss, n_bags = train_epoch(trained, train_loader, optimizer, scaler, device, precision, progress, desc)
+    train_loss, n_bags = train_epoch(trained, train_loader, optimizer, scheduler, scaler, device, precision, progress,
+                                     desc)
     train_seconds = time.time() - epoch_start
     predictions = predict(model, valid_loader, device, precision) if valid_loader is not None else None
     valid = _validation_metrics(predictions)
     if progress: print(f"{desc.split('/')[0]}: train loss {train_loss:.4f}" + "".join(
         f", val {k} {valid[k]:.4f}" for k in ("loss", "auc", "qwk", "accuracy") if k in valid))
-    row = {"train_loss": train_loss, **{f"val_{k}": v for k, v in valid.items()},
+    row = {"train_loss": train_loss, "lr": scheduler.get_last_lr()[0], **{f"val_{k}": v for k, v in valid.items()},
            "train_bags_per_s": n_bags / train_seconds, "seconds": time.time() - epoch_start}
     return row, valid, predictions
 

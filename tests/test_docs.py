@@ -8,7 +8,8 @@ from nbdev.showdoc import show_doc
 from mil_nb import (cohort, data, deploy, distributed, encoders, evaluation, features, geojson, inference, launch,
                     local_processing, processing, scorer, tile_store, tiling, training)
 
-PUBLIC = [training.fit, data.bag_loader, tile_store.tile_slides, tiling.tile_slide, launch.launch, deploy.deploy,
+PUBLIC = [training.fit, training.make_schedule, data.bag_loader, data.augment_tiles, data.jitter_hed_stains,
+          data.dihedral_transform, tile_store.tile_slides, tiling.tile_slide, launch.launch, deploy.deploy,
           evaluation.predict, inference.predict, inference.predict_bag, cohort.predict_cohort, scorer.load_models,
           geojson.tile_geojson, processing.launch_processing, processing.launch_predict, processing.launch_tiling,
           processing.merge_scores, local_processing.run_predict_local, local_processing.run_tiling_local,
