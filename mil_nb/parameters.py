@@ -13,13 +13,16 @@ import torch
 
 from .devices import PRECISIONS, resolve_device, resolve_precision
 from .distributed import BACKENDS, GRADIENT_COMPRESSIONS, LR_SCALINGS, World, choose_backend, choose_compression
+from .encoders import PRETRAINED_ENCODERS, weights_file
 from .model import POOLINGS, MILConfig
 from .synth import HARD_TUMOUR_SHARE, check_tumour_share
 from .tasks import TASKS
 from .tiling import MODES
+from .training import OPTIMIZERS, SCHEDULES
 
 # %% auto #0
-__all__ = ['TRAIN_PARAMETER_CHECKS', 'tumour_share_range', 'check_train_parameters']
+__all__ = ['TRAIN_PARAMETER_CHECKS', 'END_TO_END_DEFAULTS', 'TWO_STAGE_DEFAULTS', 'TWO_STAGE_HEAD', 'tumour_share_range',
+           'check_train_parameters', 'encoder_defaults']
 
 # %% ../nbs/23_parameters.ipynb #f6a7b005
 def _integer(at_least: int, none: bool = False):
@@ -50,6 +53,10 @@ def _path(none: bool):
 
 def _boolean(value): return None if isinstance(value, bool) else "expected True or False"
 
+def _or_none(check):
+    "`check`, with None allowed: the encoder's default (`encoder_defaults`)."
+    return lambda value: None if value is None else (check(value) and f"{check(value)}, or None")
+
 def _name(value): return None if value is None or (isinstance(value, str) and value) else "expected None or a name"
 
 def tumour_share_range(value) -> tuple[float, float] | None:
@@ -71,10 +78,14 @@ TRAIN_PARAMETER_CHECKS = {
     "output_dir": _path(none=False),
     "tiles_dir": _path(none=True),
     "n_slides": _integer(8),
-    "tile_mode": _one_of(MODES),
+    "encoder": _one_of(("tile", *PRETRAINED_ENCODERS)),
+    "encoder_weights": _path(none=True),
+    "tile_mode": _or_none(_one_of(MODES)),
     "n_tiles": _integer(0),
     "max_instances": _integer(1, none=True),
-    "tile_size": _integer(1),
+    "augment": _or_none(_boolean),
+    "stain_jitter": _number(0, 1, high_open=True),
+    "tile_size": _integer(1, none=True),
     "level": _integer(0, none=True),
     "valid_frac": _number(0, 1, low_open=True, high_open=True),
     "test_frac": _number(0, 0.5, low_open=True),
@@ -85,7 +96,8 @@ TRAIN_PARAMETER_CHECKS = {
     "n_bootstrap": _integer(100),
     "tumour_share": _tumour_share,
     "task": _one_of(TASKS),
-    "pooling": _one_of(POOLINGS),
+    "pooling": _or_none(_one_of(POOLINGS)),
+    "dropout": _or_none(_number(0, 1, high_open=True)),
     "attention_branches": _integer(1),
     "epochs": _integer(1),
     "patience": _integer(1, none=True),
@@ -93,7 +105,10 @@ TRAIN_PARAMETER_CHECKS = {
     "batch_size": _integer(1),
     "lr": _number(0, low_open=True),
     "lr_scaling": _one_of(LR_SCALINGS),
-    "weight_decay": _number(0),
+    "optimizer": _or_none(_one_of(OPTIMIZERS)),
+    "weight_decay": _or_none(_number(0)),
+    "schedule": _one_of(SCHEDULES),
+    "warmup_epochs": _number(0),
     "seed": _integer(0),
     "num_workers": _integer(0),
     "device": _device,
@@ -107,10 +122,12 @@ def check_train_parameters(parameters: dict):
     "Raise one `ValueError` naming every bad train.ipynb parameter in `parameters` (other keys are ignored)."
     given = {k: v for k, v in parameters.items() if k in TRAIN_PARAMETER_CHECKS}
     problems = {k: TRAIN_PARAMETER_CHECKS[k](v) for k, v in given.items()}
-    if not problems.get("tile_size") and "tile_size" in given:
+    end_to_end = given.get("encoder", "tile") == "tile"
+    if not problems.get("tile_size") and given.get("tile_size") is not None and end_to_end:
         try: MILConfig(tile_size=given["tile_size"])
         except ValueError as error: problems["tile_size"] = str(error).split(": ", 1)[-1]
-    if given.get("n_tiles") == 0 and given.get("tile_mode", "kaggle") == "kaggle" and not problems.get("n_tiles"):
+    mode = given.get("tile_mode") or ("kaggle" if end_to_end else "tissue")
+    if given.get("n_tiles") == 0 and mode == "kaggle" and not problems.get("n_tiles"):
         problems["n_tiles"] = "0 (every tile) needs tile_mode='tissue'; kaggle mode takes a number of tiles"
     bad = [f"{k}={given[k]!r}: {problem}" for k, problem in problems.items() if problem]
     data_dir = given.get("data_dir")
@@ -119,7 +136,7 @@ def check_train_parameters(parameters: dict):
     output_dir = given.get("output_dir")
     if output_dir and not problems.get("output_dir") and _not_a_run_folder(output_dir):
         bad.append(f"output_dir {output_dir}: {_not_a_run_folder(output_dir)}")
-    bad += _split_problems(given, problems)
+    bad += _split_problems(given, problems) + _encoder_problems(given, problems)
     if given.get("num_workers", 0) > 4 * (os.cpu_count() or 1) and not problems.get("num_workers"):
         bad.append(f"num_workers={given['num_workers']}: more than 4 per CPU ({os.cpu_count()} here)")
     bad += _device_problems(given, problems)
@@ -134,6 +151,24 @@ def _split_problems(given: dict, problems: dict) -> list[str]:
         if folds is not None: bad.append(f"folds={folds}: a split_file fixes the folds; leave folds None")
         if not os.path.isfile(split_file): bad.append(f"split_file {split_file}: no such file")
     return bad
+
+def _encoder_problems(given: dict, problems: dict) -> list[str]:
+    "A pretrained encoder without its weights (or weights that cannot be found), or weights for the tile CNN."
+    encoder, weights = given.get("encoder", "tile"), given.get("encoder_weights")
+    if problems.get("encoder") or problems.get("encoder_weights"): return []
+    if encoder == "tile":
+        return [f"encoder_weights={weights!r}: the tile encoder trains from scratch; name a pretrained encoder "
+                f"({', '.join(PRETRAINED_ENCODERS)})"] if weights is not None else []
+    augmented = [f"{name}={given[name]!r}" for name in ("augment", "stain_jitter") if given.get(name)]
+    if augmented:
+        return [f"{' and '.join(augmented)}: encoder={encoder!r} trains on features extracted once from the tiles as "
+                "they are; augmentation is for the end-to-end tile encoder"]
+    if weights is None:
+        return [f"encoder={encoder!r} needs encoder_weights: its checkpoint file or folder "
+                f"(from {PRETRAINED_ENCODERS[encoder].weights})"]
+    try: weights_file(weights)
+    except (FileNotFoundError, ValueError) as error: return [f"encoder_{error}"]  # "encoder_weights PATH: ..."
+    return []
 
 def _not_a_run_folder(path) -> str | None:
     "Why `path` cannot hold a run's files (None if it can)."
@@ -153,3 +188,18 @@ def _device_problems(given: dict, problems: dict) -> list[str]:
             choose_compression(given["gradient_compression"], World(size=2, backend=backend))  # as when run by torchrun
     except ValueError as error: return [str(error)]
     return []
+
+# %% ../nbs/23_parameters.ipynb #f6a7b010
+END_TO_END_DEFAULTS = {"tile_mode": "kaggle", "tile_size": 128, "augment": True, "pooling": "attention",
+                       "dropout": 0.0, "optimizer": "adam", "weight_decay": 5e-4}
+TWO_STAGE_DEFAULTS = {"tile_mode": "tissue", "augment": False, "pooling": "gated_attention", "dropout": 0.25,
+                      "optimizer": "adamw", "weight_decay": 1e-5}  # CLAM's head, with AdamW
+TWO_STAGE_HEAD = {"hidden_dim": 512, "attention_dim": 256}  # CLAM's sizes ("small"): MILConfig fields
+
+def encoder_defaults(parameters: dict,  # the notebook's parameters (its globals())
+                    ) -> dict:
+    "The parameters left None, set to the defaults of `parameters['encoder']`: the tile CNN's or a pretrained one's."
+    encoder = parameters.get("encoder", "tile")
+    defaults = END_TO_END_DEFAULTS if encoder == "tile" else \
+        TWO_STAGE_DEFAULTS | {"tile_size": PRETRAINED_ENCODERS[encoder].input_size}
+    return {name: value for name, value in defaults.items() if parameters.get(name) is None}
