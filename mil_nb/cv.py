@@ -29,8 +29,8 @@ from .run_files import RunFolder, json_safe
 from .splits import assign_folds, slide_groups
 
 # %% auto #0
-__all__ = ['SET_BY_CV', 'fold_folder', 'fold_finished', 'check_cv_parameters', 'run_fold', 'summarize_folds', 'cv_report',
-           'cross_validate', 'submit_folds', 'cv_cli']
+__all__ = ['SET_BY_CV', 'COMPARED_METRICS', 'fold_folder', 'fold_finished', 'check_cv_parameters', 'run_fold', 'summarize_folds',
+           'cv_report', 'cross_validate', 'submit_folds', 'cv_cli', 'comparison_table', 'comparison_markdown']
 
 # %% ../nbs/32_cv.ipynb #c5110005
 SET_BY_CV = ("fold", "folds", "output_dir", "resume")  # parameters the driver sets for each fold
@@ -181,3 +181,30 @@ def cv_cli(argv: list[str] | None = None):
         else: cross_validate(args.folds, args.output_dir, parameters)
     except ValueError as error: parser.exit(2, f"mil_nb_cv: {error}\n")
     except RuntimeError as error: parser.exit(1, f"mil_nb_cv: {error}\n")
+
+# %% ../nbs/32_cv.ipynb #c5110021
+COMPARED_METRICS = {"test_auc": "test AUC (malignant vs benign)", "test_qwk": "test QWK (ISUP)",
+                    "test_instance_auc": "instance AUC of attention (test)"}
+
+def comparison_table(root: str | os.PathLike,  # the folder holding one cross-validation folder per configuration
+                     names: list[str],  # the configurations' folder names, in the order of the rows
+                    ) -> pd.DataFrame:
+    "Mean and sd over folds of each test metric of `COMPARED_METRICS` (columns), per configuration (rows)."
+    rows = {}
+    for name in names:
+        per_fold = pd.read_csv(Path(root)/name/"cv_folds.csv")
+        rows[name] = {(metric, stat): getattr(per_fold[metric], stat)() for metric in COMPARED_METRICS
+                      if metric in per_fold for stat in ("mean", "std")}
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+def comparison_markdown(table: pd.DataFrame,  # from `comparison_table`
+                        first_column: str = "configuration",  # the heading of the rows' names
+                       ) -> str:
+    "The table as a markdown table of 'mean +- sd' cells."
+    metrics = list(dict.fromkeys(metric for metric, _ in table.columns))
+    lines = [f"| {first_column} | " + " | ".join(COMPARED_METRICS[m] for m in metrics) + " |",
+             "|---" * (len(metrics) + 1) + "|"]
+    for name, row in table.iterrows():
+        lines.append(f"| {name} | " + " | ".join(f"{row[(m, 'mean')]:.3f} +- {row[(m, 'std')]:.3f}" for m in metrics)
+                     + " |")
+    return "\n".join(lines)
