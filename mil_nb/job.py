@@ -72,6 +72,7 @@ def job_parameters(hyperparameters: dict, env: dict, notebook: str | os.PathLike
     unknown = sorted(set(hyperparameters) - set(known))
     if unknown: raise ValueError(f"hyperparameter(s) {', '.join(unknown)}: not parameters of {notebook} "
                                  f"(its parameters: {', '.join(known)})")
+    if env.get("SM_CHANNEL_ENCODER"): hyperparameters.setdefault("encoder_weights", env["SM_CHANNEL_ENCODER"])
     check_train_parameters(hyperparameters)
     container = Path(env["SM_MODEL_DIR"]).parent  # /opt/ml
     parameters = {"output_dir": str(container/"checkpoints"), "tiles_dir": env.get("SM_CHANNEL_TILES") or

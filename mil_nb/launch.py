@@ -109,6 +109,7 @@ def launch(role: str,  # ARN of the SageMaker execution role the job runs as
            hyperparameters: dict | None = None,  # train.ipynb's parameters, e.g. {"epochs": 100}
            train_s3: str | None = None,  # S3 prefix of the PANDA-layout data (None: the embedded synthetic data)
            tiles_s3: str | None = None,  # S3 prefix of a tile store (or its parts) to train from: nothing is tiled
+           encoder_s3: str | None = None,  # S3 prefix of a folder with a pretrained encoder's checkpoint (two-stage)
            train_input_mode: str = "File",  # the train channel: "File" (copied first) or "FastFile" (streamed)
            output_s3: str | None = None,  # S3 prefix for model.tar.gz and output.tar.gz (None: the default bucket)
            checkpoint_s3: str | None = None,  # S3 prefix SageMaker keeps checkpoint.pt in, restored when a job starts
@@ -125,7 +126,8 @@ def launch(role: str,  # ARN of the SageMaker execution role the job runs as
            start=None,  # instead of training: `start(trainer, channels, wait)` starts another job (`mil_nb.tuning`)
           ) -> TrainingJob | None:
     "Run `nbs/train.ipynb` as a SageMaker training job under torchrun; the job (None for a dry run)."
-    uris = {"train_s3": train_s3, "tiles_s3": tiles_s3, "output_s3": output_s3, "checkpoint_s3": checkpoint_s3}
+    uris = {"train_s3": train_s3, "tiles_s3": tiles_s3, "encoder_s3": encoder_s3, "output_s3": output_s3,
+            "checkpoint_s3": checkpoint_s3}
     for name, uri in uris.items():
         if uri is not None and not uri.startswith("s3://"):
             raise ValueError(f"{name}={uri!r}: expected an S3 URI (s3://bucket/prefix/)")
@@ -151,7 +153,8 @@ def launch(role: str,  # ARN of the SageMaker execution role the job runs as
         if checkpoint_s3:
             trainer = trainer.with_checkpoint_config(CheckpointConfig(s3_uri=checkpoint_s3, local_path=CHECKPOINTS))
         channels = [_channel(name, uri, mode) for name, uri, mode in
-                    (("train", train_s3, train_input_mode), ("tiles", tiles_s3, "File")) if uri] or None
+                    (("train", train_s3, train_input_mode), ("tiles", tiles_s3, "File"),
+                     ("encoder", encoder_s3, "File")) if uri] or None
         if start is not None: return start(trainer, channels, wait)
         trainer.train(input_data_config=channels, wait=wait, dry_run=dry_run)
     return None if dry_run else trainer._latest_training_job
@@ -196,13 +199,13 @@ def local_job_environment(local_dir: str | Path, processes: int, hyperparameters
 
 def run_local(
     processes: int, local_dir: str | Path, hyperparameters: dict | None = None, data_dir: str | Path | None = None,
-    tiles_dir: str | Path | None = None,
+    tiles_dir: str | Path | None = None, encoder_dir: str | Path | None = None,
 ) -> int:
     "The training job here: torchrun with `processes` processes, `local_dir` as the container's /opt/ml; its exit code."
-    folders = {"train": data_dir, "tiles": tiles_dir}  # the channels
+    folders = {"train": data_dir, "tiles": tiles_dir, "encoder": encoder_dir}  # the channels
     for name, folder in folders.items():
         if folder is not None and not Path(folder).is_dir():
-            raise FileNotFoundError(f"{name if name == 'tiles' else 'data'}_dir={str(folder)!r}: no such folder")
+            raise FileNotFoundError(f"{'data' if name == 'train' else name}_dir={str(folder)!r}: no such folder")
     local_dir, hyperparameters = Path(local_dir).absolute(), hyperparameters or {}
     data = local_dir/"input"/"data"
     shutil.rmtree(data/"code", ignore_errors=True)
@@ -243,6 +246,8 @@ def train_cli(argv: list[str] | None = None):
     parser.add_argument("--processes_per_node", type=int, help="default: one per GPU")
     parser.add_argument("--train", help="S3 URI of the PANDA-layout data (default: the embedded data)")
     parser.add_argument("--tiles", help="a tile store to train from, tiling nothing: S3 URI (--local: a folder)")
+    parser.add_argument("--encoder_weights", help="two-stage: a folder with the pretrained encoder's checkpoint: S3 "
+                                                  "URI (--local: a folder); with -p encoder NAME")
     parser.add_argument("--train_input_mode", choices=INPUT_MODES, default="File",
                         help="the train channel: copied to the instance first (File) or streamed as read (FastFile)")
     parser.add_argument("--output", help="S3 URI for the outputs (default: the session's default bucket)")
@@ -259,14 +264,16 @@ def train_cli(argv: list[str] | None = None):
     args = parser.parse_args(argv)
     hyperparameters = {key: parse_value(value) for key, value in args.parameter}
     if args.local:
-        try: sys.exit(run_local(args.local, args.local_dir, hyperparameters, args.data_dir, args.tiles))
+        try: sys.exit(run_local(args.local, args.local_dir, hyperparameters, args.data_dir, args.tiles,
+                                args.encoder_weights))
         except FileNotFoundError as error: parser.error(str(error))
     if not args.role: parser.error("--role ARN is needed to run on SageMaker (or --local N to run here)")
     if args.data_dir:
         parser.error("--data_dir is for --local runs: a SageMaker job reads its data from --train s3://...")
     try:
         job = launch(args.role, args.instance_type, args.instance_count, args.processes_per_node, hyperparameters,
-                     train_s3=args.train, tiles_s3=args.tiles, train_input_mode=args.train_input_mode,
+                     train_s3=args.train, tiles_s3=args.tiles, encoder_s3=args.encoder_weights,
+                     train_input_mode=args.train_input_mode,
                      output_s3=args.output, checkpoint_s3=args.checkpoints, base_job_name=args.base_job_name,
                      volume_gb=args.volume_gb, max_runtime_s=args.max_runtime_s, spot=args.spot,
                      max_wait_s=args.max_wait_s, wait=args.wait, dry_run=args.dry_run)

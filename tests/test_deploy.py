@@ -133,13 +133,13 @@ def test_deploy_packs_a_two_stage_models_encoder_weights(aws, tmp_path):
     model_dir = tmp_path/"opt-ml-model"
     artifact = s3.get_object(Bucket="models", Key="two-stage/two-stage/model.tar.gz")["Body"].read()
     with tarfile.open(fileobj=io.BytesIO(artifact)) as tar: tar.extractall(model_dir, filter="data")
-    assert (model_dir/"code"/"encoder"/"resnet.safetensors").read_bytes() == (tmp_path/"resnet.safetensors").read_bytes()
+    packed = model_dir/"code"/"encoder"/"resnet.safetensors"
+    assert packed.read_bytes() == (tmp_path/"resnet.safetensors").read_bytes()
     (tmp_path/"bag.npy").write_bytes(npy_body(np.zeros((3, 32, 32, 3), np.uint8)))
     code = model_dir/"code"
-    packed = str(code/"encoder"/"resnet.safetensors")  # where the container's /opt/ml/model/code/encoder/ is here
     run = subprocess.run([sys.executable, "-c", CONTAINER, str(code), str(model_dir), str(tmp_path/"bag.npy"),
-                          "application/x-npy"], cwd=code, capture_output=True, text=True,
-                         env={**os.environ, "SAGEMAKER_PROGRAM": "inference.py", "MIL_NB_ENCODER_WEIGHTS": packed})
+                          "application/x-npy"], cwd=code, capture_output=True, text=True,  # here, code/ is not at /opt/ml/model/code:
+                         env={**os.environ, "SAGEMAKER_PROGRAM": "inference.py", "MIL_NB_ENCODER_WEIGHTS": str(packed)})
     assert run.returncode == 0, run.stderr
     (status, answer), = json.loads(run.stdout.splitlines()[-1])
     assert (status, answer["n_tiles"]) == (200, 3)

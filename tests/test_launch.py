@@ -122,6 +122,14 @@ def test_a_job_from_a_tile_store_gets_a_tiles_channel(sagemaker_aws):
     with pytest.raises(ValueError, match="tiles_s3='runs/tiles/': expected an S3 URI"):
         launch(ROLE, tiles_s3="runs/tiles/")
     with pytest.raises(ValueError, match="train_input_mode='Pipe'"): launch(ROLE, train_input_mode="Pipe")
+    requests.clear()
+    launch(ROLE, "ml.g5.12xlarge", encoder_s3="s3://weights/resnet-50/",
+           hyperparameters={"encoder": "resnet50-imagenet"}, boto_session=recording_session(requests))
+    channels = {c["ChannelName"]: c for c in requests[0]["InputDataConfig"]}
+    assert channels["encoder"]["DataSource"]["S3DataSource"]["S3Uri"] == "s3://weights/resnet-50/"  # encoder_weights
+    assert channels["encoder"]["InputMode"] == "File"
+    with pytest.raises(ValueError, match="encoder_s3='weights/': expected an S3 URI"):
+        launch(ROLE, encoder_s3="weights/")
 
 
 def test_launch_defaults(sagemaker_aws):

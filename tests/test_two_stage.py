@@ -39,7 +39,8 @@ def test_the_job_trains_a_head_on_cached_features(two_stage):
     metrics = json.loads((two_stage/"metrics.json").read_text())
     assert (metrics["optimizer"], metrics["epochs_run"]) == ("adamw", 2)
     store, = (two_stage/"features").iterdir()
-    assert store.name.startswith("resnet50-imagenet-") and json.loads((store/"meta.json").read_text())["features"] == 1024
+    assert store.name.startswith("resnet50-imagenet-")
+    assert json.loads((store/"meta.json").read_text())["features"] == 1024
     assert (two_stage/"encoder.safetensors").is_file() and len(list(two_stage.glob("attention_*.png"))) == 4
 
 
