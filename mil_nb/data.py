@@ -166,8 +166,8 @@ def _check_draws(max_instances, augment, stain_jitter):
     problems = [f"max_instances={max_instances!r}: expected None or an integer >= 1" * (
                     max_instances is not None and (not isinstance(max_instances, int) or max_instances < 1)),
                 f"augment={augment!r}: expected True or False" * (not isinstance(augment, bool)),
-                f"stain_jitter={stain_jitter!r}: expected a number in [0, 1)" * (
-                    not is_number or not 0 <= stain_jitter < 1)]
+                f"stain_jitter={stain_jitter!r}: expected a number in [0, 0.5) (0.05 is mild; from 0.5 on, tiles "
+                "can come out blank)" * (not is_number or not 0 <= stain_jitter < 0.5)]
     if any(problems): raise ValueError("; ".join(p for p in problems if p))
 
 class TrainingDraws(Dataset):

@@ -197,6 +197,8 @@ def find_encoder_weights(model_dir: str | os.PathLike,  # the folder holding the
     "The weights of a two-stage model's encoder: `encoder.safetensors` in `model_dir`, else `$MIL_NB_ENCODER_WEIGHTS`."
     next_to = Path(model_dir)/ENCODER_WEIGHTS_FILE
     if next_to.is_file(): return next_to
+    if next_to.exists() or next_to.is_symlink():
+        raise ValueError(f"{next_to}: not a regular file (a link to one that is missing, a device, a folder)")
     named = os.environ.get(ENCODER_WEIGHTS_ENV, "").strip()
     if named:
         try: return weights_file(named)
@@ -215,10 +217,16 @@ def attach_tile_encoder(model: AttentionMIL,  # a model from `load_model`; one w
     if name not in PRETRAINED_ENCODERS:
         raise ValueError(f"the model was trained on features of {name!r}, not an encoder of this version of mil_nb "
                          f"({', '.join(PRETRAINED_ENCODERS)})")
+    if model.config.embed_dim != PRETRAINED_ENCODERS[name].dim:
+        raise ValueError(f"the model takes {model.config.embed_dim} features per tile, but {name} gives "
+                         f"{PRETRAINED_ENCODERS[name].dim}")
+    if model.pretrained_weights is None:
+        raise ValueError(f"the model on {name} features records no fingerprint of the weights they came from, so "
+                         "no weights can be checked against it; retrain it with this version of mil_nb")
     weights = weights if weights is not None else find_encoder_weights(model_dir, name)
     encoder = encoder_from_name(name, weights=weights)
     fingerprint = weights_fingerprint(encoder)
-    if model.pretrained_weights is not None and fingerprint != model.pretrained_weights:
+    if fingerprint != model.pretrained_weights:
         raise ValueError(f"weights {weights}: not the {name} weights the model's features came from (fingerprint "
                          f"{fingerprint}; the model's is {model.pretrained_weights})")
     model.tile_encoder = encoder.requires_grad_(False).to(next(model.parameters()).device)

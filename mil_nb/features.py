@@ -50,11 +50,11 @@ class FloatInput(nn.Module):
     def forward(self, tiles: torch.Tensor) -> torch.Tensor:
         return self.module(tiles.permute(0, 3, 1, 2).float() / 255)
 
-def _made_by(encoder: nn.Module, store: TileStore) -> dict:
-    "What a feature store is made from: the tile store, its tiling, the encoder and (registry encoders) its weights."
+def _made_by(encoder: nn.Module, store: TileStore, precision: str) -> dict:
+    "What a feature store is made from: the tile store, its tiling, the encoder, its weights, the precision."
     return {"tile_store": str(store.path.resolve()), "tiling": tiling_settings(store.meta),
             "encoder": getattr(encoder, "name", type(encoder).__name__),
-            "weights": getattr(encoder, "weights", None)}  # a registry encoder's file and hash
+            "weights": getattr(encoder, "weights", None), "precision": precision}  # weights: a file and its hash
 
 def extract_features(
     encoder: torch.nn.Module,  # a tile encoder: uint8 tiles (n, S, S, 3) in, (n, D) out (`encoder_from_name`)
@@ -73,7 +73,7 @@ def extract_features(
         raise ValueError(f"batch_size={batch_size!r}: expected an integer >= 1")
     if "features" in store.meta: raise ValueError(f"{store.path}: a store of features, not of tiles")
     check_output_folder(store.path, dest, ("bags",))
-    made_by = _made_by(encoder, store)
+    made_by = _made_by(encoder, store, precision)
     if (dest/"meta.json").exists():
         old = json.loads((dest/"meta.json").read_text())
         if {k: old.get(k) for k in made_by} != made_by:
@@ -87,6 +87,9 @@ def extract_features(
         if out.exists(): continue
         arrays = store.load(image_id)
         arrays["features"] = encode_tiles(encoder, arrays.pop("tiles"), batch_size, device, precision)
+        if not np.isfinite(arrays["features"]).all():
+            raise FloatingPointError(f"{image_id}: the encoder gave non-finite features (in {precision}); are its "
+                                     "weights right?")
         with atomic_path(out) as tmp, open(tmp, "wb") as f: np.savez(f, **arrays)
     n_features = int(np.load(dest/"bags"/store.bag_file(store.image_ids[0]).name)["features"].shape[1]) \
         if store.image_ids else 0
@@ -106,11 +109,11 @@ def cached_features(encoder: nn.Module,  # a tile encoder (`encoder_from_name`)
                    ) -> TileStore:
     "`store` encoded by `encoder`: the feature store for them in `cache_dir`, made the first time."
     store = store if isinstance(store, TileStore) else TileStore(store)
-    made_by = _made_by(encoder, store)
+    made_by = _made_by(encoder, store, resolve_precision(precision, resolve_device(device)))
     key = hashlib.sha256(json.dumps(made_by, sort_keys=True).encode()).hexdigest()[:12]
     dest = Path(cache_dir)/f"{made_by['encoder']}-{key}"
-    if (dest/"index.csv").is_file() and (dest/"meta.json").is_file(): return TileStore(dest)
-    return extract_features(encoder, store, dest, batch_size, device, precision, progress)
+    if (dest/"index.csv").is_file() and set(TileStore(dest).image_ids) == set(store.image_ids): return TileStore(dest)
+    return extract_features(encoder, store, dest, batch_size, device, precision, progress)  # new, or more slides
 
 def encoder_mpp(name: str,  # a registry encoder
                 slides: list,  # slide files (the first that opens is asked)

@@ -84,7 +84,7 @@ TRAIN_PARAMETER_CHECKS = {
     "n_tiles": _integer(0),
     "max_instances": _integer(1, none=True),
     "augment": _or_none(_boolean),
-    "stain_jitter": _number(0, 1, high_open=True),
+    "stain_jitter": _number(0, 0.5, high_open=True),
     "tile_size": _integer(1, none=True),
     "level": _integer(0, none=True),
     "valid_frac": _number(0, 1, low_open=True, high_open=True),
@@ -137,6 +137,9 @@ def check_train_parameters(parameters: dict):
     if output_dir and not problems.get("output_dir") and _not_a_run_folder(output_dir):
         bad.append(f"output_dir {output_dir}: {_not_a_run_folder(output_dir)}")
     bad += _split_problems(given, problems) + _encoder_problems(given, problems)
+    warmup, epochs = given.get("warmup_epochs", 0), given.get("epochs")
+    if epochs is not None and not problems.get("warmup_epochs") and not problems.get("epochs") and warmup >= epochs:
+        bad.append(f"warmup_epochs={warmup}: expected fewer than epochs={epochs}")
     if given.get("num_workers", 0) > 4 * (os.cpu_count() or 1) and not problems.get("num_workers"):
         bad.append(f"num_workers={given['num_workers']}: more than 4 per CPU ({os.cpu_count()} here)")
     bad += _device_problems(given, problems)

@@ -35,6 +35,9 @@ def train_epoch(model: torch.nn.Module, loader, optimizer, scheduler, scaler, de
         with autocast(device, precision):
             logits, _ = model(batch.instances, batch.mask)
         loss = task.loss(logits, batch.labels)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{desc or 'training'}: the loss is {loss.item()} after {seen} bags: the model "
+                                     "diverged (lower lr) or its inputs are not finite")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -83,7 +86,10 @@ def _settings(model, train_loader, lr, betas, weight_decay, monitor, optimizer, 
             "schedule": schedule, "warmup_epochs": warmup_epochs,
             "schedule_epochs": epochs if schedule == "cosine" else None,
             "batch_size": train_loader.batch_size, "n_train": len(train_loader.dataset),
-            "world_size": current_world().size}
+            "world_size": current_world().size,
+            "pretrained_weights": getattr(model, "pretrained_weights", None),  # a two-stage model's features
+            **{name: getattr(train_loader.dataset, name, None)  # the per-epoch draws
+               for name in ("max_instances", "augment", "stain_jitter")}}
 
 def _cpu_state(model: torch.nn.Module) -> dict:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
