@@ -65,7 +65,7 @@ def run_fold(fold: int, folds: int, output_dir: str | os.PathLike, parameters: d
     resume = (folder/"checkpoint.pt").exists()
     state = "resuming" if resume else "training"
     print(f"fold {fold} of {folds}: {state} (report: {folder/'train.ipynb'})", flush=True)
-    run = {"tiles_dir": str(Path(output_dir)/"tiles"), **parameters,
+    run = {"tiles_dir": str(Path(output_dir)/"tiles"), "features_dir": str(Path(output_dir)/"features"), **parameters,
            "fold": fold, "folds": folds, "output_dir": str(folder), "resume": resume}
     command = [sys.executable, "-m", "papermill", str(notebook), str(folder/"train.ipynb"), "-y", json.dumps(run),
                "--no-progress-bar"]

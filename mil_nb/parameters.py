@@ -80,6 +80,7 @@ TRAIN_PARAMETER_CHECKS = {
     "n_slides": _integer(8),
     "encoder": _one_of(("tile", *PRETRAINED_ENCODERS)),
     "encoder_weights": _path(none=True),
+    "features_dir": _path(none=True),
     "tile_mode": _or_none(_one_of(MODES)),
     "n_tiles": _integer(0),
     "max_instances": _integer(1, none=True),
