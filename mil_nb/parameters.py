@@ -84,7 +84,7 @@ TRAIN_PARAMETER_CHECKS = {
     "tile_mode": _or_none(_one_of(MODES)),
     "n_tiles": _integer(0),
     "max_instances": _integer(1, none=True),
-    "augment": _or_none(_boolean),
+    "augment": _boolean,
     "stain_jitter": _number(0, 0.5, high_open=True),
     "tile_size": _integer(1, none=True),
     "level": _integer(0, none=True),
@@ -194,10 +194,10 @@ def _device_problems(given: dict, problems: dict) -> list[str]:
     return []
 
 # %% ../nbs/23_parameters.ipynb #f6a7b010
-END_TO_END_DEFAULTS = {"tile_mode": "kaggle", "tile_size": 128, "augment": True, "pooling": "attention",
-                       "dropout": 0.0, "optimizer": "adam", "weight_decay": 5e-4}
-TWO_STAGE_DEFAULTS = {"tile_mode": "tissue", "augment": False, "pooling": "gated_attention", "dropout": 0.25,
-                      "optimizer": "adamw", "weight_decay": 1e-5}  # CLAM's head, with AdamW
+END_TO_END_DEFAULTS = {"tile_mode": "kaggle", "tile_size": 128, "pooling": "attention", "dropout": 0.0,
+                       "optimizer": "adam", "weight_decay": 5e-4}
+TWO_STAGE_DEFAULTS = {"tile_mode": "tissue", "pooling": "gated_attention", "dropout": 0.25, "optimizer": "adamw",
+                      "weight_decay": 1e-5}  # CLAM's head, with AdamW
 TWO_STAGE_HEAD = {"hidden_dim": 512, "attention_dim": 256}  # CLAM's sizes ("small"): MILConfig fields
 
 def encoder_defaults(parameters: dict,  # the notebook's parameters (its globals())
