@@ -29,8 +29,9 @@ from .run_files import RunFolder, json_safe
 from .splits import assign_folds, slide_groups
 
 # %% auto #0
-__all__ = ['SET_BY_CV', 'COMPARED_METRICS', 'fold_folder', 'fold_finished', 'check_cv_parameters', 'run_fold', 'summarize_folds',
-           'cv_report', 'cross_validate', 'submit_folds', 'cv_cli', 'comparison_table', 'comparison_markdown']
+__all__ = ['SET_BY_CV', 'COMPARED_METRICS', 'fold_folder', 'fold_finished', 'check_cv_parameters', 'fold_parameters', 'run_fold',
+           'summarize_folds', 'cv_report', 'cross_validate', 'submit_folds', 'cv_cli', 'comparison_table',
+           'comparison_markdown']
 
 # %% ../nbs/32_cv.ipynb #c5110005
 SET_BY_CV = ("fold", "folds", "output_dir", "resume")  # parameters the driver sets for each fold
@@ -56,6 +57,12 @@ def check_cv_parameters(folds: int, parameters: dict, notebook: str | os.PathLik
         assign_folds(table, parameters.get("test_frac", 0.25), folds, parameters.get("seed", 0),
                      slide_groups(table, parameters.get("group_column")), verbose=False)
 
+def fold_parameters(parameters: dict, fold: int, folds: int) -> dict:
+    "Fold `fold`'s parameters: the shared ones, the fold, and its own initialisation (`model_seed` + fold)."
+    base = parameters.get("model_seed")
+    base = parameters.get("seed", 0) if base is None else base
+    return {**parameters, "fold": fold, "folds": folds, "model_seed": base + fold}
+
 def run_fold(fold: int, folds: int, output_dir: str | os.PathLike, parameters: dict,
              notebook: str | os.PathLike = TRAIN_NOTEBOOK) -> bool:
     "Run fold `fold` of `folds` into OUTPUT_DIR/fold_<fold>/ unless it is finished; whether it ran."
@@ -65,8 +72,8 @@ def run_fold(fold: int, folds: int, output_dir: str | os.PathLike, parameters: d
     resume = (folder/"checkpoint.pt").exists()
     state = "resuming" if resume else "training"
     print(f"fold {fold} of {folds}: {state} (report: {folder/'train.ipynb'})", flush=True)
-    run = {"tiles_dir": str(Path(output_dir)/"tiles"), "features_dir": str(Path(output_dir)/"features"), **parameters,
-           "fold": fold, "folds": folds, "output_dir": str(folder), "resume": resume}
+    run = {"tiles_dir": str(Path(output_dir)/"tiles"), "features_dir": str(Path(output_dir)/"features"),
+           **fold_parameters(parameters, fold, folds), "output_dir": str(folder), "resume": resume}
     command = [sys.executable, "-m", "papermill", str(notebook), str(folder/"train.ipynb"), "-y", json.dumps(run),
                "--no-progress-bar"]
     stop_with_us = functools.partial(die_with_parent, os.getpid(), signal.SIGTERM)
@@ -147,7 +154,7 @@ def submit_folds(folds: int,  # how many folds: one training job each
     "Submit fold 0 .. folds-1 as SageMaker training jobs; their names (none for a dry run)."
     parameters = dict(parameters or {})
     check_cv_parameters(folds, parameters)
-    jobs = [launch(role, hyperparameters=parameters | {"fold": k, "folds": folds},
+    jobs = [launch(role, hyperparameters=fold_parameters(parameters, k, folds),
                    base_job_name=f"{base_job_name}-fold{k}", **launch_options) for k in range(folds)]
     return [job.training_job_name for job in jobs if job is not None]
 
@@ -184,27 +191,39 @@ def cv_cli(argv: list[str] | None = None):
 
 # %% ../nbs/32_cv.ipynb #c5110021
 COMPARED_METRICS = {"test_auc": "test AUC (malignant vs benign)", "test_qwk": "test QWK (ISUP)",
-                    "test_instance_auc": "instance AUC of attention (test)"}
+                    "test_instance_auc": "instance AUC of attention (test)",
+                    "test_instance_auc_positives": "tumour tiles it rests on"}
 
 def comparison_table(root: str | os.PathLike,  # the folder holding one cross-validation folder per configuration
                      names: list[str],  # the configurations' folder names, in the order of the rows
                     ) -> pd.DataFrame:
-    "Mean and sd over folds of each test metric of `COMPARED_METRICS` (columns), per configuration (rows)."
+    "Mean and sd over folds of each test metric of `COMPARED_METRICS`, and the fold models' ensemble with its CI."
     rows = {}
     for name in names:
         per_fold = pd.read_csv(Path(root)/name/"cv_folds.csv")
         rows[name] = {(metric, stat): getattr(per_fold[metric], stat)() for metric in COMPARED_METRICS
                       if metric in per_fold for stat in ("mean", "std")}
+        summary = Path(root)/name/"cv_metrics.json"
+        ensembled = json.loads(summary.read_text())["test_ensemble"] if summary.exists() else {}
+        for metric in (m for m in ("auc", "qwk") if f"{m}_ci" in ensembled):
+            low, high = ensembled[f"{metric}_ci"]
+            rows[name] |= {(f"test_{metric}", "ensemble"): ensembled[metric], (f"test_{metric}", "ensemble_low"): low,
+                           (f"test_{metric}", "ensemble_high"): high}
     return pd.DataFrame.from_dict(rows, orient="index")
 
 def comparison_markdown(table: pd.DataFrame,  # from `comparison_table`
                         first_column: str = "configuration",  # the heading of the rows' names
                        ) -> str:
-    "The table as a markdown table of 'mean +- sd' cells."
+    "The table as a markdown table of 'mean +- sd' cells, and 'ensemble [95% CI]' where there is one."
     metrics = list(dict.fromkeys(metric for metric, _ in table.columns))
-    lines = [f"| {first_column} | " + " | ".join(COMPARED_METRICS[m] for m in metrics) + " |",
-             "|---" * (len(metrics) + 1) + "|"]
+    ensembled = [m for m in metrics if (m, "ensemble") in table.columns]
+    lines = [f"| {first_column} | " + " | ".join([COMPARED_METRICS[m] for m in metrics] + [
+        f"{COMPARED_METRICS[m]}: the folds' ensemble [95% CI]" for m in ensembled]) + " |",
+             "|---" * (len(metrics) + len(ensembled) + 1) + "|"]
     for name, row in table.iterrows():
-        lines.append(f"| {name} | " + " | ".join(f"{row[(m, 'mean')]:.3f} +- {row[(m, 'std')]:.3f}" for m in metrics)
-                     + " |")
+        cells = [f"{row[(m, 'mean')]:.{3 * ('positives' not in m)}f} +- {row[(m, 'std')]:.{3 * ('positives' not in m)}f}"
+                 for m in metrics]
+        cells += [f"{row[(m, 'ensemble')]:.3f} [{row[(m, 'ensemble_low')]:.3f}, {row[(m, 'ensemble_high')]:.3f}]"
+                  for m in ensembled]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

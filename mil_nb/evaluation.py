@@ -18,9 +18,10 @@ from .distributed import ShardSampler, gather_shards
 from .tasks import Task, get_task, sigmoid
 
 # %% auto #0
-__all__ = ['Predictions', 'model_task', 'predict', 'task_metrics', 'instance_auc', 'operating_point', 'youden_threshold',
-           'subset', 'slide_metrics', 'bootstrap_ci', 'heldout_metrics', 'score_heldout', 'heldout_summary',
-           'predictions_frame', 'read_predictions', 'ensemble']
+__all__ = ['INSTANCE_THRESHOLD', 'MIN_INSTANCE_POSITIVES', 'CHANCE', 'PRIOR_LOSS_SHARE', 'Predictions', 'model_task', 'predict',
+           'task_metrics', 'instance_auc', 'instance_positives', 'instance_metrics', 'instance_auc_note',
+           'learning_failures', 'operating_point', 'youden_threshold', 'subset', 'slide_metrics', 'bootstrap_ci',
+           'heldout_metrics', 'score_heldout', 'heldout_summary', 'predictions_frame', 'read_predictions', 'ensemble']
 
 # %% ../nbs/14_evaluation.ipynb #049511da
 @dataclass
@@ -74,15 +75,58 @@ def task_metrics(preds: Predictions) -> dict:
     return preds.task.metrics(preds.labels, preds.logits)
 
 # %% ../nbs/14_evaluation.ipynb #1a076524
-def instance_auc(preds: Predictions, threshold: float = 0.5) -> float:
-    "ROC AUC of attention (times bag size) for positive vs negative instances, within the positive bags."
-    scores, truth = [], []
+INSTANCE_THRESHOLD = 0.1  # a tile is tumour (a positive instance) from this malignant fraction on
+MIN_INSTANCE_POSITIVES = 20  # fewer positive tiles than this: an instance AUC too thin to mean much
+
+def _scored_instances(preds: Predictions, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    "Whether each labelled instance of the positive bags is positive, and its attention times its bag's size."
+    scores, truth = [np.zeros(0)], [np.zeros(0, bool)]
     for attention, labels, malignant in zip(preds.attention, preds.instance_labels or [], preds.malignant):
         if not malignant or labels is None: continue
         known = ~np.isnan(labels)
         scores.append(attention[known] * len(attention)); truth.append(labels[known] >= threshold)
-    if not truth or len(np.unique(np.concatenate(truth))) < 2: return float("nan")
-    return metrics.roc_auc_score(np.concatenate(truth), np.concatenate(scores))
+    return np.concatenate(truth), np.concatenate(scores)
+
+def instance_auc(preds: Predictions, threshold: float = INSTANCE_THRESHOLD) -> float:
+    "ROC AUC of attention (times bag size) for positive vs negative instances, within the positive bags."
+    truth, scores = _scored_instances(preds, threshold)
+    return metrics.roc_auc_score(truth, scores) if len(np.unique(truth)) == 2 else float("nan")
+
+def instance_positives(preds: Predictions, threshold: float = INSTANCE_THRESHOLD) -> int:
+    "How many positive instances (malignant fraction >= `threshold`) `instance_auc` rests on."
+    return int(_scored_instances(preds, threshold)[0].sum())
+
+def instance_metrics(preds: Predictions, threshold: float = INSTANCE_THRESHOLD) -> dict:
+    "`instance_auc` and, as `instance_auc_positives`, the positive instances it rests on."
+    return {"instance_auc": instance_auc(preds, threshold), "instance_auc_positives": instance_positives(preds, threshold)}
+
+def instance_auc_note(auc: float, positives: int, threshold: float = INSTANCE_THRESHOLD) -> str:
+    "A report's line on an instance AUC, its positive tiles, and whether they are too few to carry it."
+    line = f"instance AUC of attention {auc:.3f} on {positives} tumour tiles (>= {threshold:.0%} tumour)"
+    if auc != auc: line = f"instance AUC of attention: undefined ({positives} tumour tiles >= {threshold:.0%} tumour)"
+    if positives < MIN_INSTANCE_POSITIVES: line += f": fewer than {MIN_INSTANCE_POSITIVES}, too few tiles to rest on"
+    return line
+
+# %% ../nbs/14_evaluation.ipynb #72186f8d
+CHANCE = {"auc": 0.5, "qwk": 0.0}  # a monitored metric's value for a model that learnt nothing
+PRIOR_LOSS_SHARE = 0.95  # a training loss at or above this share of `prior_loss` has not left the class prior
+
+def learning_failures(train_loss: float,  # the kept epoch's mean training loss
+                      prior: float,  # the training labels' `prior_loss`
+                      preds: Predictions | None,  # the kept model's validation predictions (None: no validation)
+                      monitor: str,  # the validation metric that picked the kept epoch
+                     ) -> list[str]:
+    "Each sign that the kept model learnt nothing (empty: it learnt)."
+    failures = [f"its training loss {train_loss:.3f} is at the class-prior level {prior:.3f} (the loss of always "
+                "predicting the training labels' shares)"] * (train_loss >= PRIOR_LOSS_SHARE * prior)
+    if preds is None or not len(preds.labels): return failures
+    values, chance = task_metrics(preds), CHANCE.get(monitor)
+    if np.ptp(preds.probs) < 1e-3: failures.append("it gives every validation slide the same P(malignant)")
+    elif values.get("recall") == 0: failures.append("it calls no malignant validation slide malignant (recall 0)")
+    if chance is not None and not values.get(monitor, chance) - chance >= 0.1:
+        failures.append(f"its validation {monitor} {values.get(monitor, float('nan')):.3f} is within 0.1 of chance "
+                        f"({chance})")
+    return failures
 
 # %% ../nbs/14_evaluation.ipynb #e5a10002
 def operating_point(malignant: np.ndarray,  # 1 for malignant slides, 0 for benign
@@ -135,12 +179,13 @@ def heldout_metrics(preds: Predictions,  # the kept model's predictions on held-
                     providers: np.ndarray | None = None,  # data_provider per bag: metrics per provider too
                     n_resamples: int = 1000,  # bootstrap resamples for the confidence intervals
                     seed: int = 0,  # fixes the resamples
+                    instance_threshold: float = INSTANCE_THRESHOLD,  # a tile is tumour from this malignant fraction on
                    ) -> dict:
     "Metrics, confidence intervals of the headline metrics and instance AUC of held-out predictions (per provider)."
     headline = preds.task.headline or (preds.task.monitor,)
     def scored(part: Predictions) -> dict:
         return slide_metrics(part, threshold) | bootstrap_ci(part, headline, n_resamples, seed)
-    values = scored(preds) | {"instance_auc": instance_auc(preds)}
+    values = scored(preds) | instance_metrics(preds, instance_threshold)
     if providers is not None:
         providers = np.asarray(providers).astype(str)
         values["by_provider"] = {provider: scored(subset(preds, np.flatnonzero(providers == provider)))
@@ -156,10 +201,12 @@ def score_heldout(model: torch.nn.Module,  # the kept model
                   precision: str = "fp32",  # "fp32", "bf16" or "fp16" (autocast)
                   n_resamples: int = 1000,  # bootstrap resamples for the confidence intervals
                   seed: int = 0,  # fixes the resamples
+                  instance_threshold: float = INSTANCE_THRESHOLD,  # a tile is tumour from this malignant fraction on
                  ) -> tuple[Predictions, float, dict]:
     "The held-out predictions, the threshold chosen on `valid`, and the `heldout_metrics` of the predictions."
     preds, threshold = predict(model, loader, device, precision), youden_threshold(valid)
-    return preds, threshold, heldout_metrics(preds, threshold, providers[preds.image_ids].to_numpy(), n_resamples, seed)
+    return preds, threshold, heldout_metrics(preds, threshold, providers[preds.image_ids].to_numpy(), n_resamples, seed,
+                                             instance_threshold)
 
 # %% ../nbs/14_evaluation.ipynb #e5a10007
 def _shown(value) -> str: return "n/a" if value is None or value != value else f"{value:.3f}"

@@ -18,13 +18,14 @@ from .tasks import TASKS, get_task
 from .tiling import TilingConfig
 
 # %% auto #0
-__all__ = ['ENCODERS', 'POOLINGS', 'MILConfig', 'ConvEncoder', 'TileEncoder', 'MNISTEncoder', 'FeatureInput', 'masked_softmax',
-           'AttentionPool', 'MeanPool', 'MaxPool', 'instance_mean_logit', 'AttentionMIL', 'check_mil_invariants',
-           'save_model', 'load_model']
+__all__ = ['ENCODERS', 'POOLINGS', 'ATTENTION_POOLINGS', 'MILConfig', 'ConvEncoder', 'TileEncoder', 'MNISTEncoder',
+           'FeatureInput', 'masked_softmax', 'AttentionPool', 'MeanPool', 'MaxPool', 'instance_mean_logit',
+           'AttentionMIL', 'check_mil_invariants', 'save_model', 'load_model']
 
 # %% ../nbs/13_model.ipynb #bad4cc77
 ENCODERS = ("tile", "mnist", "identity")
 POOLINGS = ("attention", "gated_attention", "mean", "max", "instance_mean", "instance_max")
+ATTENTION_POOLINGS = ("attention", "gated_attention")  # the poolings with learned weights
 
 _CONV_KERNELS = {"tile": (4, 3), "mnist": (5, 5)}  # the image encoders' convolutions, each followed by a 2x2 max-pool
 
@@ -47,6 +48,7 @@ class MILConfig:
     hidden_dim: int = 0  # a Linear + ReLU from embed_dim to this size before pooling (CLAM's 512); 0: none
     dropout: float = 0.0  # dropout on the (projected) embeddings and in the attention branches, when training
     pretrained: str | None = None  # two-stage: the `mil_nb.encoders` encoder whose features are the instances
+    max_instance_loss: float = 0.0  # training only: weight of the max-instance loss (attention poolings); 0: off
 
     def __post_init__(self):
         allowed_values = (("encoder", ENCODERS), ("pooling", POOLINGS), ("task", tuple(TASKS)))
@@ -58,6 +60,7 @@ class MILConfig:
         if not (isinstance(self.hidden_dim, int) and self.hidden_dim >= 0):
             raise ValueError(f"MILConfig.hidden_dim={self.hidden_dim!r}: expected an integer >= 0")
         if not 0 <= self.dropout < 1: raise ValueError(f"MILConfig.dropout={self.dropout!r}: expected 0 <= dropout < 1")
+        self._check_max_instance_loss()
         if self.pretrained is not None and self.encoder != "identity":
             raise ValueError(f"MILConfig.pretrained={self.pretrained!r}: a model on a pretrained encoder's features "
                              f"takes them as they are (encoder='identity'), not encoder={self.encoder!r}")
@@ -67,6 +70,14 @@ class MILConfig:
                 f"MILConfig.tile_size={self.tile_size}: the {self.encoder} encoder needs tiles of at least "
                 f"{smallest} px"
             )
+
+    def _check_max_instance_loss(self):
+        weight = self.max_instance_loss
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < float("inf"):
+            raise ValueError(f"MILConfig.max_instance_loss={weight!r}: expected a finite number >= 0")
+        if weight and self.pooling not in ATTENTION_POOLINGS:
+            raise ValueError(f"MILConfig.max_instance_loss={weight!r}: for attention poolings "
+                             f"{ATTENTION_POOLINGS}, not pooling={self.pooling!r} (0 switches it off)")
 
     @property
     def instance_dim(self) -> int:
@@ -175,7 +186,7 @@ class AttentionMIL(nn.Module):
             if config.hidden_dim else nn.Identity()
         self.dropout = nn.Dropout(config.dropout)
         pooled_dim = config.instance_dim
-        if config.pooling in ("attention", "gated_attention"):
+        if config.pooling in ATTENTION_POOLINGS:
             self.pool = AttentionPool(config, gated=config.pooling == "gated_attention")
             pooled_dim = config.instance_dim * config.attention_branches
         else:
@@ -221,12 +232,26 @@ class AttentionMIL(nn.Module):
                              f"{self.config.tile_size} x {self.config.tile_size} x {self.config.channels} tiles")
         if not mask.any(dim=1).all(): raise ValueError("every bag needs at least one instance (mask has an empty row)")
 
-    def forward(self, instances: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        "Logits ((B,) for one output, else (B, outputs)) and attention (B, N) of padded instances and their mask."
+    def forward(self, instances: torch.Tensor, mask: torch.Tensor, max_instance: bool = False) -> tuple:
+        "Logits ((B,) or (B, outputs)) and attention (B, N); with `max_instance`, also the max-instance logits."
         self._check(instances, mask)
         real = self.dropout(self.project(self._encode(instances[mask])))
         embeddings = real.new_zeros((*mask.shape, real.shape[-1]))
         embeddings[mask] = real
+        logits, attention = self._pool_and_classify(embeddings, mask)
+        if not max_instance: return logits, attention
+        return logits, attention, self._max_instance_logits(embeddings, mask)
+
+    def _squeeze(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.squeeze(-1) if self.config.n_outputs == 1 else logits
+
+    def _max_instance_logits(self, embeddings: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        "The bag classifier on the max-pooled embeddings, repeated for every attention head (training only)."
+        if not isinstance(self.pool, AttentionPool): raise ValueError("max-instance logits need an attention pooling")
+        pooled, _ = MaxPool()(embeddings, mask)
+        return self._squeeze(self.classifier(pooled.repeat(1, self.config.attention_branches)).float())
+
+    def _pool_and_classify(self, embeddings: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.pool is None:  # instance-level pooling: classify every instance, then pool probabilities
             logits = self.classifier(embeddings).float()  # (B, N, outputs)
             if self.config.pooling == "instance_max":
@@ -237,7 +262,7 @@ class AttentionMIL(nn.Module):
         else:
             pooled, attention = self.pool(embeddings, mask)
             bag_logits = self.classifier(pooled).float()
-        return (bag_logits.squeeze(-1) if self.config.n_outputs == 1 else bag_logits), attention
+        return self._squeeze(bag_logits), attention
 
 # %% ../nbs/13_model.ipynb #d5e6f038
 def check_mil_invariants(model: AttentionMIL, bags: list, eps: float = 1e-5):

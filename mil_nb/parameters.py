@@ -14,15 +14,15 @@ import torch
 from .devices import PRECISIONS, resolve_device, resolve_precision
 from .distributed import BACKENDS, GRADIENT_COMPRESSIONS, LR_SCALINGS, World, choose_backend, choose_compression
 from .encoders import PRETRAINED_ENCODERS, weights_file
-from .model import POOLINGS, MILConfig
+from .model import ATTENTION_POOLINGS, POOLINGS, MILConfig
 from .synth import HARD_TUMOUR_SHARE, check_tumour_share
 from .tasks import TASKS
 from .tiling import MODES
 from .training import OPTIMIZERS, SCHEDULES
 
 # %% auto #0
-__all__ = ['TRAIN_PARAMETER_CHECKS', 'END_TO_END_DEFAULTS', 'TWO_STAGE_DEFAULTS', 'TWO_STAGE_HEAD', 'tumour_share_range',
-           'check_train_parameters', 'encoder_defaults']
+__all__ = ['TRAIN_PARAMETER_CHECKS', 'END_TO_END_DEFAULTS', 'TWO_STAGE_DEFAULTS', 'TWO_STAGE_HEAD', 'MAX_INSTANCE_LOSS',
+           'DEFAULT_EPOCHS', 'tumour_share_range', 'check_train_parameters', 'parameter_defaults']
 
 # %% ../nbs/23_parameters.ipynb #f6a7b005
 def _integer(at_least: int, none: bool = False):
@@ -54,7 +54,7 @@ def _path(none: bool):
 def _boolean(value): return None if isinstance(value, bool) else "expected True or False"
 
 def _or_none(check):
-    "`check`, with None allowed: the encoder's default (`encoder_defaults`)."
+    "`check`, with None allowed: the default (`parameter_defaults`)."
     return lambda value: None if value is None else (check(value) and f"{check(value)}, or None")
 
 def _name(value): return None if value is None or (isinstance(value, str) and value) else "expected None or a name"
@@ -95,12 +95,14 @@ TRAIN_PARAMETER_CHECKS = {
     "group_column": _name,
     "split_file": _path(none=True),
     "n_bootstrap": _integer(100),
+    "instance_threshold": _number(0, 1, low_open=True),
     "tumour_share": _tumour_share,
     "task": _one_of(TASKS),
     "pooling": _or_none(_one_of(POOLINGS)),
     "dropout": _or_none(_number(0, 1, high_open=True)),
     "attention_branches": _integer(1),
-    "epochs": _integer(1),
+    "max_instance_loss": _or_none(_number(0)),
+    "epochs": _integer(1, none=True),
     "patience": _integer(1, none=True),
     "resume": _boolean,
     "batch_size": _integer(1),
@@ -111,6 +113,7 @@ TRAIN_PARAMETER_CHECKS = {
     "schedule": _one_of(SCHEDULES),
     "warmup_epochs": _number(0),
     "seed": _integer(0),
+    "model_seed": _integer(0, none=True),
     "num_workers": _integer(0),
     "device": _device,
     "precision": _one_of(PRECISIONS),
@@ -128,6 +131,9 @@ def check_train_parameters(parameters: dict):
         try: MILConfig(tile_size=given["tile_size"])
         except ValueError as error: problems["tile_size"] = str(error).split(": ", 1)[-1]
     mode = given.get("tile_mode") or ("kaggle" if end_to_end else "tissue")
+    if given.get("max_instance_loss") and given.get("pooling") not in (None, *ATTENTION_POOLINGS) and not problems.get(
+            "max_instance_loss") and not problems.get("pooling"):
+        problems["max_instance_loss"] = f"is for attention poolings, not pooling={given['pooling']!r} (0: off)"
     if given.get("n_tiles") == 0 and mode == "kaggle" and not problems.get("n_tiles"):
         problems["n_tiles"] = "0 (every tile) needs tile_mode='tissue'; kaggle mode takes a number of tiles"
     bad = [f"{k}={given[k]!r}: {problem}" for k, problem in problems.items() if problem]
@@ -199,11 +205,20 @@ END_TO_END_DEFAULTS = {"tile_mode": "kaggle", "tile_size": 128, "pooling": "atte
 TWO_STAGE_DEFAULTS = {"tile_mode": "tissue", "pooling": "gated_attention", "dropout": 0.25, "optimizer": "adamw",
                       "weight_decay": 1e-5}  # CLAM's head, with AdamW
 TWO_STAGE_HEAD = {"hidden_dim": 512, "attention_dim": 256}  # CLAM's sizes ("small"): MILConfig fields
+MAX_INSTANCE_LOSS = 1.0  # the max-instance loss's weight for attention poolings (compare_pooling)
+DEFAULT_EPOCHS = {"embedded": 8, "other": 16}  # the default embedded data learns in 8; scarce tumour needs 16
 
-def encoder_defaults(parameters: dict,  # the notebook's parameters (its globals())
-                    ) -> dict:
-    "The parameters left None, set to the defaults of `parameters['encoder']`: the tile CNN's or a pretrained one's."
+def _default_data(parameters: dict) -> bool:
+    "Whether the run trains on the default embedded data set (no data_dir, no tumour_share)."
+    return parameters.get("data_dir") is None and parameters.get("tumour_share") is None
+
+def parameter_defaults(parameters: dict,  # the notebook's parameters (its globals())
+                      ) -> dict:
+    "The parameters left None, set to their defaults: by encoder, by pooling (`max_instance_loss`), by data (`epochs`)."
     encoder = parameters.get("encoder", "tile")
     defaults = END_TO_END_DEFAULTS if encoder == "tile" else \
         TWO_STAGE_DEFAULTS | {"tile_size": PRETRAINED_ENCODERS[encoder].input_size}
+    pooling = parameters.get("pooling") or defaults["pooling"]
+    defaults |= {"max_instance_loss": MAX_INSTANCE_LOSS if pooling in ATTENTION_POOLINGS else 0.0,
+                 "epochs": DEFAULT_EPOCHS["embedded" if _default_data(parameters) else "other"]}
     return {name: value for name, value in defaults.items() if parameters.get(name) is None}

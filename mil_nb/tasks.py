@@ -15,7 +15,8 @@ from sklearn import metrics
 
 # %% auto #0
 __all__ = ['BINARY', 'N_GRADES', 'ISUP', 'TASKS', 'Task', 'sigmoid', 'bce_loss', 'malignant_auc', 'classification_metrics',
-           'ordinal_targets', 'ordinal_grade', 'ordinal_loss', 'grading_metrics', 'get_task', 'register_task']
+           'ordinal_targets', 'ordinal_grade', 'ordinal_loss', 'grading_metrics', 'get_task', 'register_task',
+           'prior_loss']
 
 # %% ../nbs/09_tasks.ipynb #a8f1c005
 @dataclass(frozen=True)
@@ -119,3 +120,18 @@ def register_task(task: Task) -> Task:
         raise ValueError(f"a task called {task.name!r} is registered")
     TASKS[task.name] = task
     return task
+
+# %% ../nbs/09_tasks.ipynb #0172c17a
+def prior_loss(task: str | Task,  # the task (or its name)
+               labels: np.ndarray,  # the training targets, as `Task.label` gives them
+              ) -> float:
+    "The task's loss of the best constant prediction for `labels`: the level of a model that learnt nothing."
+    task, targets = get_task(task), torch.as_tensor(np.asarray(labels, np.float32))
+    constant = torch.zeros(task.n_outputs, dtype=torch.float32, requires_grad=True)
+    logits = lambda: constant.expand(len(targets), -1).squeeze(-1) if task.n_outputs == 1 else \
+        constant.expand(len(targets), -1)
+    search = torch.optim.LBFGS([constant], max_iter=200, line_search_fn="strong_wolfe")
+    def closure():
+        search.zero_grad(); loss = task.loss(logits(), targets); loss.backward(); return loss
+    search.step(closure)
+    with torch.no_grad(): return float(task.loss(logits(), targets))

@@ -10,31 +10,37 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
 from .devices import autocast, resolve_device, resolve_precision
 from .distributed import agree, all_sum, barrier, choose_compression, compress_gradients, current_world
-from .evaluation import Predictions, instance_auc, model_task, predict, task_metrics
+from .evaluation import (CHANCE, INSTANCE_THRESHOLD, Predictions, instance_metrics, learning_failures,
+                               model_task, predict, task_metrics)
+from .model import ATTENTION_POOLINGS
+from .tasks import prior_loss
 from .run_files import RunFolder
 from .tiling import TilingConfig
 
 # %% auto #0
-__all__ = ['OPTIMIZERS', 'SCHEDULES', 'CHANCE', 'train_epoch', 'make_schedule', 'improved', 'FitResult', 'fit']
+__all__ = ['OPTIMIZERS', 'SCHEDULES', 'train_epoch', 'make_schedule', 'improved', 'FitResult', 'fit']
 
 # %% ../nbs/17_training.ipynb #0457a04e
 def train_epoch(model: torch.nn.Module, loader, optimizer, scheduler, scaler, device: torch.device, precision: str,
-                progress: bool = False, desc: str = "") -> tuple[float, int]:
-    "One pass over `loader`, one optimiser (and `scheduler`) step per batch of bags: mean loss and number of bags."
+                progress: bool = False, desc: str = "") -> tuple[float, int, np.ndarray]:
+    "One pass over `loader`, one step per batch: mean bag loss (without a max-instance term), bags, their labels."
     model.train()
-    task, total, seen = model_task(getattr(model, "module", model)), 0.0, 0
+    task, total, seen, labels = model_task(getattr(model, "module", model)), 0.0, 0, []
     bar = tqdm(loader, desc=desc, disable=not progress, leave=False)
+    weight = getattr(getattr(getattr(model, "module", model), "config", None), "max_instance_loss", 0)
     for batch in bar:  # under DDP, `backward` also averages the gradients over the ranks
         batch = batch.to(device, non_blocking=True)
         with autocast(device, precision):
-            logits, _ = model(batch.instances, batch.mask)
-        loss = task.loss(logits, batch.labels)
+            logits, _, *max_logits = model(batch.instances, batch.mask, **({"max_instance": True} if weight else {}))
+        bag_loss = task.loss(logits, batch.labels)
+        loss = bag_loss + weight * task.loss(max_logits[0], batch.labels) if weight else bag_loss
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{desc or 'training'}: the loss is {loss.item()} after {seen} bags: the model "
                                      "diverged (lower lr) or its inputs are not finite")
@@ -43,10 +49,10 @@ def train_epoch(model: torch.nn.Module, loader, optimizer, scheduler, scaler, de
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
-        total += loss.item() * len(batch.labels); seen += len(batch.labels)
+        total += bag_loss.item() * len(batch.labels); seen += len(batch.labels); labels.append(batch.labels.cpu())
         bar.set_postfix(loss=f"{total / seen:.4f}")
     total, seen = all_sum(total, seen)
-    return total / seen, int(seen)
+    return total / seen, int(seen), torch.cat(labels).numpy()
 
 # %% ../nbs/17_training.ipynb #b7e2c4a1
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}  # name: Adam (L2 penalty), AdamW (decoupled)
@@ -138,19 +144,16 @@ class FitResult:
     predictions: Predictions | None  # the kept model's predictions on the validation bags (None without them)
 
     def summary(self, output_dir: str | os.PathLike | None = None) -> str:
-        "A few lines for a report: kept epoch, headline metrics, where the files are, a warning for a short run."
+        "A few lines for a report: kept epoch, headline metrics, where the files are, whether the model learnt."
         m, monitor = self.metrics, self.metrics.get("monitor", "")
         headline = ", ".join(f"{k} {m['val_' + k]:.3f}" for k in ("auc", "qwk", "accuracy", "loss")
                              if isinstance(m.get("val_" + k), float))
         lines = [f"kept epoch {self.kept_epoch} of {m.get('epochs_run')} (chosen on validation {monitor}): {headline}"
                  if self.kept_epoch else f"{m.get('epochs_run', 0)} epoch(s), no validation"]
         if output_dir is not None: lines.append(f"model.pt, metrics.json, history.csv and figures in {output_dir}")
-        score, chance = m.get(f"val_{monitor}"), CHANCE.get(monitor)
-        near_chance = chance is not None and (score is None or score - chance < 0.1)
-        if m.get("epochs_run", 0) < 3 or near_chance:
-            lines.append(f"NOTE: this run is too short to have learnt anything ({m.get('epochs_run', 0)} epoch(s), "
-                         f"validation {monitor} {score if score is None else round(score, 3)}, chance is "
-                         f"{chance}); its figures are not meaningful: train for more epochs (-p epochs 8 or more).")
+        if m.get("learnt") is False:
+            lines.append(f"NOTE: this model learnt nothing: {m['learnt_reason']}. Its figures are not meaningful; "
+                         f"{_learning_advice(m)}.")
         return "\n".join(lines)
 
     def final_line(self) -> str:
@@ -158,7 +161,16 @@ class FitResult:
         values = {k: v for k, v in self.metrics.items() if k.startswith("val_") and isinstance(v, float) and v == v}
         return f"final (kept epoch {self.kept_epoch}): " + ", ".join(f"val {k[4:]} {v:.6f}" for k, v in values.items())
 
-CHANCE = {"auc": 0.5, "qwk": 0.0}  # a monitored metric's value for a model that learnt nothing
+def _learning_advice(m: dict) -> str:
+    "What to try after a run that learnt nothing, by what that run did."
+    runs = m.get("epochs_run", 0)
+    tips = [f"early stopping ended it after {runs} of {m.get('epochs')} epochs: raise patience" if runs < m.get(
+        "epochs", 0) else f"train longer than its {runs} epoch(s) (-p epochs {2 * runs})"]
+    if m.get("lr", 1) < 1e-5: tips.append(f"its lr {m['lr']:g} is far below the default 1e-4")
+    if m.get("max_instance_loss") == 0 and m.get("pooling") in ATTENTION_POOLINGS:
+        tips.append("switch the max-instance loss on (-p max_instance_loss 1), which gets attention off the ground "
+                    "where tumour is scarce")
+    return "; ".join(tips)
 
 def _check_arguments(epochs, lr, weight_decay, patience, resume, output_dir, optimizer, schedule, warmup_epochs):
     "Refuse arguments `fit` cannot train with, naming each, before any work."
@@ -194,6 +206,7 @@ def fit(model: torch.nn.Module,  # the model to train (an `AttentionMIL`); it en
         patience: int | None = None,  # stop after this many epochs without a better `monitor` (None: never)
         tiling: TilingConfig | None = None,  # how the tiles were cut: saved with the model, for serving
         gradient_compression: str = "auto",  # under DDP: "none", "fp16", "bf16"; auto: on across machines
+        instance_threshold: float = INSTANCE_THRESHOLD,  # validation instance AUC: tumour from this malignant share
         progress: bool = True,  # progress bars and one line per epoch
        ) -> FitResult:
     "Train `model` on `train_loader`, validating on `valid_loader` (if any) every epoch; what it learnt."
@@ -224,7 +237,7 @@ def fit(model: torch.nn.Module,  # the model to train (an `AttentionMIL`); it en
         if agree(run.best["epoch"] is not None and patience is not None and epoch - run.best["epoch"] > patience): break
         if hasattr(train_loader.sampler, "set_epoch"): train_loader.sampler.set_epoch(epoch)
         row, valid, predictions = _epoch(trained, model, train_loader, valid_loader, optim, scheduler, scaler,
-                                         device, precision, progress, f"epoch {epoch}/{epochs}")
+                                         device, precision, progress, f"epoch {epoch}/{epochs}", instance_threshold)
         run.history.append({"epoch": epoch, **row})
         if run.keep_if_best(valid, monitor, model if keep_best else None): kept_predictions = predictions
         if writes:
@@ -241,24 +254,33 @@ def fit(model: torch.nn.Module,  # the model to train (an `AttentionMIL`); it en
              "batch_size": train_loader.batch_size, "world_size": world.size, "lr": lr,
              "optimizer": optimizer, "schedule": schedule, "warmup_epochs": warmup_epochs,
              "train_seconds": time.time() - start, "device": str(device), "precision": precision,
-             "gradient_compression": compression if world.size > 1 else "none"}
+             "gradient_compression": compression if world.size > 1 else "none", "instance_threshold": instance_threshold,
+             **{name: getattr(getattr(model, "config", None), name, None) for name in ("pooling", "max_instance_loss")}}
+    facts |= _learning_verdict(kept, kept_predictions, monitor)
     metrics = {k: v for k, v in kept.items() if k.startswith("val_")} | facts
     if writes: folder.write_result(model, metrics, tiling)
     barrier()  # the other ranks go on once rank 0's files are written
     return FitResult(pd.DataFrame(run.history), metrics, kept.get("epoch"), kept_predictions)
 
+def _learning_verdict(kept: dict, predictions: Predictions | None, monitor: str) -> dict:
+    "metrics.json's `learnt` and `learnt_reason` for the kept epoch's history row and validation predictions."
+    if not kept: return {"learnt": False, "learnt_reason": "no epoch ran"}
+    failures = learning_failures(kept["train_loss"], kept["train_prior_loss"], predictions, monitor)
+    return {"learnt": not failures, "learnt_reason": "; ".join(failures) or None}
+
 def _epoch(trained, model, train_loader, valid_loader, optimizer, scheduler, scaler, device, precision,
-           progress: bool, desc: str) -> tuple[dict, dict, Predictions | None]:
+           progress: bool, desc: str, instance_threshold: float) -> tuple[dict, dict, Predictions | None]:
     "Train one epoch, then predict the validation bags: the history row, the validation metrics, the predictions."
     epoch_start = time.time()
-    train_loss, n_bags = train_epoch(trained, train_loader, optimizer, scheduler, scaler, device, precision, progress,
-                                     desc)
+    train_loss, n_bags, labels = train_epoch(trained, train_loader, optimizer, scheduler, scaler, device, precision,
+                                             progress, desc)
     train_seconds = time.time() - epoch_start
     predictions = predict(model, valid_loader, device, precision) if valid_loader is not None else None
-    valid = _validation_metrics(predictions)
+    valid = {} if predictions is None else task_metrics(predictions) | instance_metrics(predictions, instance_threshold)
     if progress: print(f"{desc.split('/')[0]}: train loss {train_loss:.4f}" + "".join(
         f", val {k} {valid[k]:.4f}" for k in ("loss", "auc", "qwk", "accuracy") if k in valid))
-    row = {"train_loss": train_loss, "lr": scheduler.get_last_lr()[0], **{f"val_{k}": v for k, v in valid.items()},
+    row = {"train_loss": train_loss, "train_prior_loss": prior_loss(model_task(model), labels),
+           "lr": scheduler.get_last_lr()[0], **{f"val_{k}": v for k, v in valid.items()},
            "train_bags_per_s": n_bags / train_seconds, "seconds": time.time() - epoch_start}
     return row, valid, predictions
 
@@ -278,6 +300,3 @@ def _check_shared(train_loader, world_size: int):
     if replicas != world_size:
         raise ValueError(f"train_loader is split {replicas} way(s), but {world_size} processes train together: make it "
                          f"with bag_loader(..., shuffle=True, num_replicas={world_size}, rank=<this process's rank>)")
-
-def _validation_metrics(preds: Predictions | None) -> dict:
-    return {} if preds is None else task_metrics(preds) | {"instance_auc": instance_auc(preds)}
