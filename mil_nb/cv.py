@@ -221,8 +221,8 @@ def comparison_markdown(table: pd.DataFrame,  # from `comparison_table`
         f"{COMPARED_METRICS[m]}: the folds' ensemble [95% CI]" for m in ensembled]) + " |",
              "|---" * (len(metrics) + len(ensembled) + 1) + "|"]
     for name, row in table.iterrows():
-        cells = [f"{row[(m, 'mean')]:.{3 * ('positives' not in m)}f} +- {row[(m, 'std')]:.{3 * ('positives' not in m)}f}"
-                 for m in metrics]
+        digits = {m: 0 if m.endswith("positives") else 3 for m in metrics}  # tile counts are whole numbers
+        cells = [f"{row[(m, 'mean')]:.{digits[m]}f} +- {row[(m, 'std')]:.{digits[m]}f}" for m in metrics]
         cells += [f"{row[(m, 'ensemble')]:.3f} [{row[(m, 'ensemble_low')]:.3f}, {row[(m, 'ensemble_high')]:.3f}]"
                   for m in ensembled]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")

@@ -98,7 +98,8 @@ def instance_positives(preds: Predictions, threshold: float = INSTANCE_THRESHOLD
 
 def instance_metrics(preds: Predictions, threshold: float = INSTANCE_THRESHOLD) -> dict:
     "`instance_auc` and, as `instance_auc_positives`, the positive instances it rests on."
-    return {"instance_auc": instance_auc(preds, threshold), "instance_auc_positives": instance_positives(preds, threshold)}
+    return {"instance_auc": instance_auc(preds, threshold),
+            "instance_auc_positives": instance_positives(preds, threshold)}
 
 def instance_auc_note(auc: float, positives: int, threshold: float = INSTANCE_THRESHOLD) -> str:
     "A report's line on an instance AUC, its positive tiles, and whether they are too few to carry it."

@@ -232,7 +232,11 @@ class AttentionMIL(nn.Module):
                              f"{self.config.tile_size} x {self.config.tile_size} x {self.config.channels} tiles")
         if not mask.any(dim=1).all(): raise ValueError("every bag needs at least one instance (mask has an empty row)")
 
-    def forward(self, instances: torch.Tensor, mask: torch.Tensor, max_instance: bool = False) -> tuple:
+    def forward(self,
+                instances: torch.Tensor,  # (B, N, S, S, C) uint8 tiles or (B, N, D) features, padded to N per bag
+                mask: torch.Tensor,  # (B, N) bool: True for each bag's real instances
+                max_instance: bool = False,  # also the max-instance logits (for the max-instance loss, training)
+               ) -> tuple:
         "Logits ((B,) or (B, outputs)) and attention (B, N); with `max_instance`, also the max-instance logits."
         self._check(instances, mask)
         real = self.dropout(self.project(self._encode(instances[mask])))

@@ -206,7 +206,7 @@ TWO_STAGE_DEFAULTS = {"tile_mode": "tissue", "pooling": "gated_attention", "drop
                       "weight_decay": 1e-5}  # CLAM's head, with AdamW
 TWO_STAGE_HEAD = {"hidden_dim": 512, "attention_dim": 256}  # CLAM's sizes ("small"): MILConfig fields
 MAX_INSTANCE_LOSS = 1.0  # the max-instance loss's weight for attention poolings (compare_pooling)
-DEFAULT_EPOCHS = {"embedded": 8, "other": 16}  # the default embedded data learns in 8; scarce tumour needs 16
+DEFAULT_EPOCHS = {"embedded": 8, "other": 24}  # the default embedded data learns in 8; scarce tumour needs 24
 
 def _default_data(parameters: dict) -> bool:
     "Whether the run trains on the default embedded data set (no data_dir, no tumour_share)."
@@ -219,6 +219,7 @@ def parameter_defaults(parameters: dict,  # the notebook's parameters (its globa
     defaults = END_TO_END_DEFAULTS if encoder == "tile" else \
         TWO_STAGE_DEFAULTS | {"tile_size": PRETRAINED_ENCODERS[encoder].input_size}
     pooling = parameters.get("pooling") or defaults["pooling"]
-    defaults |= {"max_instance_loss": MAX_INSTANCE_LOSS if pooling in ATTENTION_POOLINGS else 0.0,
+    end_to_end_attention = encoder == "tile" and pooling in ATTENTION_POOLINGS
+    defaults |= {"max_instance_loss": MAX_INSTANCE_LOSS if end_to_end_attention else 0.0,
                  "epochs": DEFAULT_EPOCHS["embedded" if _default_data(parameters) else "other"]}
     return {name: value for name, value in defaults.items() if parameters.get(name) is None}

@@ -110,6 +110,7 @@ def test_submit_folds_to_sagemaker(aws, monkeypatch):
     hyper = [r["HyperParameters"] for r in requests]
     assert [json.loads(h["fold"]) for h in hyper] == [0, 1, 2] and all(json.loads(h["folds"]) == 3 for h in hyper)
     assert all(json.loads(h["epochs"]) == 20 for h in hyper)
+    assert [json.loads(h["model_seed"]) for h in hyper] == [0, 1, 2]  # each fold its own initialisation
     with pytest.raises(ValueError, match="fold: set by the driver"):
         submit_folds(3, ROLE, {"fold": 0}, boto_session=session)
 

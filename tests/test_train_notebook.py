@@ -54,6 +54,22 @@ def test_train_notebook_isup_small(tmp_path, small_panda):
     assert saved["config"]["task"] == "isup" and saved["state_dict"]["classifier.weight"].shape[0] == 5
 
 
+def test_a_run_that_learns_nothing_says_so(tmp_path, small_panda):
+    "At lr 1e-7 the model cannot leave the class prior: the Result section and metrics.json say it learnt nothing."
+    out = tmp_path/"stuck"
+    run = papermill(out/"train.ipynb", "-p", "output_dir", str(out), "-p", "data_dir", str(small_panda), "-p", "lr",
+                    "1e-7", "-p", "epochs", "2", "-p", "tile_size", "32", "-p", "n_tiles", "8", "-p", "n_bootstrap", "100")
+    assert run.returncode == 0, run.stderr[-3000:]
+    metrics = json.loads((out/"metrics.json").read_text())
+    assert metrics["learnt"] is False and "class-prior level" in metrics["learnt_reason"], metrics
+    result = next(cell for cell in nbformat.read(out/"train.ipynb", as_version=4).cells
+                  if "result.summary(output_dir)" in cell.source)
+    shown = "".join(output.get("text", "") for output in result.outputs)
+    assert "NOTE: this model learnt nothing" in shown and "(-p epochs 4)" in shown and "lr 1e-07" in shown, shown
+    assert "tumour tiles (>= 10% tumour)" in shown and metrics["test_instance_auc_positives"] >= 0
+    assert (metrics["seed"], metrics["model_seed"]) == (0, 0)  # model_seed None: the seed
+
+
 def test_train_notebook_reports_missing_data_dir(tmp_path):
     run = papermill(tmp_path/"train.ipynb", "-p", "data_dir", str(tmp_path/"no_such_panda"),
                     "-p", "output_dir", str(tmp_path))
@@ -67,6 +83,9 @@ def test_train_notebook_defaults_reach_auc(main_job):
     metrics = json.loads((main_job/"metrics.json").read_text())
     print(json.dumps(metrics), file=sys.stderr)
     assert metrics["val_auc"] >= 0.90 and metrics["n_valid"] >= 40
+    assert metrics["learnt"] is True and metrics["learnt_reason"] is None, metrics
+    assert metrics["epochs"] == 8 and metrics["max_instance_loss"] == 1.0  # the defaults on the default data
+    assert metrics["test_instance_auc_positives"] >= 20, metrics
     assert figures(main_job/"train.ipynb") >= 6
 
 
