@@ -58,6 +58,7 @@ def mnist_bags(images: np.ndarray, labels: np.ndarray, n_bags: int, target: int 
 def train_mnist_bags(n_train: int = 200, n_test: int = 1000, mean_bag_length: float = 10, std_bag_length: float = 2,
                      balanced: bool = False, pooling: str = "attention", epochs: int = 20, batch_size: int = 4,
                      lr: float = 5e-4, weight_decay: float = 1e-4, seed: int = 0, precision: str = "auto",
+                     max_instance_loss: float = 0.0,
                      digits: tuple[np.ndarray, np.ndarray] | None = None, progress: bool = False) -> dict:
     "Train attention MIL (or a baseline `pooling`) on MNIST-bags; test AUC, instance AUC and seconds."
     images, labels = digits if digits is not None else mnist_digits()
@@ -67,7 +68,8 @@ def train_mnist_bags(n_train: int = 200, n_test: int = 1000, mean_bag_length: fl
     test = mnist_bags(*test_digits, n_test, mean_bag_length=mean_bag_length, std_bag_length=std_bag_length,
                       balanced=balanced, seed=seed + 1, prefix="test")
     set_seed(seed)
-    model = AttentionMIL(MILConfig(encoder="mnist", tile_size=28, channels=1, embed_dim=500, pooling=pooling))
+    model = AttentionMIL(MILConfig(encoder="mnist", tile_size=28, channels=1, embed_dim=500, pooling=pooling,
+                                   max_instance_loss=max_instance_loss))
     train_loader = bag_loader(train, batch_size, shuffle=True, seed=seed)
     cpu = torch.device("cpu")
     precision = resolve_precision(precision, cpu)
@@ -78,4 +80,4 @@ def train_mnist_bags(n_train: int = 200, n_test: int = 1000, mean_bag_length: fl
     preds = predict(model, bag_loader(test, 64), cpu, precision)
     return {"test_auc": task_metrics(preds)["auc"], "test_instance_auc": instance_auc(preds), "train_s": train_s,
             "train_bags_per_s": float(history.train_bags_per_s.median()), "n_train": n_train, "n_test": n_test,
-            "pooling": pooling, "balanced": balanced, "seed": seed}
+            "pooling": pooling, "balanced": balanced, "seed": seed, "max_instance_loss": max_instance_loss}

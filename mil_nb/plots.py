@@ -25,9 +25,10 @@ def plot_roc(preds: Predictions, ax=None, label: str = "validation"):
     return ax
 
 def plot_learning_curves(history: pd.DataFrame, axs=None):
-    "Training and validation loss, and validation AUC, accuracy (and QWK for ISUP), per epoch."
+    "Training and validation loss (and the class-prior level), and validation AUC, accuracy (QWK for ISUP), per epoch."
     axs = axs if axs is not None else plt.subplots(1, 2, figsize=(10, 3.5))[1]
-    history.plot(x="epoch", y=["train_loss", "val_loss"], marker="o", ax=axs[0], title="loss")
+    losses = [c for c in ("train_loss", "val_loss", "train_prior_loss") if c in history]
+    history.plot(x="epoch", y=losses, marker="o", ax=axs[0], title="loss", style=["-", "-", "--"][:len(losses)])
     scores = [c for c in ("val_qwk", "val_auc", "val_accuracy") if c in history]
     history.plot(
         x="epoch", y=scores, marker="o", ax=axs[1], title="validation", ylim=(min(0, history[scores].min().min()), 1.02)

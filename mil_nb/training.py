@@ -266,7 +266,8 @@ def fit(model: torch.nn.Module,  # the model to train (an `AttentionMIL`); it en
 def _learning_verdict(kept: dict, predictions: Predictions | None, monitor: str) -> dict:
     "metrics.json's `learnt` and `learnt_reason` for the kept epoch's history row and validation predictions."
     if not kept: return {"learnt": False, "learnt_reason": "no epoch ran"}
-    failures = learning_failures(kept["train_loss"], kept["train_prior_loss"], predictions, monitor)
+    prior = kept.get("train_prior_loss", float("nan"))  # NaN (no verdict on the loss): a row of an older checkpoint
+    failures = learning_failures(kept["train_loss"], prior, predictions, monitor)
     return {"learnt": not failures, "learnt_reason": "; ".join(failures) or None}
 
 def _epoch(trained, model, train_loader, valid_loader, optimizer, scheduler, scaler, device, precision,
