@@ -27,11 +27,12 @@ from .parallel import die_with_parent
 from .parameters import check_train_parameters
 from .run_files import RunFolder, json_safe
 from .splits import assign_folds, slide_groups
+from .synth import slide_plan
 
 # %% auto #0
-__all__ = ['SET_BY_CV', 'COMPARED_METRICS', 'fold_folder', 'fold_finished', 'check_cv_parameters', 'fold_parameters', 'run_fold',
-           'summarize_folds', 'cv_report', 'cross_validate', 'submit_folds', 'cv_cli', 'comparison_table',
-           'comparison_markdown']
+__all__ = ['SET_BY_CV', 'COMPARED_METRICS', 'fold_folder', 'fold_finished', 'check_cv_parameters', 'check_output_dir',
+           'fold_parameters', 'run_fold', 'summarize_folds', 'cv_report', 'cross_validate', 'submit_folds', 'cv_cli',
+           'comparison_table', 'comparison_markdown']
 
 # %% ../nbs/32_cv.ipynb #c5110005
 SET_BY_CV = ("fold", "folds", "output_dir", "resume")  # parameters the driver sets for each fold
@@ -43,7 +44,11 @@ def fold_finished(folder: Path) -> bool:
     metrics = RunFolder(folder).read_metrics() or {}
     return "test_n" in metrics and (folder/"predictions_test.csv").exists()
 
-def check_cv_parameters(folds: int, parameters: dict, notebook: str | os.PathLike = TRAIN_NOTEBOOK):
+def check_cv_parameters(folds: int,  # how many folds
+                        parameters: dict,  # the other train.ipynb parameters
+                        notebook: str | os.PathLike = TRAIN_NOTEBOOK,  # the main job's notebook
+                        embedded: bool = True,  # whether no data_dir means the embedded data (not: SageMaker's data)
+                       ):
     "Refuse, before any work, parameters the notebook lacks, that the driver sets, that are bad, or too few slides."
     known = papermill.inspect_notebook(str(notebook))
     unknown = sorted(set(parameters) - set(known))
@@ -52,10 +57,31 @@ def check_cv_parameters(folds: int, parameters: dict, notebook: str | os.PathLik
     if reserved: raise ValueError(f"parameter(s) {', '.join(reserved)}: set by the driver for each fold")
     if parameters.get("split_file") is not None: raise ValueError("split_file: cross-validation deals its own folds")
     check_train_parameters(parameters | {"folds": folds})
-    if parameters.get("data_dir") is not None:  # enough slides of each class, and the group column: checked now
-        table = read_slide_table(project_path(parameters["data_dir"]))
+    table = _slide_table(parameters, known, embedded)
+    if table is None: return
+    try:
         assign_folds(table, parameters.get("test_frac", 0.25), folds, parameters.get("seed", 0),
                      slide_groups(table, parameters.get("group_column")), verbose=False)
+    except ValueError as error:
+        if parameters.get("data_dir") is not None: raise
+        raise ValueError(f"n_slides={len(table)}, the embedded data set's size: {error}") from None
+
+def _slide_table(parameters: dict, known: dict, embedded: bool) -> pd.DataFrame | None:
+    "The slides the folds are dealt from: data_dir's, the embedded data set's (known before it is made), or None."
+    if parameters.get("data_dir") is not None: return read_slide_table(project_path(parameters["data_dir"]))
+    if not embedded or parameters.get("tiles_dir") is not None or "n_slides" not in known:
+        return None  # the data is found later, in the job
+    n_slides = parameters.get("n_slides", parse_value(known["n_slides"]["default"]))
+    return slide_plan(n_slides, parameters.get("seed", 0))
+
+def check_output_dir(output_dir: str | os.PathLike):  # the folder the folds are written to (made if missing)
+    "Refuse an `output_dir` that is not a folder, cannot become one, or cannot be written to."
+    path = Path(output_dir).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"output_dir {output_dir}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"output_dir {output_dir}: {existing} cannot be written to")
 
 def fold_parameters(parameters: dict, fold: int, folds: int) -> dict:
     "Fold `fold`'s parameters: the shared ones, the fold, and its own initialisation (`model_seed` + fold)."
@@ -138,6 +164,7 @@ def cross_validate(folds: int,  # how many folds (the test set is held out first
     "Run the main job once per fold here (finished folds skipped, killed ones resumed); `summarize_folds`."
     parameters = dict(parameters or {})
     check_cv_parameters(folds, parameters, notebook)
+    check_output_dir(output_dir)
     output_dir = Path(output_dir).absolute()
     for fold in range(folds): run_fold(fold, folds, output_dir, parameters, notebook)
     summary = summarize_folds(output_dir, folds, parameters.get("n_bootstrap", 1000), parameters.get("seed", 0))
@@ -153,7 +180,7 @@ def submit_folds(folds: int,  # how many folds: one training job each
                 ) -> list[str]:
     "Submit fold 0 .. folds-1 as SageMaker training jobs; their names (none for a dry run)."
     parameters = dict(parameters or {})
-    check_cv_parameters(folds, parameters)
+    check_cv_parameters(folds, parameters, embedded=launch_options.get("train_s3") is None)
     jobs = [launch(role, hyperparameters=fold_parameters(parameters, k, folds),
                    base_job_name=f"{base_job_name}-fold{k}", **launch_options) for k in range(folds)]
     return [job.training_job_name for job in jobs if job is not None]

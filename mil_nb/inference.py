@@ -212,6 +212,14 @@ def _npy_bag(body: bytes | bytearray, limits: RequestLimits) -> Bag:
 
 _KINDS = {"U": "text", "f": "fractions", "b": "booleans", "O": "mixed or out-of-range values"}
 
+def _holds_booleans(body: bytes | bytearray | str,  # the JSON body
+                    tiles: list,  # its "tiles", parsed: a regular 4-level nested list of numbers
+                   ) -> bool:
+    "Whether `tiles` holds a JSON true or false (among integers, NumPy takes them for 1 and 0): looked for if spelt."
+    words = ("true", "false") if isinstance(body, str) else (b"true", b"false")
+    if not any(word in body for word in words): return False  # the common case: no element is looked at
+    return any(type(value) is bool for value in np.asarray(tiles, dtype=object).flat)
+
 def _json_bag(body: bytes | bytearray | str, limits: RequestLimits) -> Bag:
     "The bag in a JSON body: nested lists of integers only, exactly 4 levels, the tile count checked first."
     if len(body) > limits.max_json_bytes:
@@ -230,6 +238,8 @@ def _json_bag(body: bytes | bytearray | str, limits: RequestLimits) -> Bag:
     if array.size and (array.ndim != 4 or array.dtype.kind not in "iu"):
         raise BadRequest(f'"tiles" must be 4 levels of nested lists of integers 0-255; got {array.ndim} levels '
                          f"of {_KINDS.get(array.dtype.kind, array.dtype)}")
+    if array.size and _holds_booleans(body, tiles):
+        raise BadRequest('"tiles" must hold integers 0-255; got true or false (JSON booleans are not numbers)')
     if array.size and (array.min() < 0 or array.max() > 255):
         raise BadRequest(f'"tiles" must hold integers 0-255; got {array.min()} to {array.max()}')
     return Bag(array.astype(np.uint8))

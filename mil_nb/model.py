@@ -5,8 +5,9 @@
 # %% ../nbs/13_model.ipynb #afddc718
 from __future__ import annotations
 
+import numbers
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -18,7 +19,7 @@ from .tasks import TASKS, get_task
 from .tiling import TilingConfig
 
 # %% auto #0
-__all__ = ['ENCODERS', 'POOLINGS', 'ATTENTION_POOLINGS', 'MILConfig', 'ConvEncoder', 'TileEncoder', 'MNISTEncoder',
+__all__ = ['ENCODERS', 'POOLINGS', 'ATTENTION_POOLINGS', 'SIZE_LIMITS', 'MILConfig', 'ConvEncoder', 'TileEncoder', 'MNISTEncoder',
            'FeatureInput', 'masked_softmax', 'AttentionPool', 'MeanPool', 'MaxPool', 'instance_mean_logit',
            'AttentionMIL', 'check_mil_invariants', 'save_model', 'load_model']
 
@@ -33,6 +34,11 @@ def _conv_side(side: int, kernels: tuple[int, ...]) -> int:
     "The side of the feature map that convolutions of `kernels` (each then max-pooled by 2) leave of `side` px."
     for kernel in kernels: side = (side - kernel + 1) // 2
     return side
+
+SIZE_LIMITS = {  # the bounds of MILConfig's sizes, (low, high): no model of this project comes near the highs,
+    "tile_size": (1, 1024),  # and each keeps a network (and a crafted model.pt's claims) to at most a few GB
+    "channels": (1, 4), "embed_dim": (1, 8192), "hidden_dim": (0, 8192), "attention_dim": (1, 8192),
+    "attention_branches": (1, 64)}
 
 @dataclass
 class MILConfig:
@@ -55,10 +61,7 @@ class MILConfig:
         for field, allowed in allowed_values:
             value = getattr(self, field)
             if value not in allowed: raise ValueError(f"MILConfig.{field}={value!r}: expected one of {allowed}")
-        if self.attention_branches < 1:
-            raise ValueError(f"MILConfig.attention_branches={self.attention_branches}: need at least 1")
-        if not (isinstance(self.hidden_dim, int) and self.hidden_dim >= 0):
-            raise ValueError(f"MILConfig.hidden_dim={self.hidden_dim!r}: expected an integer >= 0")
+        self._check_sizes()
         if not 0 <= self.dropout < 1: raise ValueError(f"MILConfig.dropout={self.dropout!r}: expected 0 <= dropout < 1")
         self._check_max_instance_loss()
         if self.pretrained is not None and self.encoder != "identity":
@@ -70,6 +73,12 @@ class MILConfig:
                 f"MILConfig.tile_size={self.tile_size}: the {self.encoder} encoder needs tiles of at least "
                 f"{smallest} px"
             )
+
+    def _check_sizes(self):
+        for field, (low, high) in SIZE_LIMITS.items():
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not low <= value <= high:
+                raise ValueError(f"MILConfig.{field}={value!r}: expected an integer from {low} to {high}")
 
     def _check_max_instance_loss(self):
         weight = self.max_instance_loss
@@ -308,12 +317,60 @@ def save_model(model: AttentionMIL, path: str | os.PathLike, tiling: TilingConfi
     if model.pretrained_weights: saved["pretrained_weights"] = model.pretrained_weights
     with atomic_path(path) as tmp: torch.save(saved, tmp)
 
+def _saved_config(path, saved) -> MILConfig:
+    "The `MILConfig` of a loaded `model.pt`, refused (naming `path` and the field) unless it is a valid one."
+    if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict) or \
+            not isinstance(saved.get("state_dict"), dict):
+        raise ValueError(f"{path}: not a file of save_model (a dict with a config and a state_dict)")
+    unknown = sorted(map(str, set(saved["config"]) - {field.name for field in fields(MILConfig)}))
+    if unknown: raise ValueError(f"{path}: config field(s) {', '.join(unknown)}: not fields of MILConfig")
+    try: return MILConfig(**saved["config"])
+    except (TypeError, ValueError) as error: raise ValueError(f"{path}: config: {error}") from None
+
+def _shape_fields(config: MILConfig) -> dict[str, tuple[tuple[str, ...], ...]]:
+    "For each tensor whose shape the config sets, the config fields that set each of its dimensions."
+    instance = ("hidden_dim",) if config.hidden_dim else ("embed_dim",)
+    pooled = instance + (("attention_branches",) if config.pooling in ATTENTION_POOLINGS else ())
+    shapes = {"encoder.features.0.weight": ((), ("channels",)),
+              "encoder.embed.0.weight": (("embed_dim",), ("tile_size", "channels")),
+              "encoder.embed.0.bias": (("embed_dim",),),
+              "project.0.weight": (("hidden_dim",), ("embed_dim",)), "project.0.bias": (("hidden_dim",),),
+              "pool.score.weight": (("attention_branches",), ("attention_dim",)),
+              "classifier.weight": (("task",), pooled), "classifier.bias": (("task",),)}
+    for branch in ("tanh_branch", "gate"):
+        shapes[f"pool.{branch}.0.weight"] = (("attention_dim",), instance)
+        shapes[f"pool.{branch}.0.bias"] = (("attention_dim",),)
+    return shapes
+
+def _described(config: MILConfig, names: tuple[str, ...]) -> str:
+    return ", ".join(f"{name}={getattr(config, name)!r}" for name in names)
+
+def _check_state_dict(path, config: MILConfig, state: dict):
+    "Refuse (naming `path` and the config fields) a state dict whose tensors are not those `config` makes."
+    with torch.device("meta"): expected = {k: tuple(v.shape) for k, v in AttentionMIL(config).state_dict().items()}
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(map(str, set(state) - set(expected)))
+    if missing or unexpected:
+        problems = [f"{what} {', '.join(keys[:4])}{', ...' * (len(keys) > 4)}" for what, keys in
+                    (("the config makes", missing), ("the state dict has other tensors:", unexpected)) if keys]
+        raise ValueError(f"{path}: its config ({_described(config, ('encoder', 'pooling', 'hidden_dim'))}) does not "
+                         f"match its weights: {'; '.join(problems)}")
+    for key, shape in expected.items():
+        saved = tuple(state[key].shape) if isinstance(state[key], torch.Tensor) else None
+        if saved == shape: continue
+        dims = _shape_fields(config).get(key, ())
+        dim = next((i for i, (a, b) in enumerate(zip(saved or (), shape)) if a != b), None)
+        names = dims[dim] if dim is not None and dim < len(dims) and dims[dim] else tuple(SIZE_LIMITS)
+        raise ValueError(f"{path}: its config ({_described(config, names)}) does not match its weights: {key} is "
+                         f"{saved if saved is not None else 'not a tensor'} in the state dict, {shape} by the config")
+
 def load_model(path: str | os.PathLike,  # a file written by `save_model`
                map_location: str | torch.device = "cpu",  # the device the model is built on and its weights loaded to
               ) -> AttentionMIL:
     "The `AttentionMIL` saved at `path`, on `map_location`, in eval mode, with its `tiling` (None if saved without)."
     saved = torch.load(path, map_location=map_location, weights_only=True)
-    model = AttentionMIL(MILConfig(**saved["config"])).to(map_location)
+    config = _saved_config(path, saved)
+    _check_state_dict(path, config, saved["state_dict"])  # before the network is built: its config cannot inflate it
+    model = AttentionMIL(config).to(map_location)
     model.load_state_dict(saved["state_dict"])
     model.tiling = TilingConfig(**saved["tiling"]) if "tiling" in saved else None
     model.pretrained_weights = saved.get("pretrained_weights")

@@ -18,12 +18,14 @@ import zarr
 from PIL import Image
 
 # %% auto #0
-__all__ = ['LIMIT_VARIABLES', 'PHOTOMETRICS', 'MAX_PAGES', 'TIFF_SUFFIXES', 'SLIDE_SUFFIXES', 'SlideLimits', 'SlideReader',
-           'check_pages', 'TiffReader', 'OpenSlideReader', 'open_slide', 'write_bomb', 'write_svs']
+__all__ = ['LIMIT_VARIABLES', 'RGB_BYTES', 'PHOTOMETRICS', 'MAX_PAGES', 'MAX_SAMPLES', 'ARGB_BYTES', 'TIFF_SUFFIXES',
+           'SLIDE_SUFFIXES', 'SlideLimits', 'SlideReader', 'check_pages', 'check_samples', 'TiffReader',
+           'OpenSlideReader', 'open_slide', 'write_bomb', 'write_wide_tiff', 'write_svs']
 
 # %% ../nbs/05_slides.ipynb #4c0e9a61
 LIMIT_VARIABLES = {"level_pixels": "MIL_NB_MAX_LEVEL_PIXELS", "thumbnail_pixels": "MIL_NB_MAX_THUMBNAIL_PIXELS",
                    "slide_pixels": "MIL_NB_MAX_SLIDE_PIXELS"}
+RGB_BYTES = 3  # the limits count px of 8-bit RGB: a limit of N px admits 3N bytes decoded
 
 @dataclass(frozen=True)
 class SlideLimits:
@@ -52,11 +54,21 @@ class SlideLimits:
         for field in LIMIT_VARIABLES:
             if getattr(self, field) < 1: raise ValueError(f"SlideLimits: {field}={getattr(self, field)}, must be > 0")
 
-    def check(self, source, what: str, pixels: int, field: str):
-        "Refuse (ValueError naming `source`, `what` and the limit) if `pixels` is over the limit `field`."
+    def check(self,
+              source,  # the file, as the error names it
+              what: str,  # what would be decoded, e.g. "level 0 (9 x 9 px)"
+              pixels: int,  # how many px it holds
+              field: str,  # the limit: level_pixels, thumbnail_pixels or slide_pixels
+              bytes_per_pixel: int = RGB_BYTES,  # the bytes a px decodes to (samples x bytes per sample, at least 3)
+             ):
+        "Refuse (ValueError naming `source`, `what`, the limit) if `pixels` decode to more bytes than `field` admits."
         limit = getattr(self, field)
-        if pixels > limit:
-            raise ValueError(f"{source}: {what} is {pixels:,} px, over the limit of {limit:,} px ({field}; raise it "
+        if pixels * bytes_per_pixel > limit * RGB_BYTES:
+            size, budget = f"{pixels:,} px", ""
+            if bytes_per_pixel != RGB_BYTES:
+                size += f" of {bytes_per_pixel} bytes ({pixels * bytes_per_pixel:,} bytes)"
+                budget = f": {limit * RGB_BYTES:,} bytes, as 8-bit RGB"
+            raise ValueError(f"{source}: {what} is {size}, over the limit of {limit:,} px ({field}{budget}; raise it "
                              f"with {LIMIT_VARIABLES[field]}=... or mil_nb_tile --max_{field} ...)")
 
 # %% ../nbs/05_slides.ipynb #c8fe71ab
@@ -65,7 +77,7 @@ class SlideReader:
     path: Path
     dimensions: list[tuple[int, int]]  # (width, height) of each level
     mpp: float | None  # microns per pixel at level 0, where the file says
-    limits: SlideLimits  # the pixel budget every read is checked against
+    limits: SlideLimits  # the budget every read is checked against
 
     @property
     def level_count(self) -> int: return len(self.dimensions)
@@ -76,6 +88,14 @@ class SlideReader:
     def level_mpp(self, level: int) -> float | None:
         "Microns per pixel at `level` (None if the file does not say)."
         return None if self.mpp is None else self.mpp * self.downsamples[level]
+
+    def bytes_per_pixel(self, level: int) -> int:
+        "The bytes a px of `level` decodes to, as the file declares them; at least the 3 of the RGB a read returns."
+        return RGB_BYTES
+
+    def level_budget(self, level: int) -> int:
+        "The most px of `level` one read may decode within `limits.level_pixels`."
+        return self.limits.level_pixels * RGB_BYTES // self.bytes_per_pixel(level)
 
     def read_region(self, level: int, x: int, y: int, width: int, height: int, fill: int = 255) -> np.ndarray:
         "RGB uint8 (height, width, 3) at `level`, from level-0 origin (x, y); outside the slide is `fill` (white)."
@@ -90,7 +110,7 @@ class SlideReader:
         "The coarsest level whole (to find tissue), refused if it is over `limits.thumbnail_pixels`."
         width, height = self.dimensions[-1]
         self.limits.check(self.path, f"the coarsest level ({self.level_count - 1}: {width} x {height} px), read whole "
-                          "to find tissue,", width * height, "thumbnail_pixels")
+                          "to find tissue,", width * height, "thumbnail_pixels", self.bytes_per_pixel(-1))
         return self.read_level(-1)
 
     def _check_level(self, level: int) -> int:
@@ -104,15 +124,16 @@ class SlideReader:
         level_w, level_h = self.dimensions[level]
         what = f"level {level} ({width} x {height} px)" if (width, height) == (level_w, level_h) else \
             f"a {width} x {height} px region of level {level}"
-        self.limits.check(self.path, what, int(width) * int(height), "level_pixels")
+        self.limits.check(self.path, what, int(width) * int(height), "level_pixels", self.bytes_per_pixel(level))
         return level
 
     def _check_pyramid(self):
-        "Refuse a slide whose declared levels are together over `limits.slide_pixels`."
+        "Refuse a slide whose declared levels together decode to more bytes than `limits.slide_pixels` admits."
         total = sum(w * h for w, h in self.dimensions)
         width, height = self.dimensions[0]
+        widest = max(self.bytes_per_pixel(level) for level in range(self.level_count))
         self.limits.check(self.path, f"the pyramid ({self.level_count} levels, level 0: {width} x {height} px)", total,
-                          "slide_pixels")
+                          "slide_pixels", widest)
 
     def close(self): pass
     def __enter__(self): return self
@@ -148,6 +169,21 @@ def check_pages(tif: tifffile.TiffFile, source):
         if count > MAX_PAGES:
             raise ValueError(f"{source}: more than {MAX_PAGES} images (pages) in one TIFF; a slide pyramid has a few")
 
+MAX_SAMPLES = 4  # samples per pixel a reader turns into RGB: grey, grey and alpha, RGB, RGBA
+
+def check_samples(page: tifffile.TiffPage,  # a TIFF image's header (nothing of it is decoded)
+                  source,  # the file, as the error names it
+                  what: str,  # the image, as the error names it, e.g. "level 0"
+                 ) -> int:
+    "The bytes a px of `page` decodes to, refused unless it has 8-bit (uint8) samples, at most `MAX_SAMPLES` of them."
+    samples, dtype, problems = page.samplesperpixel, page.dtype, []
+    if samples > MAX_SAMPLES:
+        problems.append(f"{samples} samples per pixel (at most {MAX_SAMPLES}: grey or RGB, with or without alpha)")
+    if dtype != np.uint8:
+        problems.append(f"{page.bitspersample}-bit {dtype or 'undecodable'} samples (expected 8-bit, uint8)")
+    if problems: raise ValueError(f"{source}: {what} has {' and '.join(problems)}; it is not decoded")
+    return max(RGB_BYTES, samples * dtype.itemsize)
+
 class TiffReader(SlideReader):
     "A tiled TIFF pyramid read with tifffile (regions decode only the tiles they touch)."
     def __init__(self, path: str | os.PathLike, limits: SlideLimits | None = None):
@@ -156,11 +192,15 @@ class TiffReader(SlideReader):
         try:
             check_pages(self._tif, self.path)
             self._levels = self._tif.series[0].levels
+            self._bytes = [check_samples(series.keyframe, self.path, f"level {level}")  # before any decode
+                           for level, series in enumerate(self._levels)]
             self.dimensions = [(level.shape[1], level.shape[0]) for level in self._levels]
             self.mpp = _tiff_mpp(self._levels[0].keyframe)
         except Exception:
             self._tif.close(); raise
         self._zarr, self._checked_tiles = {}, {}
+
+    def bytes_per_pixel(self, level: int) -> int: return self._bytes[level]
 
     def _check_pyramid(self):
         super()._check_pyramid()
@@ -170,7 +210,7 @@ class TiffReader(SlideReader):
                 raise ValueError(f"{self.path}: level {level} is {page.photometric.name}, expected grey or RGB")
             chunk_h, chunk_w = page.chunks[:2]  # a tile, or a strip, is decoded whole by any read that touches it
             self.limits.check(self.path, f"a {chunk_w} x {chunk_h} px {'tile' if page.is_tiled else 'strip'} of "
-                              f"level {level}", chunk_w * chunk_h, "level_pixels")
+                              f"level {level}", chunk_w * chunk_h, "level_pixels", self._bytes[level])
 
     def _array(self, level: int):
         if level not in self._zarr: self._zarr[level] = zarr.open(self._tif.aszarr(level=level), mode="r")
@@ -216,17 +256,34 @@ class TiffReader(SlideReader):
     def close(self): self._tif.close()
 
 # %% ../nbs/05_slides.ipynb #735f32e0
+ARGB_BYTES = 4  # OpenSlide decodes every format to 8-bit ARGB
+
+def _check_tiff_levels(path: Path, dimensions: list[tuple[int, int]]):
+    "For a TIFF-based slide, refuse from its header an image of a level's size that `check_samples` refuses."
+    try: tif = tifffile.TiffFile(path)
+    except Exception: return  # not a TIFF (MIRAX, DICOM, ...): OpenSlide decodes it to 8-bit ARGB
+    with tif:
+        check_pages(tif, path)
+        for index, page in enumerate(tif.pages):
+            size = (page.imagewidth, page.imagelength)
+            if size in dimensions: check_samples(page, path, f"level {dimensions.index(size)} (TIFF image {index})")
+
 class OpenSlideReader(SlideReader):
     "Any slide OpenSlide can read."
     def __init__(self, path: str | os.PathLike, limits: SlideLimits | None = None):
         self.path, self.limits = Path(path), limits or SlideLimits.from_env()
         self._slide = openslide.OpenSlide(self.path)
         self.dimensions = list(self._slide.level_dimensions)
+        try: _check_tiff_levels(self.path, self.dimensions)  # before any decode
+        except Exception:
+            self._slide.close(); raise
         mpp = self._slide.properties.get(openslide.PROPERTY_NAME_MPP_X)
         self.mpp = float(mpp) if mpp else None
 
     @property
     def downsamples(self) -> list[float]: return list(self._slide.level_downsamples)
+
+    def bytes_per_pixel(self, level: int) -> int: return ARGB_BYTES
 
     def read_region(self, level, x, y, width, height, fill=255):
         level = self._check_read(level, width, height)
@@ -241,7 +298,7 @@ SLIDE_SUFFIXES = TIFF_SUFFIXES | {".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".vm
 
 def open_slide(path: str | os.PathLike,  # the slide file
                backend: str = "auto",  # auto (tifffile for tiled TIFF pyramids, else OpenSlide), tifffile, openslide
-               limits: SlideLimits | None = None,  # the pixel budget (default: `SlideLimits.from_env()`)
+               limits: SlideLimits | None = None,  # the budget of decoded bytes (default: `SlideLimits.from_env()`)
               ) -> SlideReader:
     "A reader for the slide at `path`, refused at once if its declared pyramid is over `limits`."
     path = Path(path)
@@ -281,6 +338,23 @@ def write_bomb(path: str | os.PathLike, side: int = 70_000, levels: int = 4, til
             tiles = (encoded[(i // n + i % n) % 3 == 0] for i in range(n * n))
             tif.write(tiles, shape=(size, size, 3), dtype=np.uint8, photometric="rgb", tile=(tile, tile),
                       compression="zstd", subfiletype=1 if level else 0, metadata=None)
+
+# %% ../nbs/05_slides.ipynb #a5a82705
+def write_wide_tiff(path: str | os.PathLike,  # the TIFF to write
+                    sides: tuple[int, ...] = (8192, 4096),  # each level's width and height, px
+                    samples: int = 16,  # samples per pixel
+                    dtype: np.dtype | str = np.float64,  # each sample's type
+                    tile: int = 512,  # tile side, px
+                   ):
+    "A small TIFF declaring levels of `samples` samples per px of `dtype`, of one zstd tile encoded once, for tests."
+    import imagecodecs
+    encoded = imagecodecs.zstd_encode(np.zeros((tile, tile, samples), dtype).tobytes())
+    with tifffile.TiffWriter(path, bigtiff=True) as tif:
+        for level, side in enumerate(sides):
+            across = -(-side // tile)
+            tiles = (encoded for _ in range(across * across))
+            tif.write(tiles, shape=(side, side, samples), dtype=dtype, photometric="minisblack", planarconfig="contig",
+                      tile=(tile, tile), compression="zstd", subfiletype=1 if level else 0, metadata=None)
 
 # %% ../nbs/05_slides.ipynb #efd52ae5
 def write_svs(path: str | os.PathLike, image: np.ndarray, mpp: float = 0.5, levels: int = 2):

@@ -24,7 +24,7 @@ from .parallel import parallel_map
 __all__ = ['GLEASON_BY_ISUP', 'PROVIDERS', 'TEXTURE_SIGMA', 'RAMP_Z', 'RAMP_RGB', 'PEN_COLOURS', 'DEFAULT_TUMOUR_SHARE',
            'HARD_TUMOUR_SHARE', 'LEVEL_DOWNSAMPLE', 'LEVEL0_MPP', 'TIFF_TILE', 'gleason_score', 'smooth_field',
            'colour', 'coarse_field', 'region', 'draw_artefacts', 'check_tumour_share', 'render_slide',
-           'provider_labels', 'write_pyramid', 'make_synthetic_panda', 'embedded_dataset', 'synth_cli']
+           'provider_labels', 'write_pyramid', 'slide_plan', 'make_synthetic_panda', 'embedded_dataset', 'synth_cli']
 
 # %% ../nbs/03_synth.ipynb #b6c9e659
 GLEASON_BY_ISUP = {1: [(3, 3)], 2: [(3, 4)], 3: [(4, 3)], 4: [(4, 4), (3, 5), (5, 3)], 5: [(4, 5), (5, 4), (5, 5)]}
@@ -171,7 +171,10 @@ def write_pyramid(path: str | os.PathLike, level1: np.ndarray, labels: bool = Fa
                       resolution=(px_per_cm, px_per_cm), resolutionunit="CENTIMETER", maxworkers=1)
 
 # %% ../nbs/03_synth.ipynb #9a5eb2c7
-def _slide_plan(n_slides: int, seed: int) -> pd.DataFrame:
+def slide_plan(n_slides: int,  # how many slides
+               seed: int,  # the data set's seed
+              ) -> pd.DataFrame:
+    "image_id, data_provider and isup_grade of the slides `make_synthetic_panda` makes (known before any is made)."
     rng = np.random.default_rng(seed)
     n_benign = round(0.4 * n_slides)
     grades = np.concatenate([np.zeros(n_benign, int), np.arange(n_slides - n_benign) % 5 + 1])
@@ -198,7 +201,7 @@ def make_synthetic_panda(dest: str | os.PathLike, n_slides: int = 64, seed: int 
     if size % (256 * LEVEL_DOWNSAMPLE): raise ValueError(f"size={size}: must be a multiple of {256 * LEVEL_DOWNSAMPLE}")
     tumour_share = check_tumour_share(tumour_share)
     dest = Path(dest)
-    plan = _slide_plan(n_slides, seed)
+    plan = slide_plan(n_slides, seed)
     seeds = np.random.SeedSequence(seed).spawn(n_slides)
     jobs = [(dest, r.image_id, r.data_provider, int(r.isup_grade), s, size, artefacts, masks, tumour_share)
             for r, s in zip(plan.itertuples(), seeds)]

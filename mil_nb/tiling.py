@@ -100,7 +100,7 @@ def _kaggle_selection(reader: SlideReader, level: int, config: TilingConfig, str
     (width, height), size, n = reader.dimensions[level], config.tile_size, config.n_tiles
     rows, cols = -(-height // size), -(-width // size)
     top, left = (rows * size - height) // 2, (cols * size - width) // 2  # the padding grid_tiles would add
-    step = max(1, min(strip_pixels, reader.limits.level_pixels) // (cols * size * size))
+    step = max(1, min(strip_pixels, reader.level_budget(level)) // (cols * size * size))
     tiles, origins = np.zeros((0, size, size, 3), np.uint8), np.zeros((0, 2), int)
     for row in range(0, rows, step):
         start, stop = row * size - top, min(row + step, rows) * size - top  # the strip's rows, padding included

@@ -99,6 +99,31 @@ def test_cv_refuses_bad_input_before_any_work(tmp_path, small_panda, capsys):
         assert not (tmp_path/"cv").exists()
 
 
+
+@pytest.mark.parametrize("output_dir, parameters, message", [
+    ("/etc/passwd", {}, "output_dir /etc/passwd: /etc/passwd is a file, not a folder"),
+    ("{file}/cv", {}, "output_dir {file}/cv: {file} is a file, not a folder"),
+    ("{tmp}/cv", {"folds": "100", "n_slides": "16"}, "n_slides=16, the embedded data set's size: folds=100, "
+                                                       "test_frac=0.25: needs at least 101 benign and 101 malignant"),
+    ("{tmp}/cv", {"n_slides": "8", "test_frac": "0.5"}, "n_slides=8, the embedded data set's size: folds=3"),
+])
+def test_cv_refuses_a_bad_output_dir_or_too_few_embedded_slides_before_any_fold(tmp_path, capsys, monkeypatch,
+                                                                                  output_dir, parameters, message):
+    "Exit 2 with one line naming the problem; no fold runs (before: a traceback, or a fold failing after 48 s)."
+    monkeypatch.setattr("mil_nb.cv.run_fold", lambda *args, **kwargs: pytest.fail("a fold ran"))
+    (tmp_path/"file").write_text("not a folder")
+    names = {"file": tmp_path/"file", "tmp": tmp_path}
+    parameters = dict(parameters)
+    folds = parameters.pop("folds", "3")
+    argv = ["--folds", folds, "--output_dir", output_dir.format(**names)]
+    argv += [part for key, value in parameters.items() for part in ("-p", key, value)]
+    start = time.perf_counter()
+    with pytest.raises(SystemExit) as exit: cv_cli(argv)
+    error = capsys.readouterr().err
+    assert exit.value.code == 2 and message.format(**names) in error, error
+    assert len(error.strip().splitlines()) == 1 and time.perf_counter() - start < 10, error
+    assert not (tmp_path/"cv").exists()
+
 def test_submit_folds_to_sagemaker(aws, monkeypatch):
     "k folds are k training jobs, each with its fold among the hyperparameters (against moto)."
     monkeypatch.setenv("SAGEMAKER_VALIDATE_ROLE", "false")

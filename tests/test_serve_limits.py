@@ -192,13 +192,16 @@ def test_a_model_pt_that_cannot_be_loaded_is_one_line(small_model_dir, tmp_path)
     good = (small_model_dir/"model.pt").read_bytes()
     for name, write in {"truncated": lambda f: f.write_bytes(good[:len(good) // 2]),
                         "random bytes": lambda f: f.write_bytes(np.random.default_rng(0).bytes(4096)),
-                        "pickle payload": lambda f: torch.save({"config": Payload(), "state_dict": {}}, f)}.items():
+                        "pickle payload": lambda f: torch.save({"config": Payload(), "state_dict": {}}, f),
+                        "inflated config": lambda f: torch.save({"config": {"embed_dim": 16384}, "state_dict": {}}, f),
+                        }.items():
         model_dir = tmp_path/name.replace(" ", "_")
         model_dir.mkdir()
         write(model_dir/"model.pt")
         status, stderr = serve_error(model_dir=model_dir)
         assert status != 0 and stderr.startswith(f"mil_nb_serve: {model_dir/'model.pt'}: "), f"{name}: {stderr}"
         assert stderr.count("\n") == 1 and "Traceback" not in stderr, f"{name}: {stderr}"
+        if name == "inflated config": assert "MILConfig.embed_dim=16384: expected an integer" in stderr, stderr
     assert not marker.exists(), "loading model.pt ran code from the pickle"
 
 

@@ -6,17 +6,20 @@ import signal
 import subprocess
 import sys
 import time
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import psutil
 import pytest
 import tifffile
 from PIL import Image
 
-from mil_nb.slides import open_slide, write_bomb
+from mil_nb.slides import TiffReader, open_slide, write_bomb, write_wide_tiff
 from mil_nb.synth import make_synthetic_panda
 from mil_nb.tile_store import TileStore
+from mil_nb.tiling import TilingConfig, _malignant_fraction
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +59,30 @@ def test_a_bomb_is_one_failure_and_is_never_decoded(tmp_path, panda):
     strict = tile(tmp_path/"src", tmp_path/"strict", "--level", "1", "--workers", "1", "--max_slide_pixels", "1e9")
     assert strict.returncode == 1 and "over the limit of 1,000,000,000 px (slide_pixels" in strict.stdout
 
+
+
+def test_a_wide_sample_tiff_is_refused_from_its_header_by_every_reader(tmp_path):
+    "16 float64 samples a px, levels of 8192 and 4096 px (8.6 and 2.1 GB decoded): within a px budget, not a byte one."
+    wide = tmp_path/"wide.tiff"
+    write_wide_tiff(wide, sides=(8192, 4096), samples=16, dtype=np.float64)
+    assert wide.stat().st_size < 1e6
+    rss = psutil.Process().memory_info().rss
+    tracemalloc.start()
+    try:
+        for backend in ("auto", "tifffile", "openslide"):
+            start = time.perf_counter()
+            with pytest.raises(ValueError, match="level 0 .*has 16 samples per pixel") as refused:
+                open_slide(wide, backend=backend)
+            assert time.perf_counter() - start < 1, backend
+            assert str(wide) in str(refused.value) and "64-bit float64 samples" in str(refused.value), backend
+        with pytest.raises(ValueError, match=f"{wide}: level 0 has 16 samples per pixel"): TiffReader(wide)
+        with pytest.raises(ValueError, match=f"{wide}: level 0 has 16 samples per pixel"):  # as a label mask
+            _malignant_fraction(wide, "radboud", 1, 64, np.zeros((1, 2)), TilingConfig(tile_size=64), None)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 50e6, f"peak {peak / 1e6:.0f} MB traced"
+    assert psutil.Process().memory_info().rss - rss < 300e6
 
 def test_unsafe_image_ids_are_listed_and_nothing_is_written_outside_dest(tmp_path, panda):
     src = tmp_path/"panda"
