@@ -17,8 +17,8 @@ from tqdm.auto import tqdm
 
 from .devices import autocast, resolve_device, resolve_precision
 from .distributed import agree, all_sum, barrier, choose_compression, compress_gradients, current_world
-from .evaluation import (CHANCE, INSTANCE_THRESHOLD, Predictions, instance_metrics, learning_failures,
-                               model_task, predict, task_metrics)
+from .evaluation import (INSTANCE_THRESHOLD, Predictions, instance_metrics, learning_failures, model_task,
+                               predict, task_metrics)
 from .model import ATTENTION_POOLINGS
 from .tasks import prior_loss
 from .run_files import RunFolder
