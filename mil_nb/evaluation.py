@@ -15,13 +15,15 @@ from sklearn import metrics
 
 from .devices import autocast
 from .distributed import ShardSampler, gather_shards
+from .model import ATTENTION_POOLINGS
 from .tasks import Task, get_task, sigmoid
 
 # %% auto #0
 __all__ = ['INSTANCE_THRESHOLD', 'MIN_INSTANCE_POSITIVES', 'CHANCE', 'PRIOR_LOSS_SHARE', 'Predictions', 'model_task', 'predict',
            'task_metrics', 'instance_auc', 'instance_positives', 'instance_metrics', 'instance_auc_note',
-           'learning_failures', 'operating_point', 'youden_threshold', 'subset', 'slide_metrics', 'bootstrap_ci',
-           'heldout_metrics', 'score_heldout', 'heldout_summary', 'predictions_frame', 'read_predictions', 'ensemble']
+           'learning_failures', 'learning_advice', 'operating_point', 'youden_threshold', 'subset', 'slide_metrics',
+           'bootstrap_ci', 'heldout_metrics', 'score_heldout', 'heldout_summary', 'predictions_frame',
+           'read_predictions', 'ensemble']
 
 # %% ../nbs/14_evaluation.ipynb #049511da
 @dataclass
@@ -128,6 +130,18 @@ def learning_failures(train_loss: float,  # the kept epoch's mean training loss
         failures.append(f"its validation {monitor} {values.get(monitor, float('nan')):.3f} is within 0.1 of chance "
                         f"({chance})")
     return failures
+
+def learning_advice(m: dict,  # a run's metrics.json: epochs, epochs_run, lr, pooling, max_instance_loss
+                   ) -> str:
+    "What to try after a run that learnt nothing, by what that run did."
+    runs = m.get("epochs_run", 0)
+    tips = [f"early stopping ended it after {runs} of {m.get('epochs')} epochs: raise patience" if runs < m.get(
+        "epochs", 0) else f"train longer than its {runs} epoch(s) (-p epochs {2 * runs})"]
+    if m.get("lr", 1) < 1e-5: tips.append(f"its lr {m['lr']:g} is far below the default 1e-4")
+    if m.get("max_instance_loss") == 0 and m.get("pooling") in ATTENTION_POOLINGS:
+        tips.append("switch the max-instance loss on (-p max_instance_loss 1), which gets attention off the ground "
+                    "where tumour is scarce")
+    return "; ".join(tips)
 
 # %% ../nbs/14_evaluation.ipynb #e5a10002
 def operating_point(malignant: np.ndarray,  # 1 for malignant slides, 0 for benign

@@ -17,9 +17,8 @@ from tqdm.auto import tqdm
 
 from .devices import autocast, resolve_device, resolve_precision
 from .distributed import agree, all_sum, barrier, choose_compression, compress_gradients, current_world
-from .evaluation import (INSTANCE_THRESHOLD, Predictions, instance_metrics, learning_failures, model_task,
-                               predict, task_metrics)
-from .model import ATTENTION_POOLINGS
+from .evaluation import (INSTANCE_THRESHOLD, Predictions, instance_metrics, learning_advice, learning_failures,
+                               model_task, predict, task_metrics)
 from .tasks import prior_loss
 from .run_files import RunFolder
 from .tiling import TilingConfig
@@ -153,7 +152,7 @@ class FitResult:
         if output_dir is not None: lines.append(f"model.pt, metrics.json, history.csv and figures in {output_dir}")
         if m.get("learnt") is False:
             lines.append(f"NOTE: this model learnt nothing: {m['learnt_reason']}. Its figures are not meaningful; "
-                         f"{_learning_advice(m)}.")
+                         f"{learning_advice(m)}.")
         return "\n".join(lines)
 
     def final_line(self) -> str:
@@ -161,16 +160,6 @@ class FitResult:
         values = {k: v for k, v in self.metrics.items() if k.startswith("val_") and isinstance(v, float) and v == v}
         return f"final (kept epoch {self.kept_epoch}): " + ", ".join(f"val {k[4:]} {v:.6f}" for k, v in values.items())
 
-def _learning_advice(m: dict) -> str:
-    "What to try after a run that learnt nothing, by what that run did."
-    runs = m.get("epochs_run", 0)
-    tips = [f"early stopping ended it after {runs} of {m.get('epochs')} epochs: raise patience" if runs < m.get(
-        "epochs", 0) else f"train longer than its {runs} epoch(s) (-p epochs {2 * runs})"]
-    if m.get("lr", 1) < 1e-5: tips.append(f"its lr {m['lr']:g} is far below the default 1e-4")
-    if m.get("max_instance_loss") == 0 and m.get("pooling") in ATTENTION_POOLINGS:
-        tips.append("switch the max-instance loss on (-p max_instance_loss 1), which gets attention off the ground "
-                    "where tumour is scarce")
-    return "; ".join(tips)
 
 def _check_arguments(epochs, lr, weight_decay, patience, resume, output_dir, optimizer, schedule, warmup_epochs):
     "Refuse arguments `fit` cannot train with, naming each, before any work."
