@@ -30,7 +30,7 @@ from .run_files import json_safe
 from .scorer import CohortModels, load_models, predict_bags, tile_for_scoring, tile_measurements
 from .slides import SlideLimits
 from .tasks import get_task
-from .tile_store import check_output_folder, slide_sources
+from .tile_store import MAX_TILES, check_output_folder, slide_sources
 from .tiling import TilingConfig
 
 # %% auto #0
@@ -209,7 +209,7 @@ def predict_cohort(model_dirs: list,  # folders with model.pt or model.tar.gz fi
                    batch_size: int = 8,  # bags per forward pass
                    num_workers: int | None = None,  # tiling processes (default: one per CPU; 0: in this process)
                    heatmaps: bool = True,  # draw heatmaps/<image_id>.png (about 0.3 s a slide)
-                   max_tiles: int = 2048,  # the most tiles of one slide's bag (more: a listed failure)
+                   max_tiles: int = MAX_TILES,  # the most tiles of one slide's bag (more: a listed failure)
                    n_bootstrap: int = 1000,  # resamples for the metrics' confidence intervals (with labels)
                    seed: int = 0,  # fixes the resamples
                    progress: bool = True,  # show a progress bar
@@ -306,7 +306,7 @@ def predict_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch_size", type=int, default=8, help="bags per forward pass")
     parser.add_argument("--workers", type=int, help="tiling processes (default: one per CPU)")
     parser.add_argument("--no_heatmaps", action="store_true", help="skip heatmaps/ (faster for large cohorts)")
-    parser.add_argument("--max_tiles", type=int, default=2048, help="the most tiles of one slide's bag")
+    parser.add_argument("--max_tiles", type=int, default=MAX_TILES, help="the most tiles of one slide's bag")
     parser.add_argument("--n_bootstrap", type=int, default=1000, help="resamples for confidence intervals")
     parser.add_argument("--seed", type=int, default=0, help="fixes the resamples")
     return parser

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from fastcore.script import call_parse
 from torch import nn
@@ -21,9 +22,9 @@ from tqdm.auto import tqdm
 
 from .devices import autocast, matmul_peak_gflops, resolve_device, resolve_precision
 from .encoders import PRETRAINED_ENCODERS, encoder_from_name
-from .files import atomic_path, write_json, write_table
+from .files import atomic_path, npz_header, write_json, write_table
 from .slides import open_slide
-from .tile_store import TileStore, check_output_folder, tiling_settings
+from .tile_store import MAX_TILES, TileStore, check_output_folder, tiling_settings
 
 # %% auto #0
 __all__ = ['encode_tiles', 'FloatInput', 'extract_features', 'cached_features', 'encoder_mpp', 'tiling_warnings', 'features_cli',
@@ -64,13 +65,15 @@ def extract_features(
     device: str = "auto",  # auto (cuda when present), cpu, cuda, cuda:1, ...
     precision: str = "auto",  # fp32, bf16 or fp16 (auto: bf16 where native)
     progress: bool = True,  # show a progress bar
+    max_tiles: int = MAX_TILES,  # the most tiles of a bag (more, or a bag that cannot be read: a listed failure)
 ) -> TileStore:
     "Encode every bag of the tile store `store` with `encoder` into a feature-bag store at `dest` (resumable)."
     store = store if isinstance(store, TileStore) else TileStore(store)
     dest, device = Path(dest), resolve_device(device)
     precision = resolve_precision(precision, device)
-    if not (isinstance(batch_size, int) and batch_size >= 1):
-        raise ValueError(f"batch_size={batch_size!r}: expected an integer >= 1")
+    for name, value in (("batch_size", batch_size), ("max_tiles", max_tiles)):
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            raise ValueError(f"{name}={value!r}: expected an integer >= 1")
     if "features" in store.meta: raise ValueError(f"{store.path}: a store of features, not of tiles")
     check_output_folder(store.path, dest, ("bags",))
     made_by = _made_by(encoder, store, precision)
@@ -81,21 +84,32 @@ def extract_features(
                              "choose another folder")
     else: write_json(store.meta | made_by, dest/"meta.json")
     for stale in (dest/"bags").glob(".*.part"): stale.unlink()  # temporaries of a killed run
-    encoder = encoder.to(device).eval()
+    encoder, failed = encoder.to(device).eval(), {}
     for image_id in tqdm(store.image_ids, desc="extracting features", disable=not progress):
         out = dest/"bags"/store.bag_file(image_id).name  # the store's file name for it (the id checked)
         if out.exists(): continue
-        arrays = store.load(image_id)
+        try: arrays = store.load(image_id, max_tiles)  # measured from its header first
+        except ValueError as error:
+            failed[image_id] = str(error); continue
         arrays["features"] = encode_tiles(encoder, arrays.pop("tiles"), batch_size, device, precision)
         if not np.isfinite(arrays["features"]).all():
             raise FloatingPointError(f"{image_id}: the encoder gave non-finite features (in {precision}); are its "
                                      "weights right?")
         with atomic_path(out) as tmp, open(tmp, "wb") as f: np.savez(f, **arrays)
-    n_features = int(np.load(dest/"bags"/store.bag_file(store.image_ids[0]).name)["features"].shape[1]) \
-        if store.image_ids else 0
-    write_json(store.meta | made_by | {"features": n_features}, dest/"meta.json")
-    write_table(store.failures, dest/"failures.csv")
-    write_table(store.index, dest/"index.csv")  # last: a store is complete once it has one
+    return _finish_features(store, dest, store.meta | made_by, failed)
+
+def _finish_features(store: TileStore, dest: Path, meta: dict, failed: dict[str, str]) -> TileStore:
+    "The feature store's meta.json, failures.csv (the tile store's, and the bags that failed) and index.csv."
+    index = store.index[~store.index.image_id.isin(failed)]
+    first = dest/"bags"/store.bag_file(index.image_id.iloc[0]).name if len(index) else None
+    write_json(meta | {"features": int(npz_header(first, "features")[0][1]) if first else 0}, dest/"meta.json")
+    listed = pd.DataFrame([(image_id, str(store.bag_file(image_id)), error) for image_id, error in failed.items()],
+                          columns=["image_id", "file", "error"])
+    write_table(pd.concat([store.failures, listed], ignore_index=True), dest/"failures.csv")
+    write_table(index, dest/"index.csv")  # last: a store is complete once it has one
+    if failed:
+        print(f"features: {len(failed)} of {len(store.image_ids)} bags could not be encoded (listed in "
+              f"{dest/'failures.csv'}):", *[f"  {error}" for error in failed.values()], sep="\n")
     return TileStore(dest)
 
 # %% ../nbs/21_features.ipynb #f0e1a011
@@ -151,21 +165,24 @@ def features_cli(tiles: str,  # a tile store (or the folder of its parts)
                  random_weights: bool = False,  # random weights instead (tests, benchmarks)
                  batch_size: int = 64,  # tiles per forward pass
                  device: str = "auto",  # auto (cuda when present), cpu, cuda, cuda:1, ...
-                 precision: str = "auto"):  # fp32 or bf16 (auto: bf16 where native)
+                 precision: str = "auto",  # fp32 or bf16 (auto: bf16 where native)
+                 max_tiles: int = MAX_TILES):  # the most tiles of a bag (more: a listed failure, as in mil_nb_predict)
     "Encode the tile store TILES with a registry encoder into the feature store DEST."
     try:
-        if batch_size < 1: raise ValueError(f"--batch_size={batch_size}: expected an integer >= 1")
+        for name, value in (("batch_size", batch_size), ("max_tiles", max_tiles)):
+            if value < 1: raise ValueError(f"--{name}={value}: expected an integer >= 1")
         resolve_precision(precision, resolve_device(device))  # checked before any work
         store = TileStore(tiles)
         module = encoder_from_name(encoder, weights, random_weights)
         for warning in tiling_warnings(store.meta, encoder):
             print(f"mil_nb_features: warning: {warning}", file=sys.stderr)
-        features = extract_features(module, store, dest, batch_size, device, precision)
+        features = extract_features(module, store, dest, batch_size, device, precision, max_tiles=max_tiles)
     except (ValueError, OSError, ImportError) as error:
         print(f"mil_nb_features: {error}", file=sys.stderr)
         sys.exit(2)
     print(json.dumps({"bags": len(features.image_ids), "features": features.meta["features"], "encoder": encoder,
                       "dest": str(features.path)}))
+    sys.exit(1 if len(features.failures) > len(store.failures) else 0)  # 1: some bags failed, listed
 
 # %% ../nbs/21_features.ipynb #f0e1a005
 def bench_features(names: tuple[str, ...] = ("resnet50-imagenet", "phikon"),  # registry encoders to time

@@ -9,10 +9,14 @@ import contextlib
 import json
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 
+import numpy as np
+
 # %% auto #0
-__all__ = ['atomic_path', 'write_table', 'write_json', 'cache_dir', 'project_root', 'project_path']
+__all__ = ['MAX_TABLE_BYTES', 'MAX_JSON_BYTES', 'atomic_path', 'write_table', 'write_json', 'cache_dir', 'project_root',
+           'project_path', 'checked_file', 'read_json_object', 'npz_header']
 
 # %% ../nbs/00_files.ipynb #859535bf
 @contextlib.contextmanager
@@ -55,3 +59,49 @@ def project_path(path: str | os.PathLike | None) -> Path | None:
     if path is None: return None
     path = Path(path).expanduser()
     return path if path.is_absolute() else (project_root() or Path.cwd())/path
+
+# %% ../nbs/00_files.ipynb #db6587f7
+MAX_TABLE_BYTES = 64 * 2**20  # a results table another run wrote (predictions.csv, index.csv, ...): 200,000 slides
+MAX_JSON_BYTES = 2**20  # a meta.json or summary.json another run wrote (a few hundred bytes)
+
+def checked_file(path: str | os.PathLike,  # a file another run wrote
+                 inside: str | os.PathLike,  # the folder it must be in, reached through no link
+                 max_bytes: int | None,  # the most bytes it may hold (None: any)
+                ) -> Path:
+    "`path` if it is a plain file in `inside`, reached through no link, of at most `max_bytes`; else a ValueError."
+    path, inside = Path(path), Path(inside)
+    if path.resolve() != inside.resolve()/path.relative_to(inside):
+        raise ValueError(f"{path}: a link, or inside one; only files inside {inside} are read")
+    if not path.is_file(): raise ValueError(f"{path}: {'not a plain file' if path.exists() else 'no such file'}")
+    size = path.stat().st_size
+    if max_bytes is not None and size > max_bytes:
+        raise ValueError(f"{path}: {size:,} bytes, over the limit of {max_bytes:,} bytes for this file")
+    return path
+
+def read_json_object(path: str | os.PathLike,  # a JSON file another run wrote
+                     inside: str | os.PathLike,  # the folder it must be in (`checked_file`)
+                     fields: dict,  # the keys it must hold, each with the type (or tuple of types) of its value
+                     max_bytes: int = MAX_JSON_BYTES,  # the most bytes it may hold
+                    ) -> dict:
+    "The JSON object in `path`, checked: a plain file, holding each of `fields`; a ValueError naming file and key."
+    raw = checked_file(path, inside, max_bytes).read_bytes()
+    try: values = json.loads(raw)
+    except (ValueError, RecursionError) as error: raise ValueError(f"{path}: not JSON ({error})") from None
+    if not isinstance(values, dict): raise ValueError(f"{path}: not a JSON object")
+    for key, kinds in fields.items():
+        kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+        if key not in values: raise ValueError(f"{path}: no {key!r} key (it must hold {', '.join(fields)})")
+        if not isinstance(values[key], kinds) or (isinstance(values[key], bool) and bool not in kinds):
+            expected = " or ".join(kind.__name__ for kind in kinds)
+            raise ValueError(f"{path}: {key!r} is {values[key]!r:.80}; expected {expected}")
+    return values
+
+def npz_header(path: str | os.PathLike,  # an .npz file
+               name: str,  # one of its arrays
+              ) -> tuple[tuple[int, ...], np.dtype]:
+    "The shape and dtype of the array `name` of the .npz file `path`, from its header: no data is decoded."
+    with zipfile.ZipFile(path) as archive, archive.open(f"{name}.npy") as member:
+        version = np.lib.format.read_magic(member)
+        if version not in ((1, 0), (2, 0)): raise ValueError(f"{path}: {name} is in .npy format {version}")
+        shape, _, dtype = getattr(np.lib.format, f"read_array_header_{version[0]}_0")(member)
+    return shape, dtype

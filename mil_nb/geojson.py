@@ -16,7 +16,7 @@ import numpy as np
 from .files import atomic_path
 
 # %% auto #0
-__all__ = ['tile_box', 'tile_geojson', 'write_geojson']
+__all__ = ['GEOJSON_TILE_BYTES', 'GEOJSON_VALUE_BYTES', 'tile_box', 'tile_geojson', 'write_geojson', 'geojson_max_bytes']
 
 # %% ../nbs/33_geojson.ipynb #b1a20004
 def tile_box(x: float, y: float, side0: float) -> list[list[float]]:
@@ -51,3 +51,12 @@ def write_geojson(path: str | os.PathLike, collection: dict) -> Path:
     path = Path(path)
     with atomic_path(path) as tmp: tmp.write_text(json.dumps(collection))
     return path
+
+# %% ../nbs/33_geojson.ipynb #42ad22b0
+GEOJSON_TILE_BYTES, GEOJSON_VALUE_BYTES = 512, 64  # a tile's id, polygon and name; each of its measurements
+
+def geojson_max_bytes(n_tiles: int,  # tiles of the slide's bag
+                      n_values: int,  # measurements of each tile
+                     ) -> int:
+    "The most bytes of the GeoJSON of `n_tiles` tiles with `n_values` measurements each (`tile_geojson`)."
+    return n_tiles * (GEOJSON_TILE_BYTES + GEOJSON_VALUE_BYTES * n_values)

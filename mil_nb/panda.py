@@ -5,6 +5,7 @@
 # %% ../nbs/04_panda.ipynb #9effaf74
 from __future__ import annotations
 
+import io
 import os
 import unicodedata
 from pathlib import Path
@@ -12,9 +13,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .files import MAX_TABLE_BYTES, checked_file
+
 # %% auto #0
-__all__ = ['REQUIRED_COLUMNS', 'ISUP_GRADES', 'MAX_ID_BYTES', 'MALIGNANT_FROM', 'read_slide_table', 'read_csv_table',
-           'image_path', 'mask_path', 'shown_name', 'check_image_id', 'malignant_pixels']
+__all__ = ['REQUIRED_COLUMNS', 'ISUP_GRADES', 'MAX_ID_BYTES', 'FORMULA_STARTS', 'MALIGNANT_FROM', 'read_slide_table',
+           'read_csv_table', 'image_path', 'mask_path', 'shown_name', 'check_image_id', 'check_table_ids',
+           'read_result_table', 'malignant_pixels']
 
 # %% ../nbs/04_panda.ipynb #f198296f
 REQUIRED_COLUMNS = ("image_id", "isup_grade")
@@ -77,6 +81,7 @@ def mask_path(data_dir: str | os.PathLike, image_id: str) -> Path:
 
 # %% ../nbs/04_panda.ipynb #e2b9f6a3
 MAX_ID_BYTES = 200  # file names are at most 255 bytes, and suffixes such as "_mask.tiff" are added
+FORMULA_STARTS = ("=", "+", "-", "@")  # a CSV cell starting so is a formula to a spreadsheet (OWASP: CSV injection)
 
 def shown_name(name: str) -> str:
     "`name` printable and UTF-8: bytes of a file name that are not UTF-8 (surrogate escapes) as \\xNN."
@@ -85,6 +90,7 @@ def shown_name(name: str) -> str:
 def check_image_id(image_id: str) -> str:
     "`image_id` if it is a safe file name (no path, no hidden name, valid UTF-8); a ValueError naming it otherwise."
     if not isinstance(image_id, str) or not image_id: problem = "is empty"
+    elif image_id.startswith(FORMULA_STARTS): problem = "starts with =, +, - or @ (a spreadsheet runs it as a formula)"
     elif any(sep in image_id for sep in "/\\:"): problem = "holds a path separator (/, \\ or :)"
     elif image_id.startswith("."): problem = "starts with a dot (., .., hidden or temporary files)"
     elif shown_name(image_id) != image_id: problem = "is not valid UTF-8"
@@ -93,6 +99,37 @@ def check_image_id(image_id: str) -> str:
     elif len(image_id.encode()) > MAX_ID_BYTES: problem = f"is longer than {MAX_ID_BYTES} bytes"
     else: return image_id
     raise ValueError(f"image_id {shown_name(str(image_id))!r} {problem}: an image_id must be a plain file name")
+
+# %% ../nbs/04_panda.ipynb #52f8309b
+def check_table_ids(image_ids,  # the image_id column of a table read from `csv`
+                    csv: str | os.PathLike,  # the table's file, named in the error
+                   ):
+    "Raise a ValueError naming `csv` and the row of the first of `image_ids` that `check_image_id` refuses."
+    for row, image_id in enumerate(image_ids):
+        try: check_image_id(image_id)
+        except ValueError as error: raise ValueError(f"{csv}: row {row + 2}: {error}") from None
+
+def read_result_table(csv: str | os.PathLike,  # a CSV file another run of ours wrote
+                      inside: str | os.PathLike,  # the folder it must be in, reached through no link
+                      columns: list[dict[str, bool]],  # its columns in order (name: holds numbers), or alternatives
+                      blank: tuple[str, ...] = (),  # the columns whose cells may be empty
+                     ) -> pd.DataFrame:
+    "`csv` read as it was written: exactly one of `columns`, a value in every cell but `blank`'s, numbers as numbers."
+    raw = checked_file(csv, inside, MAX_TABLE_BYTES).read_bytes()
+    try: table = pd.read_csv(io.BytesIO(raw), dtype=str, keep_default_na=False)
+    except ValueError as error: raise ValueError(f"{csv}: not a CSV table ({error})") from None
+    kinds = next((c for c in columns if list(c) == list(table.columns)), None)
+    if kinds is None or not isinstance(table.index, pd.RangeIndex):  # a longer row: pandas made it an index
+        raise ValueError(f"{csv}: columns {list(table.columns)[:20]} (or longer rows); it is written with "
+                         f"{' or '.join(str(list(c)) for c in columns)}")
+    for name, numeric in kinds.items():
+        bad = ((table[name] == "") & (name not in blank)) | (numeric & (table[name] != "")
+                                                              & pd.to_numeric(table[name], errors="coerce").isna())
+        if bad.any():
+            raise ValueError(f"{csv}: row {bad.idxmax() + 2}: {name} is {table[name][bad.idxmax()]!r:.80}; expected "
+                             f"{'a number' if numeric else 'a value'}")
+    text = [name for name, numeric in kinds.items() if not numeric]
+    return pd.read_csv(io.BytesIO(raw), dtype=dict.fromkeys(text, str), keep_default_na=False, na_values=[""])
 
 # %% ../nbs/04_panda.ipynb #b3850a92
 MALIGNANT_FROM = {"radboud": 3, "karolinska": 2}

@@ -12,6 +12,8 @@ import os
 import shutil
 import sys
 import time
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -19,15 +21,16 @@ import pandas as pd
 from fastcore.script import call_parse
 from PIL import Image
 
-from .files import atomic_path, write_json, write_table
-from .panda import check_image_id, image_path, mask_path, read_slide_table, shown_name
+from .files import (
+    MAX_TABLE_BYTES, atomic_path, checked_file, npz_header, read_json_object, write_json, write_table)
+from .panda import check_image_id, check_table_ids, image_path, mask_path, read_slide_table, shown_name
 from .parallel import parallel_map
 from .slides import SLIDE_SUFFIXES, SlideLimits
 from .tiling import TilingConfig, choose_level, tile_slide
 
 # %% auto #0
-__all__ = ['slide_sources', 'tiling_settings', 'store_parts', 'TileStore', 'check_output_folder', 'check_no_links', 'tile_slides',
-           'merge_tile_stores', 'ready_tile_store', 'tile_cli']
+__all__ = ['MAX_TILES', 'TILE_COUNTS', 'slide_sources', 'tiling_settings', 'store_parts', 'TileStore', 'check_output_folder',
+           'check_no_links', 'tile_slides', 'merge_tile_stores', 'ready_tile_store', 'tile_cli']
 
 # %% ../nbs/08_tile_store.ipynb #df5e176f
 def slide_sources(src: str | os.PathLike) -> pd.DataFrame:
@@ -86,6 +89,8 @@ def store_parts(path: Path) -> list[Path]:
             raise ValueError(f"{part}: a part that did not finish (no summary.json)")
     return parts
 
+MAX_TILES = 2048  # the most tiles of a bag the batch entry points take (mil_nb_predict, mil_nb_features)
+
 class TileStore:
     "A folder of tile bags written by `tile_slides`, or a folder of parts of one (`store_parts`), read as one store."
     def __init__(self, path: str | os.PathLike,  # the store, or the folder of its parts
@@ -125,9 +130,20 @@ class TileStore:
         name = f"{check_image_id(image_id)}.npz"
         return self._part.get(image_id, self.path)/"bags"/name
 
-    def load(self, image_id: str) -> dict[str, np.ndarray]:
-        "The arrays of one slide's bag."
-        with np.load(self.bag_file(image_id)) as bag: return dict(bag)
+    def load(self, image_id: str,  # a slide of the store
+             max_tiles: int | None = None,  # the most tiles (or features) it may hold, from its header (None: any)
+            ) -> dict[str, np.ndarray]:
+        "The arrays of one slide's bag; a ValueError naming its file if it cannot be read, or is over `max_tiles`."
+        path, name = self.bag_file(image_id), "features" if "features" in self.meta else "tiles"
+        per_tile = 4 * (self.meta["features"] if name == "features" else self.meta["tile_size"] ** 2)  # bytes at most
+        try:
+            if max_tiles is not None: shape, dtype = npz_header(path, name)
+            if max_tiles is None or shape[0] <= max_tiles and math.prod(shape[1:]) * dtype.itemsize <= per_tile:
+                with np.load(path) as bag: return dict(bag)
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as error:
+            raise ValueError(f"{path}: not a readable bag ({type(error).__name__}: {error})") from None
+        raise ValueError(f"{path}: {shape[0]:,} {name} of {shape[1:]} {dtype}, over the limit of {max_tiles:,} "
+                         f"(max_tiles) of at most {per_tile:,} bytes each")
 
     def __repr__(self):
         return f"TileStore({self.path}, {len(self.index)} bags, {len(self.failures)} failed, {self.meta})"
@@ -238,16 +254,26 @@ def _joined_labels(parts: list[Path]) -> pd.DataFrame | None:
     tables = [pd.read_csv(f, dtype=str, keep_default_na=False) for f in files]
     return pd.concat(tables, ignore_index=True).drop_duplicates("image_id")
 
+TILE_COUNTS = ("slides", "tiled", "already_tiled", "failed")  # in a part's summary.json: the merged one sums them
+
+def _checked_part(part: Path, parts: Path) -> dict:
+    "A part's summary.json, once its files are checked: plain files inside `parts`, bounded, image_ids safe."
+    for name in ("index.csv", "failures.csv", "train.csv"):
+        if name != "train.csv" or os.path.lexists(part/name): checked_file(part/name, parts, MAX_TABLE_BYTES)
+    read_json_object(part/"meta.json", parts, {})  # JSON, small (TileStore checks the settings it holds)
+    check_table_ids(_read_index(part/"index.csv").image_id, part/"index.csv")
+    return read_json_object(part/"summary.json", parts, dict.fromkeys(TILE_COUNTS, int))
+
 def merge_tile_stores(parts: str | os.PathLike,  # a folder whose subfolders are tile stores (the parts)
                       dest: str | os.PathLike,  # the merged store (may be `parts` itself)
                      ) -> TileStore:
     "One tile store from the parts in the subfolders of `parts`."
     parts, dest = Path(parts), Path(dest)
-    whole = TileStore(parts, store_parts(parts))
+    found = store_parts(parts)
+    summaries = [_checked_part(part, parts) for part in found]
+    whole = TileStore(parts, found)
     check_no_links(dest, ("bags",))
-    bags = [whole.bag_file(image_id) for image_id in whole.image_ids]
-    for bag in bags:
-        if bag.is_symlink() or not bag.is_file(): raise ValueError(f"{bag}: not a bag the part wrote")
+    bags = [checked_file(whole.bag_file(image_id), parts, None) for image_id in whole.image_ids]
     (dest/"bags").mkdir(parents=True, exist_ok=True)
     for bag in bags:
         if (dest/"bags"/bag.name).exists(): continue
@@ -260,8 +286,7 @@ def merge_tile_stores(parts: str | os.PathLike,  # a folder whose subfolders are
     if labels is not None: write_table(labels, dest/"train.csv")
     write_table(whole.failures, dest/"failures.csv")
     write_table(whole.index, dest/"index.csv")
-    summaries = [json.loads((p/"summary.json").read_text()) for p in whole.parts]
-    summary = {k: sum(s[k] for s in summaries) for k in ("slides", "tiled", "already_tiled", "failed")}
+    summary = {k: sum(s[k] for s in summaries) for k in TILE_COUNTS}
     write_json(summary | {"parts": len(whole.parts)}, dest/"summary.json")
     return TileStore(dest)
 

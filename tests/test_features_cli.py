@@ -1,11 +1,15 @@
 """`mil_nb_features` as a user runs it: a tile store in, a feature store that `BagDataset` reads out; a rerun does
-nothing; a run killed part way and run again completes with the features of an uninterrupted run."""
+nothing; a run killed part way and run again completes with the features of an uninterrupted run; a truncated bag and
+a bag of 30,000 tiles (measured from its header, never decoded) are listed failures naming their files."""
 import json
+import shutil
 import signal
 import subprocess
 import time
+import zipfile
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from fastcore.script import anno_parser
@@ -93,3 +97,28 @@ def test_bad_arguments_exit_2_before_any_work(store_and_weights, tmp_path, capsy
             features_cli.__wrapped__(**{k: v for k, v in options.items() if k not in ("pdb", "xtra")})
         assert stop.value.code == 2 and message in capsys.readouterr().err, args
     assert not (tmp_path/"d").exists()
+
+
+def test_a_truncated_bag_and_a_bag_over_max_tiles_are_listed_failures(store_and_weights, tmp_path):
+    tiles = tmp_path/"tiles"
+    shutil.copytree(store_and_weights/"tiles", tiles)
+    index = pd.read_csv(tiles/"index.csv", dtype=str, keep_default_na=False)
+    index[:3].to_csv(tiles/"index.csv", index=False)  # a good bag, and the two below
+    good, short, big = index.image_id[:3]
+    truncated = tiles/"bags"/f"{short}.npz"
+    truncated.write_bytes(truncated.read_bytes()[:truncated.stat().st_size // 2])
+    with zipfile.ZipFile(tiles/"bags"/f"{big}.npz", "w", zipfile.ZIP_DEFLATED) as archive:  # 30,000 tiles of zeros
+        with archive.open("tiles.npy", "w", force_zip64=True) as member:
+            header = {"descr": "|u1", "fortran_order": False, "shape": (30_000, 64, 64, 3)}
+            np.lib.format.write_array_header_1_0(member, header)
+            for _ in range(30): member.write(bytes(1000 * 64 * 64 * 3))
+    assert (tiles/"bags"/f"{big}.npz").stat().st_size < 2e6  # 0.37 GB of tiles in well under 2 MB
+    start = time.time()
+    run = subprocess.run(["mil_nb_features", str(tiles), str(tmp_path/"dest"), "--random_weights", "--precision",
+                          "fp32"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1, run.stderr[-3000:]  # 1: some bags failed, listed (a traceback would be 1 too)
+    assert "Traceback" not in run.stderr and time.time() - start < 120
+    failures = pd.read_csv(tmp_path/"dest"/"failures.csv", dtype=str).set_index("image_id")
+    assert failures.file[short] == str(truncated) and f"{truncated}: not a readable bag (BadZipFile" in run.stdout
+    assert f"{big}.npz: 30,000 tiles of (64, 64, 3) uint8, over the limit of 2,048 (max_tiles)" in failures.error[big]
+    assert TileStore(tmp_path/"dest").image_ids == [good]
