@@ -95,7 +95,7 @@ class ServedModel:
     precision: str
     limits: RequestLimits = field(default_factory=RequestLimits.from_env)
 
-ENCODE_CHUNK = 64  # tiles a served model encodes per call (`AttentionMIL.encode_chunk`)
+ENCODE_CHUNK = {"cpu": 16, "cuda": 128}  # tiles a served model encodes per call, by device (`encode_chunk`)
 
 def _load_reason(error: Exception) -> str:
     "One line on why `torch.load` failed, without torch's advice to load the file unsafely."
@@ -123,7 +123,7 @@ def load_served_model(model_dir: str | os.PathLike,  # the folder holding model.
         raise ValueError(f"{path}: a model on feature bags (encoder='identity'); serving takes models on image tiles")
     try: model = attach_tile_encoder(model, model_dir)  # two-stage: its encoder, with the weights it was trained on
     except ImportError as error: raise ValueError(f"{path}: {error}") from None
-    model.encode_chunk = ENCODE_CHUNK
+    model.encode_chunk = ENCODE_CHUNK[device.type]
     tiling = model.tiling or TilingConfig(tile_size=model.config.tile_size)
     return ServedModel(model, tiling, device, precision, limits or RequestLimits.from_env())
 

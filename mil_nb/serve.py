@@ -7,14 +7,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import functools
 import http.client
 import json
+import math
 import os
+import resource
 import subprocess
 import sys
 import tempfile
 import time
+import typing
 import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -22,8 +26,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import uvicorn
 from fastcore.script import call_parse
+from hypercorn.asyncio import serve as hypercorn_serve
+from hypercorn.config import Config as HypercornConfig
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -38,51 +43,82 @@ from .net import free_port
 from .parallel import die_with_parent
 
 # %% auto #0
-__all__ = ['MAX_CONNECTIONS', 'read_body', 'answer', 'Turns', 'create_app', 'serve_cli', 'wait_for_ping', 'ServerURL',
-           'running_server', 'post', 'bench_serve']
+__all__ = ['SPOOL_BYTES', 'STAGE_OPTIONS', 'SERVER_OPTIONS', 'BACKLOG', 'spool_body', 'answer', 'Admission', 'release_memory',
+           'create_app', 'server_options', 'hypercorn_config', 'raise_open_files_limit', 'serve_cli', 'wait_for_ping',
+           'ServerURL', 'running_server', 'post', 'bench_serve']
 
 # %% ../nbs/30_serve.ipynb #11863b37
-async def read_body(request: Request,
-                    max_bytes: int,  # the largest body: 413 once it is declared or read to be larger
-                    timeout_s: float,  # the longest wait for the next chunk, and a quarter of the whole body's: 408
-                   ) -> bytearray:
-    "The request's body, read chunk by chunk; `BadRequest` as soon as it is over `max_bytes`, stalls or dawdles."
+SPOOL_BYTES = 2**20  # a body arriving is held in memory up to this size, then in a temporary file
+
+def _too_slow(size: int, elapsed: float, quiet: float, timeout_s: float, min_rate: float) -> BadRequest:
+    return BadRequest(f"the body arrived too slowly: {size:,} bytes in {elapsed:.1f} s, none in the last {quiet:.1f} s "
+                      f"(the limits: body_timeout_s={timeout_s:g} between chunks, and after it "
+                      f"min_body_kib_s={min_rate / 2**10:g} on average)", 408)
+
+async def spool_body(request: Request,
+                     max_bytes: int,  # the largest body: 413 once it is declared or read to be larger
+                     timeout_s: float,  # the longest wait for the next chunk, and the grace before `min_rate`: 408
+                     min_rate: float,  # bytes per second the body must average once `timeout_s` has passed: 408
+                    ) -> tempfile.SpooledTemporaryFile:
+    "The request's body in a spool at its start: memory up to `SPOOL_BYTES`, then a temporary file."
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > max_bytes: raise too_large(int(declared), max_bytes)
-    body, chunks, loop = bytearray(), request.stream(), asyncio.get_running_loop()
-    deadline = loop.time() + 4 * timeout_s
-    while True:
-        wait = min(timeout_s, deadline - loop.time())
-        try: body += await asyncio.wait_for(anext(chunks), max(wait, 0))
-        except StopAsyncIteration: return body
-        except TimeoutError:
-            why = f"no data for {timeout_s:g} s" if wait == timeout_s else f"not all there after {4 * timeout_s:g} s"
-            raise BadRequest(f"the body stalled: {why} (the limit: body_timeout_s)", 408) from None
-        if len(body) > max_bytes: raise too_large(len(body), max_bytes)
+    spool, size, chunks = tempfile.SpooledTemporaryFile(SPOOL_BYTES), 0, request.stream()
+    loop = asyncio.get_running_loop()
+    start = last = loop.time()
+    with contextlib.ExitStack() as on_error:
+        on_error.callback(spool.close)
+        while True:
+            wait = min(timeout_s, start + timeout_s + size / min_rate - loop.time())  # until under min_rate
+            try: chunk = await asyncio.wait_for(anext(chunks), max(wait, 0))
+            except StopAsyncIteration: break
+            except TimeoutError:
+                now = loop.time()
+                raise _too_slow(size, now - start, now - last, timeout_s, min_rate) from None
+            size, last = size + len(chunk), loop.time()
+            if size > max_bytes: raise too_large(size, max_bytes)
+            spool.write(chunk)
+        on_error.pop_all()
+    spool.seek(0)
+    return spool
 
-def answer(served: ServedModel, body: bytearray, content_type: str | None, accept: str | None) -> str:
-    "The JSON answer to one request (this runs in a worker thread)."
-    return encode_answer(predict(served, decode_request(body, content_type, served.limits)), accept)
+def answer(served: ServedModel, body: typing.BinaryIO, content_type: str | None, accept: str | None) -> str:
+    "The JSON answer to the request whose `body` is read here (this runs in a worker thread)."
+    return encode_answer(predict(served, decode_request(body.read(), content_type, served.limits)), accept)
 
-class Turns:
-    "At most `running + waiting` requests admitted (others get 503 at once), and `running` of them on the model."
-    def __init__(self, running: int, waiting: int):
-        self.running, self.waiting, self.admitted, self.semaphore = running, waiting, 0, asyncio.Semaphore(running)
+# %% ../nbs/30_serve.ipynb #d38ad446
+class Admission:
+    "Requests by stage, each stage bounded (503 beyond it): bodies arriving, and bodies waiting for or on the model."
+    def __init__(self,
+                 running: int,  # requests on the model at once
+                 waiting: int,  # more requests whose body has arrived, waiting for a turn
+                 uploading: int,  # requests whose body is arriving
+                ):
+        self.limits = {"uploading": uploading, "queued": running + waiting}
+        self.counts, self.model = dict.fromkeys(self.limits, 0), asyncio.Semaphore(running)
+
+    def check(self, stage: str):
+        "`BadRequest` (503) if `stage` is full."
+        if self.counts[stage] >= self.limits[stage]:
+            raise BadRequest(f"the server is busy: {self.counts[stage]} requests {stage} (the limit: "
+                             f"{STAGE_OPTIONS[stage]}); retry later", 503)
 
     @contextlib.asynccontextmanager
-    async def admission(self):
-        "Hold a place in the server (while the body is read and the request waits for its turn), or 503."
-        if self.admitted >= self.running + self.waiting:
-            raise BadRequest(f"the server is busy: {self.admitted} requests in it ({self.running} running, "
-                             f"{self.waiting} waiting: max_concurrency, max_queue); retry later", 503)
-        self.admitted += 1
+    async def stage(self, stage: str):
+        "Hold a place in `stage` ('uploading' or 'queued'), or 503."
+        self.check(stage)
+        self.counts[stage] += 1
         try: yield
-        finally: self.admitted -= 1
+        finally: self.counts[stage] -= 1
 
-    @contextlib.asynccontextmanager
-    async def turn(self):
-        "Hold one of the `running` turns of the model."
-        async with self.semaphore: yield
+STAGE_OPTIONS = {"uploading": "max_uploads", "queued": "max_concurrency + max_queue"}
+
+#| export
+_malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc's; None elsewhere
+
+def release_memory():
+    "Hand the memory Python freed back to the system (glibc keeps freed heap pages otherwise)."
+    if _malloc_trim is not None: _malloc_trim(0)
 
 # %% ../nbs/30_serve.ipynb #7e3a9c15
 _HEADERS = {408: {"Connection": "close"}, 413: {"Connection": "close"}, 503: {"Retry-After": "1"}}
@@ -100,11 +136,13 @@ async def _server_error(request: Request, error: Exception) -> JSONResponse:
 
 def create_app(served: ServedModel,  # the model and the limits on one request (`load_served_model`)
                max_concurrency: int = 2,  # requests decoded and run through the model at once
-               max_queue: int = 16,  # more requests admitted (reading their body, waiting); more get 503
-               body_timeout_s: float = 30,  # the longest wait for the next chunk of a body (408 after it)
+               max_queue: int = 16,  # more requests whose body has arrived, waiting for a turn; more get 503
+               max_uploads: int = 32,  # requests whose body is arriving (spooled); more get 503
+               body_timeout_s: float = 30,  # the longest wait for a body's next chunk, and the grace before...
+               min_body_kib_s: float = 64,  # ...the body must average this rate (KiB/s); 408 otherwise
               ) -> Starlette:
     "The ASGI app: `GET /ping` and `POST /invocations` over `served`."
-    turns = Turns(max_concurrency, max_queue)
+    admission = Admission(max_concurrency, max_queue, max_uploads)
 
     async def ping(request: Request) -> JSONResponse:
         config = served.model.config
@@ -115,10 +153,15 @@ def create_app(served: ServedModel,  # the model and the limits on one request (
         if not accepts_json(accept):
             raise BadRequest(f"answers are application/json; the request accepts {accept!r}", 406)
         media_type(content_type)
-        async with turns.admission():
-            body = await read_body(request, served.limits.max_bytes, body_timeout_s)
-            async with turns.turn():
+        admission.check("queued")  # no use taking a body that could not wait for a turn
+        async with admission.stage("uploading"):
+            body = await spool_body(request, served.limits.max_bytes, body_timeout_s, min_body_kib_s * 2**10)
+        try:
+            async with admission.stage("queued"), admission.model:
                 text = await run_in_threadpool(answer, served, body, content_type, accept)
+        finally:
+            body.close()
+            if admission.counts["queued"] == 0: await run_in_threadpool(release_memory)  # the last one out
         return Response(text, media_type="application/json")
 
     return Starlette(routes=[Route("/ping", ping), Route("/invocations", invocations, methods=["POST"])],
@@ -126,22 +169,45 @@ def create_app(served: ServedModel,  # the model and the limits on one request (
                                          Exception: _server_error})
 
 # %% ../nbs/30_serve.ipynb #271ce1ae
-MAX_CONNECTIONS = 1000  # open connections uvicorn takes (`limit_concurrency`), under the usual limit of 1024 files
+SERVER_OPTIONS = {  # option: its environment variable, default, and the bound its value must pass (> low, or >= low)
+    "max_concurrency": ("MIL_NB_MAX_CONCURRENCY", 2, ">=", 1),
+    "max_queue": ("MIL_NB_MAX_QUEUE", 16, ">=", 0),
+    "max_uploads": ("MIL_NB_MAX_UPLOADS", 32, ">=", 1),
+    "body_timeout_s": ("MIL_NB_BODY_TIMEOUT_S", 30.0, ">", 0),
+    "min_body_kib_s": ("MIL_NB_MIN_BODY_KIB_S", 64.0, ">", 0),
+    "header_timeout_s": ("MIL_NB_HEADER_TIMEOUT_S", 10.0, ">", 0)}
 
-def _server_options(port: int, max_concurrency: int | None, max_queue: int | None,
-                    body_timeout_s: float | None) -> dict:
+def server_options(port: int,  # the port to listen on
+                   **given: float | None,  # `SERVER_OPTIONS` given (None: from the environment, else the default)
+                  ) -> dict:
     "The server's own options, given or from their environment variables; `ValueError` naming one out of range."
-    options = {"max_concurrency": setting(max_concurrency, "MIL_NB_MAX_CONCURRENCY", 2),
-               "max_queue": setting(max_queue, "MIL_NB_MAX_QUEUE", 16),
-               "body_timeout_s": setting(body_timeout_s, "MIL_NB_BODY_TIMEOUT_S", 30.0, float)}
     if not 1 <= port <= 65535: raise ValueError(f"port={port}: expected 1-65535")
-    for name, value, low, rule in [("max_concurrency", options["max_concurrency"], 1, "at least 1"),
-                                   ("max_queue", options["max_queue"], 0, "0 or more")]:
-        if value < low: raise ValueError(f"{name}={value}: must be {rule}")
-    if not options["body_timeout_s"] > 0:
-        raise ValueError(f"body_timeout_s={options['body_timeout_s']}: must be more than 0")
+    options = {}
+    for name, (variable, default, bound, low) in SERVER_OPTIONS.items():
+        value = options[name] = setting(given.get(name), variable, default, type(default))
+        if not (value > low if bound == ">" else value >= low) or not math.isfinite(value):
+            raise ValueError(f"{name}={value}: must be {'more than' if bound == '>' else 'at least'} {low}")
     return options
 
+# %% ../nbs/30_serve.ipynb #b37df4f2
+BACKLOG = 4096  # connections the kernel queues before the server accepts them
+
+def hypercorn_config(host: str,  # the interface to listen on
+                     port: int,  # the port to listen on
+                     header_timeout_s: float,  # a connection without a request under way is closed after this
+                    ) -> HypercornConfig:
+    "hypercorn's settings: headers read under a deadline, idle connections closed, no access log."
+    config = HypercornConfig()
+    config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    config.keep_alive_timeout, config.backlog, config.accesslog = header_timeout_s, BACKLOG, None
+    return config
+
+def raise_open_files_limit():
+    "Let the server hold as many connections as the system allows: the soft limit on open files up to the hard one."
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with contextlib.suppress(ValueError, OSError): resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+# %% ../nbs/30_serve.ipynb #6e3878b3
 @call_parse
 def serve_cli(model_dir: str = "/opt/ml/model",  # folder holding model.pt (SageMaker puts it in /opt/ml/model)
               port: int = 8080,  # port to listen on (SageMaker: 8080)
@@ -152,19 +218,26 @@ def serve_cli(model_dir: str = "/opt/ml/model",  # folder holding model.pt (Sage
               max_tiles: int = None,  # most tiles in a bag (default: $MIL_NB_MAX_TILES or 512)
               max_json_mb: float = None,  # largest JSON body in MiB (default: $MIL_NB_MAX_JSON_MB or 16)
               max_concurrency: int = None,  # requests answered at once (default: $MIL_NB_MAX_CONCURRENCY or 2)
-              max_queue: int = None,  # requests waiting their turn, more get 503 (default: $MIL_NB_MAX_QUEUE or 16)
+              max_queue: int = None,  # bodies waiting their turn, more get 503 (default: $MIL_NB_MAX_QUEUE or 16)
+              max_uploads: int = None,  # bodies arriving at once, more get 503 (default: $MIL_NB_MAX_UPLOADS or 32)
               body_timeout_s: float = None,  # longest wait for a body's next chunk, s ($MIL_NB_BODY_TIMEOUT_S or 30)
+              min_body_kib_s: float = None,  # a body's least rate after body_timeout_s ($MIL_NB_MIN_BODY_KIB_S or 64)
+              header_timeout_s: float = None,  # to send headers, or idle, s ($MIL_NB_HEADER_TIMEOUT_S or 10)
               max_level_pixels: int = None,  # slide px decoded at once (default: $MIL_NB_MAX_LEVEL_PIXELS or 2**26)
               max_thumbnail_pixels: int = None,  # a slide's coarsest level ($MIL_NB_MAX_THUMBNAIL_PIXELS or 2**24)
               max_slide_pixels: int = None):  # px a slide's pyramid declares ($MIL_NB_MAX_SLIDE_PIXELS or 2**34)
     "Serve the model in MODEL_DIR over HTTP: GET /ping, POST /invocations (x-npy, JSON or TIFF bodies)."
     try:
-        options = _server_options(port, max_concurrency, max_queue, body_timeout_s)
+        options = server_options(port, max_concurrency=max_concurrency, max_queue=max_queue, max_uploads=max_uploads,
+                                 body_timeout_s=body_timeout_s, min_body_kib_s=min_body_kib_s,
+                                 header_timeout_s=header_timeout_s)
         limits = RequestLimits.from_env(max_body_mb, max_tiles, max_json_mb, level_pixels=max_level_pixels,
                                         thumbnail_pixels=max_thumbnail_pixels, slide_pixels=max_slide_pixels)
         served = load_served_model(model_dir, device, precision, limits)
     except (OSError, ValueError) as error: raise SystemExit(f"mil_nb_serve: {error}") from None
-    uvicorn.run(create_app(served, **options), host=host, port=port, limit_concurrency=MAX_CONNECTIONS)
+    config = hypercorn_config(host, port, options.pop("header_timeout_s"))
+    raise_open_files_limit()
+    asyncio.run(hypercorn_serve(create_app(served, **options), config))
 
 # %% ../nbs/30_serve.ipynb #fdffceee
 def wait_for_ping(url: str, process: subprocess.Popen, timeout: float = 60):

@@ -21,7 +21,7 @@ from mil_nb.net import free_port
 from mil_nb.serve import post, running_server
 from mil_nb.slides import write_bomb
 
-RSS_BOUND_MB = 1600  # the server's peak resident memory serving 2 maximal requests at once
+RSS_BOUND_MB = 1500  # the server's peak resident memory serving 2 maximal requests at once (issue 24)
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +176,9 @@ def serve_error(*options, model_dir="/nowhere") -> tuple[int, str]:
 
 @pytest.mark.parametrize("option, value", [("port", "0"), ("port", "70000"), ("max_body_mb", "0"), ("max_tiles", "0"),
                                            ("precision", "fp8"), ("device", "gpu"), ("max_concurrency", "0"),
-                                           ("max_queue", "-1"), ("body_timeout_s", "0"), ("max_level_pixels", "0")])
+                                           ("max_queue", "-1"), ("body_timeout_s", "0"), ("max_level_pixels", "0"),
+                                           ("max_uploads", "0"), ("min_body_kib_s", "0"), ("header_timeout_s", "-1"),
+                                           ("body_timeout_s", "nan")])
 def test_options_are_checked_before_the_model_is_loaded(option, value):
     status, stderr = serve_error(*([] if option == "port" else ["--port", "8080"]), f"--{option}", value)
     assert status != 0 and stderr.startswith("mil_nb_serve: ") and stderr.count("\n") == 1, stderr
@@ -206,23 +208,23 @@ def test_a_model_pt_that_cannot_be_loaded_is_one_line(small_model_dir, tmp_path)
 
 
 def test_slow_clients_do_not_hold_the_model(small_server):
-    "Two uploads that trickle a byte at a time take no turn of the model; each is cut off by the whole-body deadline."
+    "Two uploads that trickle a byte at a time take no turn of the model; each is cut off by the least body rate."
     with connect(small_server) as first, connect(small_server) as second:
         for slow in (first, second):
             slow.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-npy\r\n"
                          b"Content-Length: 1000000\r\n\r\n0")
         start = time.monotonic()
 
-        def trickle():  # a byte every 0.5 s, never a stall of body_timeout_s (1 s), until the server hangs up
+        def trickle():  # a byte every 0.5 s: never a stall of body_timeout_s (1 s), but far under min_body_kib_s
             while time.monotonic() - start < 6:
                 time.sleep(0.5)
                 with contextlib.suppress(OSError): first.sendall(b"1"); second.sendall(b"1")
 
         with ThreadPoolExecutor(1) as pool:
             pool.submit(trickle)
-            time.sleep(1.5)
+            time.sleep(0.2)
             assert post(small_server, npy_body(np.zeros((4, 32, 32, 3), np.uint8)))[0] == 200
-            assert time.monotonic() - start < 4  # answered while both slow uploads are still open
             for slow in (first, second):
                 status, answer = read_answer(slow)
-                assert status == 408 and "not all there after 4 s" in answer["error"], answer
+                assert status == 408 and "none in the last 0." in answer["error"], answer  # it never stalled
+            assert time.monotonic() - start < 4
