@@ -55,7 +55,7 @@ def _too_slow(size: int, elapsed: float, quiet: float, timeout_s: float, min_rat
                       f"(the limits: body_timeout_s={timeout_s:g} between chunks, and after it "
                       f"min_body_kib_s={min_rate / 2**10:g} on average)", 408)
 
-async def spool_body(request: Request,
+async def spool_body(request: Request,  # the request whose body is read
                      max_bytes: int,  # the largest body: 413 once it is declared or read to be larger
                      timeout_s: float,  # the longest wait for the next chunk, and the grace before `min_rate`: 408
                      min_rate: float,  # bytes per second the body must average once `timeout_s` has passed: 408
@@ -178,7 +178,7 @@ SERVER_OPTIONS = {  # option: its environment variable, default, and the bound i
     "header_timeout_s": ("MIL_NB_HEADER_TIMEOUT_S", 10.0, ">", 0)}
 
 def server_options(port: int,  # the port to listen on
-                   **given: float | None,  # `SERVER_OPTIONS` given (None: from the environment, else the default)
+                   given: dict,  # values of `SERVER_OPTIONS` (None or absent: from the environment, else the default)
                   ) -> dict:
     "The server's own options, given or from their environment variables; `ValueError` naming one out of range."
     if not 1 <= port <= 65535: raise ValueError(f"port={port}: expected 1-65535")
@@ -228,9 +228,9 @@ def serve_cli(model_dir: str = "/opt/ml/model",  # folder holding model.pt (Sage
               max_slide_pixels: int = None):  # px a slide's pyramid declares ($MIL_NB_MAX_SLIDE_PIXELS or 2**34)
     "Serve the model in MODEL_DIR over HTTP: GET /ping, POST /invocations (x-npy, JSON or TIFF bodies)."
     try:
-        options = server_options(port, max_concurrency=max_concurrency, max_queue=max_queue, max_uploads=max_uploads,
-                                 body_timeout_s=body_timeout_s, min_body_kib_s=min_body_kib_s,
-                                 header_timeout_s=header_timeout_s)
+        options = server_options(port, dict(max_concurrency=max_concurrency, max_queue=max_queue,
+                                            max_uploads=max_uploads, body_timeout_s=body_timeout_s,
+                                            min_body_kib_s=min_body_kib_s, header_timeout_s=header_timeout_s))
         limits = RequestLimits.from_env(max_body_mb, max_tiles, max_json_mb, level_pixels=max_level_pixels,
                                         thumbnail_pixels=max_thumbnail_pixels, slide_pixels=max_slide_pixels)
         served = load_served_model(model_dir, device, precision, limits)
