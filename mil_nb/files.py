@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 # %% auto #0
-__all__ = ['MAX_TABLE_BYTES', 'MAX_JSON_BYTES', 'atomic_path', 'write_table', 'write_json', 'cache_dir', 'project_root',
-           'project_path', 'checked_file', 'read_json_object', 'npz_header']
+__all__ = ['FORMULA_STARTS', 'MAX_TABLE_BYTES', 'MAX_JSON_BYTES', 'atomic_path', 'spreadsheet_safe', 'write_table', 'write_json',
+           'cache_dir', 'project_root', 'project_path', 'checked_file', 'read_json_object', 'npz_header']
 
 # %% ../nbs/00_files.ipynb #859535bf
 @contextlib.contextmanager
@@ -35,9 +35,16 @@ def atomic_path(path: str | os.PathLike):
         tmp.unlink(missing_ok=True)
 
 # %% ../nbs/00_files.ipynb #c5901f11
+FORMULA_STARTS = ("=", "+", "-", "@")  # a CSV cell starting so is a formula to a spreadsheet (OWASP: CSV injection)
+
+def spreadsheet_safe(frame):
+    "`frame` with each text cell that a spreadsheet would run as a formula quoted by a leading `'` (OWASP's advice)."
+    quote = lambda value: "'" + value if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
+    return frame.apply(lambda column: column if column.dtype.kind in "biufcmM" else column.map(quote))  # text
+
 def write_table(frame, path: str | os.PathLike):
-    "Write a pandas DataFrame to `path` as CSV without its index, atomically."
-    with atomic_path(path) as tmp: frame.to_csv(tmp, index=False)
+    "Write a pandas DataFrame to `path` as CSV without its index, atomically, and safe to open in a spreadsheet."
+    with atomic_path(path) as tmp: spreadsheet_safe(frame).to_csv(tmp, index=False)
 
 def write_json(values, path: str | os.PathLike):
     "Write `values` to `path` as indented JSON, atomically; NaN is refused (it is not JSON)."

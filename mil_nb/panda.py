@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .files import MAX_TABLE_BYTES, checked_file
+from .files import FORMULA_STARTS, MAX_TABLE_BYTES, checked_file
 
 # %% auto #0
-__all__ = ['REQUIRED_COLUMNS', 'ISUP_GRADES', 'MAX_ID_BYTES', 'FORMULA_STARTS', 'MALIGNANT_FROM', 'read_slide_table',
-           'read_csv_table', 'image_path', 'mask_path', 'shown_name', 'check_image_id', 'check_table_ids',
-           'read_result_table', 'malignant_pixels']
+__all__ = ['REQUIRED_COLUMNS', 'ISUP_GRADES', 'MAX_ID_BYTES', 'MALIGNANT_FROM', 'read_slide_table', 'read_csv_table',
+           'image_path', 'mask_path', 'shown_name', 'check_image_id', 'check_table_ids', 'read_result_table',
+           'malignant_pixels']
 
 # %% ../nbs/04_panda.ipynb #f198296f
 REQUIRED_COLUMNS = ("image_id", "isup_grade")
@@ -81,7 +81,6 @@ def mask_path(data_dir: str | os.PathLike, image_id: str) -> Path:
 
 # %% ../nbs/04_panda.ipynb #e2b9f6a3
 MAX_ID_BYTES = 200  # file names are at most 255 bytes, and suffixes such as "_mask.tiff" are added
-FORMULA_STARTS = ("=", "+", "-", "@")  # a CSV cell starting so is a formula to a spreadsheet (OWASP: CSV injection)
 
 def shown_name(name: str) -> str:
     "`name` printable and UTF-8: bytes of a file name that are not UTF-8 (surrogate escapes) as \\xNN."
