@@ -22,7 +22,7 @@ from .training import OPTIMIZERS, SCHEDULES
 
 # %% auto #0
 __all__ = ['TRAIN_PARAMETER_CHECKS', 'END_TO_END_DEFAULTS', 'TWO_STAGE_DEFAULTS', 'TWO_STAGE_HEAD', 'MAX_INSTANCE_LOSS',
-           'DEFAULT_EPOCHS', 'tumour_share_range', 'check_train_parameters', 'parameter_defaults']
+           'ATTENTION_DROPOUT', 'DEFAULT_EPOCHS', 'tumour_share_range', 'check_train_parameters', 'parameter_defaults']
 
 # %% ../nbs/23_parameters.ipynb #f6a7b005
 def _integer(at_least: int, none: bool = False):
@@ -206,6 +206,7 @@ TWO_STAGE_DEFAULTS = {"tile_mode": "tissue", "pooling": "gated_attention", "drop
                       "weight_decay": 1e-5}  # CLAM's head, with AdamW
 TWO_STAGE_HEAD = {"hidden_dim": 512, "attention_dim": 256}  # CLAM's sizes ("small"): MILConfig fields
 MAX_INSTANCE_LOSS = 1.0  # the max-instance loss's weight for attention poolings (compare_pooling)
+ATTENTION_DROPOUT = 0.25  # the tile CNN's attention poolings (CLAM's value; compare_pooling)
 DEFAULT_EPOCHS = {"embedded": 8, "other": 24}  # the default embedded data learns in 8; scarce tumour needs 24
 
 def _default_data(parameters: dict) -> bool:
@@ -214,7 +215,7 @@ def _default_data(parameters: dict) -> bool:
 
 def parameter_defaults(parameters: dict,  # the notebook's parameters (its globals())
                       ) -> dict:
-    "The parameters left None, set to their defaults: by encoder, by pooling (`max_instance_loss`), by data (`epochs`)."
+    "The parameters left None, set to their defaults: by encoder, by pooling (`max_instance_loss`, `dropout`), by data."
     encoder = parameters.get("encoder", "tile")
     defaults = END_TO_END_DEFAULTS if encoder == "tile" else \
         TWO_STAGE_DEFAULTS | {"tile_size": PRETRAINED_ENCODERS[encoder].input_size}
@@ -222,4 +223,5 @@ def parameter_defaults(parameters: dict,  # the notebook's parameters (its globa
     end_to_end_attention = encoder == "tile" and pooling in ATTENTION_POOLINGS
     defaults |= {"max_instance_loss": MAX_INSTANCE_LOSS if end_to_end_attention else 0.0,
                  "epochs": DEFAULT_EPOCHS["embedded" if _default_data(parameters) else "other"]}
+    if end_to_end_attention: defaults["dropout"] = ATTENTION_DROPOUT
     return {name: value for name, value in defaults.items() if parameters.get(name) is None}

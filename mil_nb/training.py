@@ -245,7 +245,8 @@ def fit(model: torch.nn.Module,  # the model to train (an `AttentionMIL`); it en
              "train_seconds": time.time() - start, "device": str(device), "precision": precision,
              "gradient_compression": compression if world.size > 1 else "none",
              "instance_threshold": instance_threshold,
-             **{name: getattr(getattr(model, "config", None), name, None) for name in ("pooling", "max_instance_loss")}}
+             **{name: getattr(getattr(model, "config", None), name, None)
+                for name in ("pooling", "dropout", "max_instance_loss")}}
     facts |= _learning_verdict(kept, kept_predictions, monitor)
     metrics = {k: v for k, v in kept.items() if k.startswith("val_")} | facts
     if writes: folder.write_result(model, metrics, tiling)
