@@ -217,7 +217,7 @@ def parameter_defaults(parameters: dict,  # the notebook's parameters (its globa
                       ) -> dict:
     "The parameters left None, set to their defaults: by encoder, by pooling (`max_instance_loss`, `dropout`), by data."
     encoder = parameters.get("encoder", "tile")
-    defaults = END_TO_END_DEFAULTS if encoder == "tile" else \
+    defaults = dict(END_TO_END_DEFAULTS) if encoder == "tile" else \
         TWO_STAGE_DEFAULTS | {"tile_size": PRETRAINED_ENCODERS[encoder].input_size}
     pooling = parameters.get("pooling") or defaults["pooling"]
     end_to_end_attention = encoder == "tile" and pooling in ATTENTION_POOLINGS
