@@ -24,13 +24,18 @@ from mil_nb.slides import write_bomb
 RSS_BOUND_MB = 1500  # the server's peak resident memory serving 2 maximal requests at once (issue 24)
 
 
+def random_model_dir(tmp_path_factory, name: str, **config):
+    "A folder holding model.pt of a random model (seed 0) with `config`."
+    path = tmp_path_factory.mktemp(name)
+    torch.manual_seed(0)
+    save_model(AttentionMIL(MILConfig(**config)), path/"model.pt")
+    return path
+
+
 @pytest.fixture(scope="module")
 def small_model_dir(tmp_path_factory):
     "A small random model (32 px tiles)."
-    path = tmp_path_factory.mktemp("small")
-    torch.manual_seed(0)
-    save_model(AttentionMIL(MILConfig(tile_size=32)), path/"model.pt")
-    return path
+    return random_model_dir(tmp_path_factory, "small", tile_size=32)
 
 
 @pytest.fixture(scope="module")
@@ -43,16 +48,13 @@ def small_server(small_model_dir):
 @pytest.fixture(scope="module")
 def default_server(tmp_path_factory):
     "A server with the default options on a random model of the default shape (128 px tiles)."
-    path = tmp_path_factory.mktemp("default")
-    torch.manual_seed(0)
-    save_model(AttentionMIL(MILConfig()), path/"model.pt")
-    with running_server(path, log=subprocess.DEVNULL) as url: yield url
+    with running_server(random_model_dir(tmp_path_factory, "default"), log=subprocess.DEVNULL) as url: yield url
 
 
-def peak_rss_mb(url) -> float:
-    "The server process's peak resident memory so far (VmHWM), in MiB."
+def memory_mb(url, field: str = "VmHWM") -> float:
+    "The server process's VmRSS (now) or VmHWM (its peak so far), in MiB."
     status = open(f"/proc/{url.process.pid}/status").read()
-    return int(status.split("VmHWM:")[1].split()[0]) / 1024
+    return int(status.split(f"{field}:")[1].split()[0]) / 1024
 
 
 def ping(url) -> int:
@@ -93,7 +95,7 @@ def test_a_decompression_bomb_is_refused_from_its_header(default_server, tmp_pat
     status, answer = post(default_server, (tmp_path/"bomb.tiff").read_bytes(), "image/tiff")
     assert status == 400 and "over the limit" in answer["error"] and "_pixels" in answer["error"], answer
     assert tempfile.gettempdir() not in answer["error"] and "the slide" in answer["error"]
-    assert peak_rss_mb(default_server) < RSS_BOUND_MB
+    assert memory_mb(default_server) < RSS_BOUND_MB
 
 
 def test_two_maximal_bags_at_once_stay_under_the_memory_bound(default_server):
@@ -104,7 +106,7 @@ def test_two_maximal_bags_at_once_stay_under_the_memory_bound(default_server):
     statuses = sorted(status for status, _ in answers)
     assert statuses in ([200, 200], [200, 503]), answers
     assert all(answer["n_tiles"] == 512 for status, answer in answers if status == 200)
-    rss = peak_rss_mb(default_server)
+    rss = memory_mb(default_server)
     print(f"server peak RSS with 2 maximal requests at once: {rss:.0f} MiB")
     assert rss < RSS_BOUND_MB
     status, answer = post(default_server, npy_body(np.zeros((513, 128, 128, 3), np.uint8)))

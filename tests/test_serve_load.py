@@ -9,13 +9,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-import torch
 
 from mil_nb.inference import npy_body
-from mil_nb.model import AttentionMIL, MILConfig, save_model
 from mil_nb.serve import post, running_server
 from mil_nb.slides import write_bomb
-from test_serve_limits import connect, ping, read_answer
+from test_serve_limits import connect, memory_mb, ping, random_model_dir, read_answer
 
 PEAK_BOUND_MB = 1500  # the server's peak resident memory under any of these loads (issue 24)
 SETTLED_BOUND_MB = 300  # its resident memory once the load is over, over what it held before
@@ -24,16 +22,8 @@ SETTLED_BOUND_MB = 300  # its resident memory once the load is over, over what i
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     "The default options on a random model of the default shape (128 px tiles), with a 5 s body timeout."
-    path = tmp_path_factory.mktemp("load")
-    torch.manual_seed(0)
-    save_model(AttentionMIL(MILConfig()), path/"model.pt")
-    with running_server(path, "--body_timeout_s", "5", log=subprocess.DEVNULL) as url: yield url
-
-
-def memory_mb(url, field: str) -> float:
-    "The server's VmRSS (now) or VmHWM (its peak so far), in MiB."
-    status = open(f"/proc/{url.process.pid}/status").read()
-    return int(status.split(f"{field}:")[1].split()[0]) / 1024
+    with running_server(random_model_dir(tmp_path_factory, "load"), "--body_timeout_s", "5",
+                        log=subprocess.DEVNULL) as url: yield url
 
 
 def timed_ping(url) -> tuple[int, float]:
