@@ -41,7 +41,7 @@ setuptools.setup(
     entry_points={
         "console_scripts": cfg.get("console_scripts", "").split(),
         "nbdev": [f"{cfg['lib_path']}={cfg['lib_path']}._modidx:d"],
-        # papermill makes the output notebook's folder (see nbs/18_papermill_io.ipynb)
-        "papermill.io": [f"{prefix}={cfg['lib_path']}.papermill_io:folder_making_handler" for prefix in ("/", "runs/")],
+        # papermill makes the output notebook's folder (see nbs/core/60_papermill_io.ipynb)
+        "papermill.io": [f"{prefix}={cfg['lib_path']}.core.papermill_io:folder_making_handler" for prefix in ("/", "runs/")],
     },
 )

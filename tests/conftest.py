@@ -7,7 +7,7 @@ import boto3
 import pytest
 from moto import mock_aws
 
-from mil_nb.synth import make_synthetic_panda
+from mil_nb.slides.synth import make_synthetic_panda
 
 
 @pytest.fixture(scope="session")

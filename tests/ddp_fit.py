@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mil_nb.data import Bag, bag_loader
-from mil_nb.devices import set_seed
-from mil_nb.distributed import init_distributed
-from mil_nb.evaluation import predict, task_metrics
-from mil_nb.model import AttentionMIL, MILConfig
-from mil_nb.training import fit
+from mil_nb.bags.data import Bag, bag_loader
+from mil_nb.core.devices import set_seed
+from mil_nb.core.distributed import init_distributed
+from mil_nb.evaluate.evaluation import predict, task_metrics
+from mil_nb.models.model import AttentionMIL, MILConfig
+from mil_nb.train.training import fit
 
 EPOCHS, LR = 2, 1e-3
 

@@ -12,13 +12,13 @@ import psutil
 import pytest
 
 from conftest import REPO, ROLE, moto_session, papermill
-from mil_nb.cv import cv_cli, submit_folds
+from mil_nb.cloud.cv import cv_cli, submit_folds
 
 SMALL = ["-p", "epochs", "3", "-p", "tile_size", "32", "-p", "n_tiles", "8", "-p", "n_bootstrap", "100"]
 
 
 def cv_command(output_dir, small_panda) -> list[str]:
-    return [sys.executable, "-c", "from mil_nb.cv import cv_cli; cv_cli()", "--folds", "3", "--output_dir",
+    return [sys.executable, "-c", "from mil_nb.cloud.cv import cv_cli; cv_cli()", "--folds", "3", "--output_dir",
             str(output_dir), "-p", "data_dir", str(small_panda), *SMALL]
 
 
@@ -110,7 +110,7 @@ def test_cv_refuses_bad_input_before_any_work(tmp_path, small_panda, capsys):
 def test_cv_refuses_a_bad_output_dir_or_too_few_embedded_slides_before_any_fold(tmp_path, capsys, monkeypatch,
                                                                                   output_dir, parameters, message):
     "Exit 2 with one line naming the problem; no fold runs (before: a traceback, or a fold failing after 48 s)."
-    monkeypatch.setattr("mil_nb.cv.run_fold", lambda *args, **kwargs: pytest.fail("a fold ran"))
+    monkeypatch.setattr("mil_nb.cloud.cv.run_fold", lambda *args, **kwargs: pytest.fail("a fold ran"))
     (tmp_path/"file").write_text("not a folder")
     names = {"file": tmp_path/"file", "tmp": tmp_path}
     parameters = dict(parameters)

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from mil_nb.deploy import deploy
-from mil_nb.inference import npy_body
-from mil_nb.model import AttentionMIL, MILConfig, save_model
-from mil_nb.tiling import TilingConfig
-from mil_nb.synth import make_synthetic_panda
+from mil_nb.cloud.deploy import deploy
+from mil_nb.serve.inference import npy_body
+from mil_nb.models.model import AttentionMIL, MILConfig, save_model
+from mil_nb.slides.tiling import TilingConfig
+from mil_nb.slides.synth import make_synthetic_panda
 
 from conftest import REGION, ROLE, moto_session
 
@@ -89,7 +89,7 @@ def test_deploy_creates_model_and_endpoint_that_serve(aws, tmp_path):
     model_dir = tmp_path/"opt-ml-model"
     artifact = s3.get_object(Bucket="models", Key="train-1/output/mil-nb-test/model.tar.gz")["Body"].read()
     with tarfile.open(fileobj=io.BytesIO(artifact)) as tar: tar.extractall(model_dir, filter="data")
-    assert {"model.pt", "code/inference.py", "code/requirements.txt", "code/mil_nb/inference.py"} <= \
+    assert {"model.pt", "code/inference.py", "code/requirements.txt", "code/mil_nb/serve/inference.py"} <= \
         {str(p.relative_to(model_dir)) for p in model_dir.rglob("*")}
     requests, args = [("bag.npy", npy_body(np.zeros((5, 32, 32, 3), np.uint8)), "application/x-npy"),
                       ("slide.tiff", slide_file.read_bytes(), "image/tiff"),
@@ -111,7 +111,7 @@ def test_deploy_refuses_what_is_not_a_model_tar_gz(aws):
 
 
 def test_deploy_packs_a_two_stage_models_encoder_weights(aws, tmp_path):
-    from mil_nb.encoders import encoder_from_name, save_encoder_weights, weights_fingerprint
+    from mil_nb.models.encoders import encoder_from_name, save_encoder_weights, weights_fingerprint
     resnet = encoder_from_name("resnet50-imagenet", random_weights=True)
     save_encoder_weights(resnet, tmp_path/"resnet.safetensors")
     head = AttentionMIL(MILConfig(encoder="identity", embed_dim=1024, hidden_dim=16, pretrained="resnet50-imagenet",

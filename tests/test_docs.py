@@ -5,8 +5,15 @@ import pytest
 from fastcore.docments import docments
 from nbdev.showdoc import show_doc
 
-from mil_nb import (cohort, data, deploy, distributed, encoders, evaluation, features, files, geojson, inference,
-                    launch, local_processing, panda, processing, scorer, serve, tile_store, tiling, training)
+from mil_nb.bags import data
+from mil_nb.cloud import deploy, launch, local_processing, processing
+from mil_nb.core import distributed, files
+from mil_nb.evaluate import evaluation, geojson
+from mil_nb.models import encoders, features
+from mil_nb.score import cohort, scorer
+from mil_nb.serve import inference, server
+from mil_nb.slides import panda, tile_store, tiling
+from mil_nb.train import training
 
 PUBLIC = [training.fit, training.make_schedule, data.bag_loader, data.augment_tiles, data.jitter_hed_stains,
           data.dihedral_transform, tile_store.tile_slides, tiling.tile_slide, launch.launch, deploy.deploy,
@@ -18,8 +25,8 @@ PUBLIC = [training.fit, training.make_schedule, data.bag_loader, data.augment_ti
           encoders.find_encoder_weights, features.extract_features, features.cached_features, features.encoder_mpp,
           features.bench_features, files.checked_file, files.read_json_object, files.npz_header,
           panda.check_table_ids, panda.read_result_table, processing.shard_meta, processing.read_shard,
-          geojson.geojson_max_bytes, serve.create_app, serve.spool_body, serve.server_options,
-          serve.hypercorn_config, serve.Admission]
+          geojson.geojson_max_bytes, server.create_app, server.spool_body, server.server_options,
+          server.hypercorn_config, server.Admission]
 
 
 @pytest.mark.parametrize("function", PUBLIC, ids=lambda f: f"{f.__module__}.{f.__name__}")

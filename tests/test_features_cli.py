@@ -14,11 +14,11 @@ import pytest
 import torch
 from fastcore.script import anno_parser
 
-from mil_nb.data import BagDataset
-from mil_nb.encoders import encoder_from_name, save_encoder_weights
-from mil_nb.features import features_cli
-from mil_nb.panda import read_slide_table
-from mil_nb.tile_store import TileStore
+from mil_nb.bags.data import BagDataset
+from mil_nb.models.encoders import encoder_from_name, save_encoder_weights
+from mil_nb.models.features import features_cli
+from mil_nb.slides.panda import read_slide_table
+from mil_nb.slides.tile_store import TileStore
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from mil_nb.launch import METRIC_DEFINITIONS
+from mil_nb.cloud.launch import METRIC_DEFINITIONS
 
 
 def launch_local(local_dir, *args, env=None) -> subprocess.CompletedProcess:

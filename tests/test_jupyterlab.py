@@ -22,7 +22,7 @@ import pytest
 from conftest import REPO
 from playwright.sync_api import expect, sync_playwright
 
-from mil_nb.net import free_port
+from mil_nb.core.net import free_port
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -6,8 +6,8 @@ from urllib.parse import urlparse
 import boto3
 import pytest
 
-from mil_nb.launch import METRIC_DEFINITIONS, launch
-from mil_nb.launch_commands import launch_cli
+from mil_nb.cloud.launch import METRIC_DEFINITIONS, launch
+from mil_nb.cloud.launch_commands import launch_cli
 from conftest import REGION, ROLE, moto_session
 
 
@@ -80,10 +80,10 @@ def test_launch_submits_a_torchrun_job(sagemaker_aws):
         "requirements.txt",
         "nbs/train.ipynb",
         "mil_nb/__init__.py",
-        "mil_nb/job.py",
-        "mil_nb/training.py",
+        "mil_nb/cloud/job.py",
+        "mil_nb/train/training.py",
     } <= code.keys()
-    assert b"from mil_nb.job import main" in code["mil_nb_job.py"]
+    assert b"from mil_nb.cloud.job import main" in code["mil_nb_job.py"]
     requirements = {re.split("[<>=!~]", r)[0] for r in code["requirements.txt"].decode().split()}
     assert {"papermill", "ipykernel"} <= requirements and not {"torch", "sagemaker"} & requirements
 

@@ -11,12 +11,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from mil_nb.cohort import cohort_sources, predict_cohort
-from mil_nb.devices import set_seed
-from mil_nb.launch_commands import launch_cli
-from mil_nb.model import AttentionMIL, MILConfig, save_model
-from mil_nb.synth import make_synthetic_panda
-from mil_nb.tiling import TilingConfig
+from mil_nb.score.cohort import cohort_sources, predict_cohort
+from mil_nb.core.devices import set_seed
+from mil_nb.cloud.launch_commands import launch_cli
+from mil_nb.models.model import AttentionMIL, MILConfig, save_model
+from mil_nb.slides.synth import make_synthetic_panda
+from mil_nb.slides.tiling import TilingConfig
 
 GIB3 = 3 * 2**30
 

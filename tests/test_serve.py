@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from mil_nb.data import Bag, collate_bags
-from mil_nb.inference import npy_body
-from mil_nb.model import AttentionMIL, MILConfig, load_model, save_model
-from mil_nb.serve import bench_serve, post, running_server
-from mil_nb.synth import make_synthetic_panda
-from mil_nb.tiling import TilingConfig, tile_slide
+from mil_nb.bags.data import Bag, collate_bags
+from mil_nb.serve.inference import npy_body
+from mil_nb.models.model import AttentionMIL, MILConfig, load_model, save_model
+from mil_nb.serve.server import bench_serve, post, running_server
+from mil_nb.slides.synth import make_synthetic_panda
+from mil_nb.slides.tiling import TilingConfig, tile_slide
 
 TILING = {"mode": "kaggle", "n_tiles": 8, "tile_size": 32, "level": 1}
 

@@ -10,9 +10,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from mil_nb.inference import npy_body
-from mil_nb.serve import post, running_server
-from mil_nb.slides import write_bomb
+from mil_nb.serve.inference import npy_body
+from mil_nb.serve.server import post, running_server
+from mil_nb.slides.readers import write_bomb
 from test_serve_limits import connect, memory_mb, ping, random_model_dir, read_answer
 
 PEAK_BOUND_MB = 1500  # the server's peak resident memory under any of these loads (issue 24)

@@ -6,15 +6,15 @@ import torch
 import torch.nn.functional as F
 from sklearn import metrics
 
-from mil_nb.data import BagDataset, bag_loader
-from mil_nb.splits import split_slides
-from mil_nb.evaluation import predict, task_metrics
-from mil_nb.inference import ServedModel, predict_bag
-from mil_nb.model import AttentionMIL, MILConfig, load_model
-from mil_nb.panda import read_slide_table
-from mil_nb.tasks import TASKS, Task, register_task
-from mil_nb.tile_store import tile_slides
-from mil_nb.training import fit
+from mil_nb.bags.data import BagDataset, bag_loader
+from mil_nb.bags.splits import split_slides
+from mil_nb.evaluate.evaluation import predict, task_metrics
+from mil_nb.serve.inference import ServedModel, predict_bag
+from mil_nb.models.model import AttentionMIL, MILConfig, load_model
+from mil_nb.slides.panda import read_slide_table
+from mil_nb.bags.tasks import TASKS, Task, register_task
+from mil_nb.slides.tile_store import tile_slides
+from mil_nb.train.training import fit
 
 
 def provider_metrics(targets: np.ndarray, logits: np.ndarray) -> dict:

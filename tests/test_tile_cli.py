@@ -9,9 +9,9 @@ import time
 import numpy as np
 import pytest
 
-from mil_nb.slides import OpenSlideReader, open_slide, write_svs
-from mil_nb.synth import make_synthetic_panda, write_pyramid
-from mil_nb.tile_store import TileStore, tile_slides
+from mil_nb.slides.readers import OpenSlideReader, open_slide, write_svs
+from mil_nb.slides.synth import make_synthetic_panda, write_pyramid
+from mil_nb.slides.tile_store import TileStore, tile_slides
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +101,7 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(tmp_path, panda):
 @pytest.mark.slow
 def test_tissue_mode_gives_every_embedded_slide_its_tiles(tmp_path, embedded_cache, monkeypatch):
     monkeypatch.setenv("MIL_NB_CACHE", str(embedded_cache))
-    from mil_nb.synth import embedded_dataset
+    from mil_nb.slides.synth import embedded_dataset
     store = tile_slides(embedded_dataset(), tmp_path/"store", mode="tissue", n_tiles=16, level=1, num_workers=2)
     assert len(store.failures) == 0 and len(store.image_ids) == 192
     for image_id in store.image_ids:

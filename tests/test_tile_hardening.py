@@ -16,10 +16,10 @@ import pytest
 import tifffile
 from PIL import Image
 
-from mil_nb.slides import TiffReader, open_slide, write_bomb, write_wide_tiff
-from mil_nb.synth import make_synthetic_panda
-from mil_nb.tile_store import TileStore
-from mil_nb.tiling import TilingConfig, _malignant_fraction
+from mil_nb.slides.readers import TiffReader, open_slide, write_bomb, write_wide_tiff
+from mil_nb.slides.synth import make_synthetic_panda
+from mil_nb.slides.tile_store import TileStore
+from mil_nb.slides.tiling import TilingConfig, _malignant_fraction
 
 
 @pytest.fixture(scope="module")

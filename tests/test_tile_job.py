@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from mil_nb.model import load_model
-from mil_nb.processing import launch_tiling
-from mil_nb.tile_store import TileStore
+from mil_nb.models.model import load_model
+from mil_nb.cloud.processing import launch_tiling
+from mil_nb.slides.tile_store import TileStore
 from conftest import REPO, ROLE, moto_session
 
 

@@ -13,11 +13,11 @@ import torch
 
 RUN = """
 import sys
-from mil_nb.data import bag_loader
-from mil_nb.devices import set_seed
-from mil_nb.mnist_bags import mnist_bags, mnist_digits, split_digits
-from mil_nb.model import AttentionMIL, MILConfig
-from mil_nb.training import fit
+from mil_nb.bags.data import bag_loader
+from mil_nb.core.devices import set_seed
+from mil_nb.train.mnist_bags import mnist_bags, mnist_digits, split_digits
+from mil_nb.models.model import AttentionMIL, MILConfig
+from mil_nb.train.training import fit
 train_digits, test_digits = split_digits(*mnist_digits())
 set_seed(0)
 model = AttentionMIL(MILConfig(encoder="mnist", tile_size=28, channels=1, embed_dim=500))

@@ -4,9 +4,9 @@ import re
 
 import pytest
 
-from mil_nb.launch import METRIC_DEFINITIONS
-from mil_nb.launch_commands import launch_cli
-from mil_nb.tuning import tune
+from mil_nb.cloud.launch import METRIC_DEFINITIONS
+from mil_nb.cloud.launch_commands import launch_cli
+from mil_nb.cloud.tuning import tune
 from conftest import ROLE, moto_session
 
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from conftest import papermill
-from mil_nb.data import Bag, collate_bags
-from mil_nb.encoders import attach_tile_encoder, encoder_from_name, save_encoder_weights
-from mil_nb.inference import npy_body
-from mil_nb.model import load_model
-from mil_nb.serve import post, running_server
+from mil_nb.bags.data import Bag, collate_bags
+from mil_nb.models.encoders import attach_tile_encoder, encoder_from_name, save_encoder_weights
+from mil_nb.serve.inference import npy_body
+from mil_nb.models.model import load_model
+from mil_nb.serve.server import post, running_server
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,1 @@
+"""Benchmarks: prediction, tiling, loading, training and serving, each printing its figures."""

@@ -1,0 +1,1 @@
+"""SageMaker: the job bundle, training jobs, tuning, deployment, cross-validation and Processing jobs."""

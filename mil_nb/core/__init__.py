@@ -1,0 +1,1 @@
+"""Files, devices, processes, the network and torch.distributed: what every other package builds on."""

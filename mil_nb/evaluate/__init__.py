@@ -1,0 +1,1 @@
+"""Evaluation: metrics with confidence intervals, plots, attention heatmaps and QuPath GeoJSON."""

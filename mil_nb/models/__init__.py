@@ -1,0 +1,1 @@
+"""Models: attention-based MIL, the pretrained tile encoders, and the feature stores they fill."""

@@ -1,0 +1,1 @@
+"""Scoring a cohort: a trained model over many slides, with heatmaps and GeoJSON per slide."""

@@ -1,0 +1,1 @@
+"""Training: the run folder, `fit`, the main job's configuration and MNIST-bags."""
