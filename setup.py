@@ -3,6 +3,7 @@ import shlex
 from configparser import ConfigParser
 
 import setuptools
+from setuptools.command.build_py import build_py
 
 config = ConfigParser(delimiters=["="])
 config.read("settings.ini", encoding="utf-8")
@@ -16,7 +17,17 @@ licenses = {"apache2": ("Apache Software License 2.0", "OSI Approved :: Apache S
 license_name, license_classifier = licenses.get(cfg["license"].lower(), (cfg["license"], None))
 statuses = ["1 - Planning", "2 - Pre-Alpha", "3 - Alpha", "4 - Beta", "5 - Production/Stable", "6 - Mature", "7 - Inactive"]
 
+
+class BuildWithMainJob(build_py):
+    "Ship the main job's notebook (nbs/train.ipynb) in the package, as mil_nb/train/train.ipynb (TRAIN_NOTEBOOK)."
+    def run(self):
+        super().run()
+        if not self.editable_mode:  # an editable install finds it in nbs/
+            self.copy_file("nbs/train.ipynb", f"{self.build_lib}/{cfg['lib_path']}/train/train.ipynb")
+
+
 setuptools.setup(
+    cmdclass={"build_py": BuildWithMainJob},
     name=cfg["lib_name"],
     version=cfg["version"],
     description=cfg["description"],

@@ -15,16 +15,15 @@ import sys
 from pathlib import Path
 
 import pandas as pd
-import papermill
 
 from ..evaluate.evaluation import (ensemble, heldout_metrics, heldout_summary, predictions_frame, read_predictions,
                                task_metrics, youden_threshold)
 from ..core.files import atomic_path, project_path
-from .job import TRAIN_NOTEBOOK, parse_value
 from .launch import launch
 from ..slides.panda import read_slide_table
 from ..core.parallel import die_with_parent
-from ..train.config import check_train_parameters
+from ..train.config import TrainConfig, parse_value
+from ..train.main_job import TRAIN_NOTEBOOK
 from ..train.run_files import RunFolder, json_safe
 from ..bags.splits import assign_folds, slide_groups
 from ..slides.synth import slide_plan
@@ -45,34 +44,28 @@ def fold_finished(folder: Path) -> bool:
     return "test_n" in metrics and (folder/"predictions_test.csv").exists()
 
 def check_cv_parameters(folds: int,  # how many folds
-                        parameters: dict,  # the other train.ipynb parameters
-                        notebook: str | os.PathLike = TRAIN_NOTEBOOK,  # the main job's notebook
+                        parameters: dict,  # the other parameters of the main job (`TrainConfig`)
                         embedded: bool = True,  # whether no data_dir means the embedded data (not: SageMaker's data)
                        ):
-    "Refuse, before any work, parameters the notebook lacks, that the driver sets, that are bad, or too few slides."
-    known = papermill.inspect_notebook(str(notebook))
-    unknown = sorted(set(parameters) - set(known))
-    if unknown: raise ValueError(f"parameter(s) {', '.join(unknown)}: not parameters of {notebook}")
+    "Refuse, before any work, parameters the main job lacks, that the driver sets, that are bad, or too few slides."
     reserved = sorted(set(parameters) & set(SET_BY_CV))
     if reserved: raise ValueError(f"parameter(s) {', '.join(reserved)}: set by the driver for each fold")
     if parameters.get("split_file") is not None: raise ValueError("split_file: cross-validation deals its own folds")
-    check_train_parameters(parameters | {"folds": folds})
-    table = _slide_table(parameters, known, embedded)
+    config = TrainConfig.from_parameters(parameters | {"folds": folds})
+    table = _slide_table(config, embedded)
     if table is None: return
     try:
-        assign_folds(table, parameters.get("test_frac", 0.25), folds, parameters.get("seed", 0),
-                     slide_groups(table, parameters.get("group_column")), verbose=False)
+        assign_folds(table, config.test_frac, folds, config.seed, slide_groups(table, config.group_column),
+                     verbose=False)
     except ValueError as error:
-        if parameters.get("data_dir") is not None: raise
+        if config.data_dir is not None: raise
         raise ValueError(f"n_slides={len(table)}, the embedded data set's size: {error}") from None
 
-def _slide_table(parameters: dict, known: dict, embedded: bool) -> pd.DataFrame | None:
+def _slide_table(config: TrainConfig, embedded: bool) -> pd.DataFrame | None:
     "The slides the folds are dealt from: data_dir's, the embedded data set's (known before it is made), or None."
-    if parameters.get("data_dir") is not None: return read_slide_table(project_path(parameters["data_dir"]))
-    if not embedded or parameters.get("tiles_dir") is not None or "n_slides" not in known:
-        return None  # the data is found later, in the job
-    n_slides = parameters.get("n_slides", parse_value(known["n_slides"]["default"]))
-    return slide_plan(n_slides, parameters.get("seed", 0))
+    if config.data_dir is not None: return read_slide_table(project_path(config.data_dir))
+    if not embedded or config.tiles_dir is not None: return None  # the data is found later, in the job
+    return slide_plan(config.n_slides, config.seed)
 
 def check_output_dir(output_dir: str | os.PathLike):  # the folder the folds are written to (made if missing)
     "Refuse an `output_dir` that is not a folder, cannot become one, or cannot be written to."
@@ -158,12 +151,12 @@ def cv_report(summary: dict) -> str:
 # %% ../../nbs/cloud/60_cv.ipynb #c5110009
 def cross_validate(folds: int,  # how many folds (the test set is held out first)
                    output_dir: str | os.PathLike,  # fold_<i>/ for each fold, the shared tiles/, the summary files
-                   parameters: dict | None = None,  # other train.ipynb parameters, e.g. {"epochs": 8}
+                   parameters: dict | None = None,  # other parameters of the main job (`TrainConfig`), e.g. {"epochs": 8}
                    notebook: str | os.PathLike = TRAIN_NOTEBOOK,  # the main job's notebook
                   ) -> dict:
     "Run the main job once per fold here (finished folds skipped, killed ones resumed); `summarize_folds`."
     parameters = dict(parameters or {})
-    check_cv_parameters(folds, parameters, notebook)
+    check_cv_parameters(folds, parameters)
     check_output_dir(output_dir)
     output_dir = Path(output_dir).absolute()
     for fold in range(folds): run_fold(fold, folds, output_dir, parameters, notebook)
@@ -174,7 +167,7 @@ def cross_validate(folds: int,  # how many folds (the test set is held out first
 # %% ../../nbs/cloud/60_cv.ipynb #c5110013
 def submit_folds(folds: int,  # how many folds: one training job each
                  role: str,  # ARN of the SageMaker execution role
-                 parameters: dict | None = None,  # other train.ipynb parameters (hyperparameters of every job)
+                 parameters: dict | None = None,  # other parameters of the main job (`TrainConfig`) (hyperparameters of every job)
                  base_job_name: str = "mil-nb-cv",  # job i is named <base_job_name>-fold<i>-<timestamp>
                  **launch_options,  # the rest of `launch`'s arguments (instance_type, train_s3, dry_run, ...)
                 ) -> list[str]:

@@ -18,31 +18,14 @@ import nbformat
 import papermill
 from papermill.exceptions import PapermillExecutionError
 
-import mil_nb
-from ..models.encoders import MODEL_FILES
 from ..core.files import atomic_path
 from ..core.parallel import die_with_parent
-from ..train.config import check_train_parameters
+from ..models.encoders import MODEL_FILES
+from ..train.config import TrainConfig, parse_value
+from ..train.main_job import TRAIN_NOTEBOOK
 
 # %% auto #0
-__all__ = ['TRAIN_NOTEBOOK', 'REPORT_FILES', 'parse_value', 'job_hyperparameters', 'job_parameters', 'run_rank', 'failing_copy',
-           'main']
-
-# %% ../../nbs/cloud/20_job.ipynb #ccc54c8a
-# in the repository and in the job's source bundle
-TRAIN_NOTEBOOK = Path(mil_nb.__file__).parents[1]/"nbs"/"train.ipynb"
-
-# %% ../../nbs/cloud/20_job.ipynb #1cee9273
-_WORDS = {"none": None, "null": None, "true": True, "false": False}
-
-def parse_value(value):
-    "A hyperparameter's text as None, bool, int, float or str (non-text values are returned as they are)."
-    if not isinstance(value, str): return value
-    if value.lower() in _WORDS: return _WORDS[value.lower()]
-    for number in (int, float):
-        try: return number(value)
-        except ValueError: pass
-    return value
+__all__ = ['REPORT_FILES', 'job_hyperparameters', 'job_parameters', 'run_rank', 'failing_copy', 'main']
 
 # %% ../../nbs/cloud/20_job.ipynb #a5d660d3
 def job_hyperparameters(argv: list[str], env: dict) -> dict:
@@ -61,19 +44,15 @@ def job_hyperparameters(argv: list[str], env: dict) -> dict:
     return hyperparameters
 
 # %% ../../nbs/cloud/20_job.ipynb #d10a8734
-def job_parameters(hyperparameters: dict, env: dict, notebook: str | os.PathLike = TRAIN_NOTEBOOK) -> dict:
-    "The parameters to run `notebook` with in a SageMaker container whose environment is `env`."
+def job_parameters(hyperparameters: dict, env: dict) -> dict:
+    "The main job's parameters in a SageMaker container whose environment is `env`, the hyperparameters checked."
     hyperparameters = dict(hyperparameters)
     for name in ("SM_MODEL_DIR", "SM_OUTPUT_DATA_DIR"):
         if name not in env: raise ValueError(f"{name} is not set: this is a SageMaker training job's entry; "
                                              "run it with mil_nb_launch (--local N runs it on this machine)")
     channel = hyperparameters.pop("data_channel", None)
-    known = papermill.inspect_notebook(str(notebook))
-    unknown = sorted(set(hyperparameters) - set(known))
-    if unknown: raise ValueError(f"hyperparameter(s) {', '.join(unknown)}: not parameters of {notebook} "
-                                 f"(its parameters: {', '.join(known)})")
     if env.get("SM_CHANNEL_ENCODER"): hyperparameters.setdefault("encoder_weights", env["SM_CHANNEL_ENCODER"])
-    check_train_parameters(hyperparameters)
+    TrainConfig.from_parameters(hyperparameters, "hyperparameter")  # names each unknown or bad one
     container = Path(env["SM_MODEL_DIR"]).parent  # /opt/ml
     parameters = {"output_dir": str(container/"checkpoints"), "tiles_dir": env.get("SM_CHANNEL_TILES") or
                   str(container/"tiles"), "resume": True}  # resume: from a checkpoint SageMaker restored (spot)
@@ -119,7 +98,7 @@ def run_rank(parameters: dict, env: dict, notebook: str | os.PathLike = TRAIN_NO
 def failing_copy(notebook: str | os.PathLike, rank: int, folder: Path) -> Path:
     "A copy of `notebook` in `folder` that raises once the process group is up: how tests fail one rank."
     nb = nbformat.read(notebook, as_version=4)
-    after = next(i for i, cell in enumerate(nb.cells) if "init_distributed(" in cell.source) + 1
+    after = next(i for i, cell in enumerate(nb.cells) if "start_run(" in cell.source) + 1
     message = f"raise_on_rank={rank}: rank {rank} fails on purpose (MIL_NB_RAISE_ON_RANK)"
     nb.cells.insert(after, nbformat.v4.new_code_cell(f"raise RuntimeError({message!r})"))
     copy = folder/f"failing.rank{rank}"/Path(notebook).name

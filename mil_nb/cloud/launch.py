@@ -27,14 +27,14 @@ from sagemaker.train import ModelTrainer
 from sagemaker.train.distributed import Torchrun
 
 from .bundle import copy_package, imported_requirements, notebook_imports
-from .job import TRAIN_NOTEBOOK, parse_value
+from ..train.config import hyperparameter_text, parse_value
+from ..train.main_job import TRAIN_NOTEBOOK
 from ..core.net import free_port
 from ..core.parallel import die_with_parent
 
 # %% auto #0
 __all__ = ['JOB_ENTRY', 'JOB_ENTRY_SCRIPT', 'CHECKPOINTS', 'METRIC_DEFINITIONS', 'INPUT_MODES', 'job_requirements',
-           'write_job_source', 'training_image', 'launch', 'hyperparameter_string', 'local_job_environment',
-           'run_local', 'train_cli']
+           'write_job_source', 'training_image', 'launch', 'local_job_environment', 'run_local', 'train_cli']
 
 # %% ../../nbs/cloud/30_launch.ipynb #b916e32c
 JOB_ENTRY = "mil_nb_job.py"
@@ -50,11 +50,9 @@ def job_requirements() -> list[str]:
     return imported_requirements(notebook_imports(TRAIN_NOTEBOOK) + ["mil_nb.cloud.job"], extra=["papermill", "ipykernel"])
 
 def write_job_source(dest: str | Path) -> Path:
-    "Write the training job's source folder to `dest`: `mil_nb`, `nbs/train.ipynb`, the entry script, the requirements."
+    "Write the training job's source folder to `dest`: `mil_nb` with its train.ipynb, the entry script, the requirements."
     dest = Path(dest)
-    copy_package(dest)
-    (dest/"nbs").mkdir()
-    shutil.copy(TRAIN_NOTEBOOK, dest/"nbs"/"train.ipynb")
+    shutil.copy(TRAIN_NOTEBOOK, copy_package(dest)/"train"/"train.ipynb")
     (dest/JOB_ENTRY).write_text(JOB_ENTRY_SCRIPT)
     (dest/"requirements.txt").write_text("\n".join(job_requirements()) + "\n")
     return dest
@@ -160,10 +158,6 @@ def launch(role: str,  # ARN of the SageMaker execution role the job runs as
     return None if dry_run else trainer._latest_training_job
 
 # %% ../../nbs/cloud/30_launch.ipynb #f08f4c2f
-def hyperparameter_string(value) -> str:
-    "A hyperparameter as SageMaker hands it to the job: a string as it is, anything else as JSON."
-    return value if isinstance(value, str) else json.dumps(value)
-
 def local_job_environment(local_dir: str | Path, processes: int, hyperparameters: dict, channels: list[str],
                           master_port: int) -> dict[str, str]:
     "The `SM_*` environment of a one-instance SageMaker training job (host `algo-1`), with `local_dir` as `/opt/ml`."
@@ -182,7 +176,7 @@ def local_job_environment(local_dir: str | Path, processes: int, hyperparameters
         **{f"SM_CHANNEL_{channel.upper()}": data / channel for channel in channels},
         "SM_HPS": json.dumps(hyperparameters),
         **{
-            f"SM_HP_{key.replace('-', '_').upper()}": hyperparameter_string(value)
+            f"SM_HP_{key.replace('-', '_').upper()}": hyperparameter_text(value)
             for key, value in hyperparameters.items()
         },
         "SM_HOSTS": json.dumps(["algo-1"]),
@@ -218,7 +212,7 @@ def run_local(
         channels.append(name)
     for folder in (local_dir/"model", local_dir/"output"/"data"): folder.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    arguments = [arg for key, value in hyperparameters.items() for arg in (f"--{key}", hyperparameter_string(value))]
+    arguments = [arg for key, value in hyperparameters.items() for arg in (f"--{key}", hyperparameter_text(value))]
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(processes),
                "--master_addr", "127.0.0.1", "--master_port", str(port), JOB_ENTRY, *arguments]
     environment = {**os.environ, **local_job_environment(local_dir, processes, hyperparameters, channels, port)}

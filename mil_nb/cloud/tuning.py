@@ -6,14 +6,13 @@
 from __future__ import annotations
 
 import functools
+from dataclasses import fields
 
-import papermill
 from sagemaker.core.parameter import CategoricalParameter, ContinuousParameter, IntegerParameter
 from sagemaker.train.tuner import HyperparameterTuner
 
-from .job import TRAIN_NOTEBOOK
+from ..train.config import TrainConfig
 from .launch import METRIC_DEFINITIONS, launch
-from ..train.config import check_train_parameters
 
 # %% auto #0
 __all__ = ['DEFAULT_RANGES', 'OBJECTIVES', 'parameter_ranges', 'tune']
@@ -25,11 +24,11 @@ OBJECTIVES = {d["Name"]: d for d in METRIC_DEFINITIONS if d["Name"].startswith("
 
 def parameter_ranges(ranges: dict) -> dict:
     "SageMaker parameter ranges from `{name: (low, high)}` or `{name: [choices]}`, each checked as the job checks it."
-    known, converted = papermill.inspect_notebook(str(TRAIN_NOTEBOOK)), {}
+    known, converted = {f.name for f in fields(TrainConfig)}, {}
     for name, spec in ranges.items():
-        if name not in known: raise ValueError(f"ranges: {name!r} is not a parameter of {TRAIN_NOTEBOOK.name}")
+        if name not in known: raise ValueError(f"ranges: {name!r} is not a parameter of the main job (TrainConfig)")
         values = list(spec)
-        for value in values: check_train_parameters({name: value})
+        for value in values: TrainConfig(**{name: value})  # checked as the job checks it
         if isinstance(spec, list): converted[name] = CategoricalParameter(values); continue
         if len(values) != 2 or not values[0] < values[1]:
             raise ValueError(f"ranges: {name}={spec!r}: expected (low, high) with low < high, or a list of choices")

@@ -54,6 +54,10 @@ class RunFolder:
         file = self.path/"metrics.json"
         return json.loads(file.read_text()) if file.exists() else None
 
+    def write_figure(self, fig, name: str):
+        "Write a matplotlib figure as NAME.png (confusion_matrix.png, roc_and_learning_curves.png, attention_*.png)."
+        with atomic_path(self.path/f"{name}.png") as tmp: fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+
     def write_table(self, name: str, table: pd.DataFrame):
         "Write `table` as NAME.csv (splits.csv, predictions_valid.csv, predictions_test.csv)."
         with atomic_path(self.path/f"{name}.csv") as tmp: table.to_csv(tmp, index=False)
