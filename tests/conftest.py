@@ -1,4 +1,5 @@
-"Shared fixtures: a small synthetic PANDA-format data set, the main job on the embedded data (each made once per session), and moto's AWS."
+"""Shared fixtures: a small synthetic PANDA-format data set, the main job on the embedded data (each made once per
+session), the main job run in-process (`run_job`), and moto's AWS."""
 import os
 import subprocess
 from pathlib import Path
@@ -8,6 +9,8 @@ import pytest
 from moto import mock_aws
 
 from mil_nb.slides.synth import make_synthetic_panda
+from mil_nb.train.config import TrainConfig
+from mil_nb.train.main_job import MainJob, run_main_job
 
 
 @pytest.fixture(scope="session")
@@ -23,6 +26,12 @@ def embedded_cache(tmp_path_factory):
 
 
 REPO = Path(__file__).resolve().parents[1]
+SMALL = dict(epochs=2, tile_size=32, n_tiles=8, n_bootstrap=100, num_workers=0)  # a run of seconds on small_panda
+
+
+def run_job(**parameters) -> MainJob:
+    "The main job in this process, as `run_main_job(TrainConfig(**parameters))` runs it: what it made."
+    return run_main_job(TrainConfig(**parameters))
 
 
 def papermill(output: Path, *params: str, env=None) -> subprocess.CompletedProcess:

@@ -11,10 +11,11 @@ import pandas as pd
 import psutil
 import pytest
 
-from conftest import REPO, ROLE, moto_session, papermill
+from conftest import REPO, ROLE, moto_session, run_job
 from mil_nb.cloud.cv import cv_cli, submit_folds
 
-SMALL = ["-p", "epochs", "3", "-p", "tile_size", "32", "-p", "n_tiles", "8", "-p", "n_bootstrap", "100"]
+SMALL_RUN = dict(epochs=3, tile_size=32, n_tiles=8, n_bootstrap=100)
+SMALL = [part for key, value in SMALL_RUN.items() for part in ("-p", key, str(value))]
 
 
 def cv_command(output_dir, small_panda) -> list[str]:
@@ -154,9 +155,7 @@ def test_selection_never_sees_the_test_set(tmp_path, small_panda, cv_run):
     runs = {}
     for name, data in (("original", small_panda), ("relabelled", relabelled)):
         out = tmp_path/name
-        run = papermill(out/"train.ipynb", "-p", "output_dir", str(out), "-p", "data_dir", str(data),
-                        "-p", "split_file", str(tmp_path/"split.csv"), *SMALL)
-        assert run.returncode == 0, run.stderr[-3000:]
+        run_job(output_dir=str(out), data_dir=str(data), split_file=str(tmp_path/"split.csv"), **SMALL_RUN)
         runs[name] = json.loads((out/"metrics.json").read_text())
         runs[name]["history"] = pd.read_csv(out/"history.csv").drop(columns=["train_bags_per_s", "seconds"])
     original, relabelled = runs["original"], runs["relabelled"]
@@ -173,7 +172,6 @@ def test_the_main_job_refuses_a_bad_split_file_or_group_column_before_tiling(tmp
     for parameter, value, message in [("split_file", str(tmp_path/"split.csv"), "split.csv: 1 image_id(s) not in"),
                                       ("group_column", "patient", "group_column='patient': train.csv has no")]:
         out = tmp_path/parameter
-        run = papermill(out/"x.ipynb", "-p", "data_dir", str(small_panda), "-p", "output_dir", str(out),
-                        "-p", parameter, value)
-        assert run.returncode != 0 and message in run.stderr + run.stdout
+        with pytest.raises(ValueError, match=message):
+            run_job(data_dir=str(small_panda), output_dir=str(out), **{parameter: value})
         assert not (out/"tiles").exists()

@@ -1,5 +1,5 @@
-"""The two-stage main job as the README runs it: `nbs/train.ipynb` with a pretrained encoder (ResNet-50, saved random
-weights) trains a head on cached features; `mil_nb_predict` and `mil_nb_serve` answer with the model it writes."""
+"""The two-stage main job (in this process, `run_main_job`): a pretrained encoder (ResNet-50, saved random weights)
+trains a head on cached features; `mil_nb_predict` and `mil_nb_serve` answer with the model it writes."""
 import json
 import shutil
 import subprocess
@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import papermill
+from conftest import run_job
 from mil_nb.bags.data import Bag, collate_bags
 from mil_nb.models.encoders import attach_tile_encoder, encoder_from_name, save_encoder_weights
 from mil_nb.serve.inference import npy_body
@@ -22,10 +22,8 @@ def two_stage(tmp_path_factory, small_panda):
     "The main job's folder after `-p encoder resnet50-imagenet -p encoder_weights FILE` on 24 small slides."
     out = tmp_path_factory.mktemp("two_stage")
     save_encoder_weights(encoder_from_name("resnet50-imagenet", random_weights=True), out.parent/"r50.safetensors")
-    run = papermill(out/"train.ipynb", "-p", "output_dir", str(out), "-p", "data_dir", str(small_panda),
-                    "-p", "encoder", "resnet50-imagenet", "-p", "encoder_weights", str(out.parent/"r50.safetensors"),
-                    "-p", "epochs", "2", "-p", "n_tiles", "4", "-p", "n_bootstrap", "100")
-    assert run.returncode == 0, run.stderr[-3000:]
+    run_job(output_dir=str(out), data_dir=str(small_panda), encoder="resnet50-imagenet",
+            encoder_weights=str(out.parent/"r50.safetensors"), epochs=2, n_tiles=4, n_bootstrap=100)
     return out
 
 

@@ -37,14 +37,14 @@ def result_text(tested: dict,  # the test metrics (`score_heldout`'s, without th
                                         instance_threshold) + " (test)",
                       result.final_line()])
 
-# %% ../../nbs/train/50_report.ipynb #7aec5948
+# %% ../../nbs/train/50_report.ipynb #62e0c5dd
 def confusion_figure(metrics: dict,  # the run's metrics (with test_confusion_matrix)
-                     task: str,  # the task's name (ISUP's 6x6 matrix gets a larger figure)
                      kept_epoch: int | None,  # the kept epoch, for the title
                     ) -> plt.Figure:
-    "The test slides' confusion matrix."
-    fig, ax = plt.subplots(figsize=(7, 6) if task == "isup" else (4, 3.5))
-    plot_confusion_matrix(metrics["test_confusion_matrix"], ax=ax, title=f"test, model of epoch {kept_epoch}")
+    "The test slides' confusion matrix (ISUP's 6x6 in a larger figure)."
+    matrix = metrics["test_confusion_matrix"]
+    fig, ax = plt.subplots(figsize=(7, 6) if len(matrix) > 2 else (4, 3.5))
+    plot_confusion_matrix(matrix, ax=ax, title=f"test, model of epoch {kept_epoch}")
     return fig
 
 def roc_and_learning_figure(test_preds: Predictions,  # the kept model's test predictions
