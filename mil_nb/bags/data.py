@@ -72,6 +72,7 @@ class Batch:
     def pin_memory(self) -> "Batch":
         return Batch(self.instances.pin_memory(), self.mask.pin_memory(), self.labels.pin_memory(), self.bags)
 
+# %% ../../nbs/bags/30_data.ipynb #e71b4f62
 def _check_bag(bag: Bag):
     name = bag.image_id or "(unnamed)"
     if len(bag) == 0: raise ValueError(f"bag {name} has no instances")
@@ -84,6 +85,7 @@ def _check_bag(bag: Bag):
             f"got {instances.dtype} {instances.shape}"
         )
 
+# %% ../../nbs/bags/30_data.ipynb #6579b6b8
 def collate_bags(bags: list[Bag]) -> Batch:
     "Pad bags of any sizes into one `Batch` with a mask."
     for bag in bags: _check_bag(bag)
@@ -128,6 +130,7 @@ def _is_rgb_tiles(instances: np.ndarray) -> bool:
     return (instances.ndim == 4 and instances.dtype == np.uint8 and instances.shape[3] == 3
             and instances.shape[1] == instances.shape[2])
 
+# %% ../../nbs/bags/30_data.ipynb #226e1846
 def augment_tiles(tiles: np.ndarray,  # a bag's RGB tiles (n, S, S, 3) uint8
                   rng: np.random.Generator,  # where the draws come from
                   dihedral: bool = True,  # turn and flip each tile (`dihedral_transform`)
@@ -160,6 +163,7 @@ class EpochSampler(Sampler):
     def __iter__(self): return ((i, self.sampler.epoch) for i in self.sampler)
     def __len__(self): return len(self.sampler)
 
+# %% ../../nbs/bags/30_data.ipynb #16445dd5
 def _check_draws(max_instances, augment, stain_jitter):
     "Refuse per-epoch draws a training loader cannot make, naming each."
     is_number = isinstance(stain_jitter, (int, float)) and not isinstance(stain_jitter, bool)
@@ -170,6 +174,7 @@ def _check_draws(max_instances, augment, stain_jitter):
                 "can come out blank)" * (not is_number or not 0 <= stain_jitter < 0.5)]
     if any(problems): raise ValueError("; ".join(p for p in problems if p))
 
+# %% ../../nbs/bags/30_data.ipynb #207779dc
 class TrainingDraws(Dataset):
     "`dataset`'s bags with their random draws of an epoch, from (seed, epoch, index) alone: instances, augmentation."
     def __init__(self, dataset: Dataset, max_instances: int | None = None, augment: bool = False,
@@ -205,6 +210,7 @@ class TrainingDraws(Dataset):
                          f"{bag.image_id or '(unnamed)'} holds {bag.instances.dtype} {bag.instances.shape} "
                          "(features are never augmented)")
 
+# %% ../../nbs/bags/30_data.ipynb #019c1970
 def bag_loader(dataset: Dataset,  # a `BagDataset`, or any data set of `Bag`s
                batch_size: int = 8,  # bags per batch (per process under torchrun)
                shuffle: bool = False,  # shuffle every epoch (training); False keeps the data set's order (evaluation)
@@ -227,6 +233,7 @@ def bag_loader(dataset: Dataset,  # a `BagDataset`, or any data set of `Bag`s
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_bags, num_workers=num_workers,
                       pin_memory=pin_memory, persistent_workers=num_workers > 0, worker_init_fn=_die_with_parent)
 
+# %% ../../nbs/bags/30_data.ipynb #90d3bf16
 def _die_with_parent(worker_id: int):
     "In a loader's worker process: end with the process that started it (no orphans if it is killed)."
     die_with_parent(os.getppid())

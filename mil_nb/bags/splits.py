@@ -32,6 +32,7 @@ def _near_duplicate_pairs(hashes: pd.Series, max_distance: int) -> tuple[np.ndar
     graph = pairs.radius_neighbors_graph(bits.astype(bool)).tocoo()
     return known[graph.row], known[graph.col]
 
+# %% ../../nbs/bags/20_splits.ipynb #c13a64ec
 def _same_value_pairs(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     "Row positions (i, j) linking every slide to the first slide with the same non-empty value."
     values = values.astype(str).reset_index(drop=True)
@@ -39,6 +40,7 @@ def _same_value_pairs(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     first = named.groupby(named).transform(lambda rows: rows.index[0])
     return named.index.to_numpy(), first.to_numpy(dtype=int)
 
+# %% ../../nbs/bags/20_splits.ipynb #6fa71650
 def slide_groups(table: pd.DataFrame,  # one row per slide: image_id, and the group column if any
                  group_column: str | None = None,  # slides sharing a value here share a group (default: patient_id)
                  hashes: pd.Series | None = None,  # thumbnail hash per row of `table` ('' where unknown)
@@ -69,6 +71,7 @@ def _strata(table: pd.DataFrame, parts: int) -> tuple[pd.Series, str]:
         if strata.value_counts().min() >= parts: return strata, name
     return malignant, "benign/malignant"
 
+# %% ../../nbs/bags/20_splits.ipynb #4887f27a
 def _check_classes(table: pd.DataFrame, fold: np.ndarray, test_frac: float, folds: int):
     "Every part (the test set, each fold) holds benign and malignant slides, else an error naming the parameter."
     malignant = table.isup_grade.astype(int).to_numpy() > 0
@@ -80,6 +83,7 @@ def _check_classes(table: pd.DataFrame, fold: np.ndarray, test_frac: float, fold
             raise ValueError(f"{parameter}: leaves {part} ({(fold == k).sum()} slides) without {name} slides; "
                              f"use {'a larger test_frac' if k == TEST_FOLD else 'fewer folds'} or more slides")
 
+# %% ../../nbs/bags/20_splits.ipynb #86402b50
 def assign_folds(table: pd.DataFrame,  # one row per slide: image_id, isup_grade (data_provider: stratifies too)
                  test_frac: float = 0.25,  # share of slides held out for testing (realised as 1/round(1/test_frac))
                  folds: int = 4,  # folds of the remaining slides (a plain run validates on fold 0)
@@ -166,6 +170,7 @@ def make_splits(table: pd.DataFrame,  # the slides to split (image_id, isup_grad
     split = np.select([assigned.fold == TEST_FOLD, assigned.fold == fold], ["test", "valid"], "train")
     return assigned[["image_id", "group", "fold"]].assign(split=split)
 
+# %% ../../nbs/bags/20_splits.ipynb #e84b6912
 def check_split_inputs(table: pd.DataFrame,  # the data set's slides
                        group_column: str | None = None,  # must be a column of `table` when given
                        split_file: str | os.PathLike | None = None,  # must name only slides of `table`

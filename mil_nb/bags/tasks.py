@@ -40,14 +40,17 @@ def sigmoid(logits: np.ndarray) -> np.ndarray:
     "The logistic function of an array."
     return 1 / (1 + np.exp(-np.asarray(logits, np.float64)))
 
+# %% ../../nbs/bags/10_tasks.ipynb #7750c9fa
 def bce_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     "BCE-with-logits of one logit per bag (B,) against 0/1 targets (B,)."
     return F.binary_cross_entropy_with_logits(logits.float(), targets.float())
 
+# %% ../../nbs/bags/10_tasks.ipynb #861a2577
 def malignant_auc(is_malignant: np.ndarray, probability: np.ndarray) -> float:
     "ROC AUC of P(malignant) for malignant against benign slides (NaN unless both are present)."
     return metrics.roc_auc_score(is_malignant, probability) if len(np.unique(is_malignant)) == 2 else float("nan")
 
+# %% ../../nbs/bags/10_tasks.ipynb #665ff498
 def classification_metrics(targets: np.ndarray, logits: np.ndarray, threshold: float = 0.5) -> dict:
     "Loss, accuracy, ROC AUC, precision, recall, F1 and confusion matrix of one-logit binary predictions."
     labels, probability = np.asarray(targets).astype(int), sigmoid(logits)
@@ -77,14 +80,17 @@ def ordinal_targets(grades: torch.Tensor) -> torch.Tensor:
     "Grades (B,) 0-5 as cumulative targets (B, 5): grade g -> g ones, then zeros."
     return (torch.arange(N_GRADES - 1, device=grades.device) < grades[:, None]).float()
 
+# %% ../../nbs/bags/10_tasks.ipynb #e6e848ab
 def ordinal_grade(logits):
     "Predicted ISUP grade per bag: the number of the 5 cumulative sigmoids above 0.5 (logits > 0); tensor or array."
     return (logits > 0).sum(-1)
 
+# %% ../../nbs/bags/10_tasks.ipynb #ad416e83
 def ordinal_loss(logits: torch.Tensor, grades: torch.Tensor) -> torch.Tensor:
     "BCE-with-logits of cumulative logits (B, 5) against the ordinal targets of ISUP grades (B,)."
     return F.binary_cross_entropy_with_logits(logits.float(), ordinal_targets(grades))
 
+# %% ../../nbs/bags/10_tasks.ipynb #523c60b4
 def grading_metrics(grades: np.ndarray, logits: np.ndarray) -> dict:
     "Loss, quadratic weighted kappa, accuracy, 6x6 confusion matrix and malignant-vs-benign AUC of ISUP predictions."
     grades, predicted = np.asarray(grades).astype(int), ordinal_grade(logits)
@@ -114,6 +120,7 @@ def get_task(task: str | Task) -> Task:
     if task not in TASKS: raise ValueError(f"task={task!r}: expected one of {tuple(TASKS)}")
     return TASKS[task]
 
+# %% ../../nbs/bags/10_tasks.ipynb #46f39527
 def register_task(task: Task) -> Task:
     "Add `task` to `TASKS`, so that models, data sets and `fit` take it by name; the task."
     if task.name in TASKS and TASKS[task.name] is not task:

@@ -43,9 +43,11 @@ def _decode(image_file, level: int) -> int:
     "Decode one level of one slide; its size in bytes."
     with open_slide(image_file) as reader: return reader.read_level(level).nbytes
 
+# %% ../../nbs/bench/20_benchmarks.ipynb #05d9b071
 def _decode_all(src: Path, level: int, workers: int) -> int:
     return sum(parallel_map(_decode, [(f, level) for f in slide_sources(src).image_file], workers, progress=False))
 
+# %% ../../nbs/bench/20_benchmarks.ipynb #dc06ac44
 def _tile_all(src: Path, mode: str, level: int, workers: int) -> int:
     dest = Path(tempfile.mkdtemp(prefix="mil_nb_bench_"))
     try:
@@ -107,6 +109,7 @@ def one_bag_per_step(
         optimizer.step()
     return (len(bags) - warmup) / (time.perf_counter() - start)
 
+# %% ../../nbs/bench/20_benchmarks.ipynb #27dd6e93
 def _fit_bags_per_s(model, bags: list[Bag], batch_size: int, epochs: int, precision: str, num_replicas: int = 1,
                     rank: int = 0, compression: str = "none") -> float:
     "Training throughput of `fit` (over all ranks) after its first (warm-up) epoch."
@@ -115,6 +118,7 @@ def _fit_bags_per_s(model, bags: list[Bag], batch_size: int, epochs: int, precis
                   progress=False).history
     return float(history.train_bags_per_s.iloc[1:].median())
 
+# %% ../../nbs/bench/20_benchmarks.ipynb #1e5ac459
 def _compare_training(
     config: MILConfig, bags: list[Bag], batch_size: int, epochs: int, loop_bags: int, seed: int = 0
 ) -> dict:
@@ -152,6 +156,7 @@ def _bench_mnist_training(epochs: int = 4) -> dict:
     default = train_mnist_bags()
     return result | {"test_auc": round(default["test_auc"], 4), "train_s": round(default["train_s"], 2)}
 
+# %% ../../nbs/bench/20_benchmarks.ipynb #a31bdea5
 def random_tile_bags(n_bags: int, n_tiles: int = 16, tile_size: int = 128, seed: int = 0) -> list[Bag]:
     "Bags of random RGB tiles (for timing: they cost what tissue costs), alternately labelled 1 and 0."
     rng = np.random.default_rng(seed)
@@ -160,14 +165,17 @@ def random_tile_bags(n_bags: int, n_tiles: int = 16, tile_size: int = 128, seed:
         for i in range(n_bags)
     ]
 
+# %% ../../nbs/bench/20_benchmarks.ipynb #2c3fe423
 def _bench_tile_training(epochs: int = 3) -> dict:
     return _compare_training(MILConfig(), random_tile_bags(48), batch_size=8, epochs=epochs, loop_bags=32)
 
+# %% ../../nbs/bench/20_benchmarks.ipynb #c1f699d4
 def _measured(fn, *args) -> dict:
     "Run a benchmark phase in a fresh process; its figures with the process's peak RSS."
     _, rss, result = in_fresh_process(fn, *args)
     return result | {"peak_rss_mb": round(rss, 1)}
 
+# %% ../../nbs/bench/20_benchmarks.ipynb #4590b626
 def bench_train() -> dict:
     "`fit` against one bag per step on MNIST-bags and on 16 x 128 x 128 tile bags."
     return {"mnist_bags": _measured(_bench_mnist_training), "tile_bags": _measured(_bench_tile_training)}
@@ -182,6 +190,7 @@ def _one_bag_per_call(model, bags: list[Bag], warmup: int = 8) -> float:
         model(batch.instances, batch.mask)
     return (len(bags) - warmup) / (time.perf_counter() - start)
 
+# %% ../../nbs/bench/20_benchmarks.ipynb #3f10951c
 def _compare_inference(config: MILConfig, bags: list[Bag], batch_size: int) -> dict:
     precision = resolve_precision("auto", torch.device("cpu"))
     set_seed(0); model = AttentionMIL(config)
@@ -194,12 +203,14 @@ def _compare_inference(config: MILConfig, bags: list[Bag], batch_size: int) -> d
     return {"bags_per_s": round(rate, 1), "loop_bags_per_s": round(loop_rate, 1), "speedup": round(rate / loop_rate, 2),
             "precision": precision, "batch_size": batch_size, "bags": len(bags)}
 
+# %% ../../nbs/bench/20_benchmarks.ipynb #46ac5bea
 def _bench_inference() -> dict:
     images, labels = mnist_digits()
     _, test_digits = split_digits(images, labels)
     return {"mnist_bags": _compare_inference(MNIST_CONFIG, mnist_bags(*test_digits, 1000, seed=1), 64),
             "tile_bags": _compare_inference(MILConfig(), random_tile_bags(64), 16)}
 
+# %% ../../nbs/bench/20_benchmarks.ipynb #813f872b
 def bench_infer() -> dict:
     "`predict` against one bag per forward pass, on MNIST-bags and on tile bags."
     return _measured(_bench_inference)
@@ -214,8 +225,10 @@ def _tile_fit(bags: int, batch_size: int, epochs: int, num_replicas: int = 1, ra
                            resolve_precision("auto", torch.device("cpu")), num_replicas, rank, compression)
     return rate, _flat_weights(model)
 
+# %% ../../nbs/bench/20_benchmarks.ipynb #ee640de6
 def _flat_weights(model) -> torch.Tensor: return torch.cat([p.detach().flatten().float() for p in model.parameters()])
 
+# %% ../../nbs/bench/20_benchmarks.ipynb #dd876258
 def _allreduce_ms(gradients: torch.Tensor, dtype: torch.dtype) -> float:
     "Median ms of one step's all-reduce, sent in `dtype` (fp16: the compression hook's cast, sum and cast back)."
     times = []
@@ -227,6 +240,7 @@ def _allreduce_ms(gradients: torch.Tensor, dtype: torch.dtype) -> float:
         times.append(time.perf_counter() - start)
     return 1000 * float(np.median(times[1:]))
 
+# %% ../../nbs/bench/20_benchmarks.ipynb #ac2a3083
 def _ddp_rank(rank: int, world_size: int, port: int, bags: int, batch_size: int, epochs: int, result: str):
     "One rank of the scaling run (spawned): rank 0 writes its figures to `result`."
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -249,6 +263,7 @@ def _ddp_rank(rank: int, world_size: int, port: int, bags: int, batch_size: int,
     # skip the interpreter's teardown, in which a thread of torch's gloo group aborts the process now and then
     os._exit(0)
 
+# %% ../../nbs/bench/20_benchmarks.ipynb #7771bcd2
 def bench_ddp(bags: int = 48, batch_size: int = 8, epochs: int = 4) -> dict:
     "`fit` on tile bags in 1 process and in 2 gloo processes (fp32 and fp16 gradients): bags/s, all-reduce ms, weights."
     _, _, (rate_1, _) = in_fresh_process(_tile_fit, bags, batch_size, epochs)

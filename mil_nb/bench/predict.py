@@ -31,6 +31,7 @@ def _tile_only(slides: list, model_dir: Path, workers: int) -> int:
     if failed: raise RuntimeError(f"benchmark slides failed to tile: {failed}")
     return len(jobs)
 
+# %% ../../nbs/bench/10_predict.ipynb #91103673
 def _score(csv: Path, model_dir: Path, precision: str, workers: int) -> int:
     with tempfile.TemporaryDirectory() as dest:
         result = predict_cohort([model_dir], csv, dest, device="cpu", precision=precision, num_workers=workers,
@@ -38,6 +39,7 @@ def _score(csv: Path, model_dir: Path, precision: str, workers: int) -> int:
     if len(result.failures): raise RuntimeError(f"benchmark slides failed: {result.failures.error.tolist()}")
     return len(result.predictions)
 
+# %% ../../nbs/bench/10_predict.ipynb #342e2d49
 def scoring_against_tiling(slides: list,  # slide files
                            level: int,  # the pyramid level the model's tiling reads
                            workers: int,  # tiling processes
@@ -56,6 +58,7 @@ def scoring_against_tiling(slides: list,  # slide files
                         f"ratio_{precision}": round(score_s / tile_s, 2), f"score_{precision}_peak_rss_mb": round(rss)}
     return figures | {"level": level, "workers": workers}
 
+# %% ../../nbs/bench/10_predict.ipynb #8e65f556
 def bench_predict(n_slides: int = 16, size: int = 16384, level: int = 1, workers: int = 2) -> dict:
     "Tiling alone against scoring (tiling + prediction), on `mil_nb_bench tile`'s large slides and on embedded ones."
     large = embedded_dataset(n_slides=n_slides, seed=1, size=size, num_workers=workers, masks=False)

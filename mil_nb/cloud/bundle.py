@@ -54,6 +54,7 @@ def notebook_imports(notebook: str | Path) -> list[str]:
             elif isinstance(node, ast.ImportFrom) and node.level == 0: modules.append(node.module)
     return list(dict.fromkeys(modules))
 
+# %% ../../nbs/cloud/10_bundle.ipynb #b5b0c84d
 def copy_package(dest: str | Path) -> Path:
     "Copy the `mil_nb` package (as installed, without bytecode) to `dest/mil_nb`, for a source bundle."
     return Path(

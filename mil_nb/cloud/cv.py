@@ -38,11 +38,13 @@ SET_BY_CV = ("fold", "folds", "output_dir", "resume")  # parameters the driver s
 
 def fold_folder(output_dir: str | os.PathLike, fold: int) -> Path: return Path(output_dir)/f"fold_{fold}"
 
+# %% ../../nbs/cloud/60_cv.ipynb #f9b7529b
 def fold_finished(folder: Path) -> bool:
     "Whether the fold run in `folder` got as far as its test metrics."
     metrics = RunFolder(folder).read_metrics() or {}
     return "test_n" in metrics and (folder/"predictions_test.csv").exists()
 
+# %% ../../nbs/cloud/60_cv.ipynb #f74b07ce
 def check_cv_parameters(folds: int,  # how many folds
                         parameters: dict,  # the other parameters of the main job (`TrainConfig`)
                         embedded: bool = True,  # whether no data_dir means the embedded data (not: SageMaker's data)
@@ -61,12 +63,14 @@ def check_cv_parameters(folds: int,  # how many folds
         if config.data_dir is not None: raise
         raise ValueError(f"n_slides={len(table)}, the embedded data set's size: {error}") from None
 
+# %% ../../nbs/cloud/60_cv.ipynb #1f7059f0
 def _slide_table(config: TrainConfig, embedded: bool) -> pd.DataFrame | None:
     "The slides the folds are dealt from: data_dir's, the embedded data set's (known before it is made), or None."
     if config.data_dir is not None: return read_slide_table(project_path(config.data_dir))
     if not embedded or config.tiles_dir is not None: return None  # the data is found later, in the job
     return slide_plan(config.n_slides, config.seed)
 
+# %% ../../nbs/cloud/60_cv.ipynb #4c95e1fd
 def check_output_dir(output_dir: str | os.PathLike):  # the folder the folds are written to (made if missing)
     "Refuse an `output_dir` that is not a folder, cannot become one, or cannot be written to."
     path = Path(output_dir).absolute()
@@ -76,12 +80,14 @@ def check_output_dir(output_dir: str | os.PathLike):  # the folder the folds are
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"output_dir {output_dir}: {existing} cannot be written to")
 
+# %% ../../nbs/cloud/60_cv.ipynb #0ea60de8
 def fold_parameters(parameters: dict, fold: int, folds: int) -> dict:
     "Fold `fold`'s parameters: the shared ones, the fold, and its own initialisation (`model_seed` + fold)."
     base = parameters.get("model_seed")
     base = parameters.get("seed", 0) if base is None else base
     return {**parameters, "fold": fold, "folds": folds, "model_seed": base + fold}
 
+# %% ../../nbs/cloud/60_cv.ipynb #ec0b0546
 def run_fold(fold: int, folds: int, output_dir: str | os.PathLike, parameters: dict,
              notebook: str | os.PathLike = TRAIN_NOTEBOOK) -> bool:
     "Run fold `fold` of `folds` into OUTPUT_DIR/fold_<fold>/ unless it is finished; whether it ran."
@@ -104,6 +110,7 @@ def run_fold(fold: int, folds: int, output_dir: str | os.PathLike, parameters: d
 def _scalars(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
+# %% ../../nbs/cloud/60_cv.ipynb #96188b60
 def summarize_folds(output_dir: str | os.PathLike,  # the folder holding fold_0/ .. fold_<k-1>/
                     folds: int,  # how many folds
                     n_bootstrap: int = 1000,  # bootstrap resamples for the ensemble's confidence intervals
@@ -139,6 +146,7 @@ def summarize_folds(output_dir: str | os.PathLike,  # the folder holding fold_0/
     with atomic_path(output_dir/"cv_metrics.json") as tmp: tmp.write_text(json.dumps(json_safe(summary), indent=1))
     return summary
 
+# %% ../../nbs/cloud/60_cv.ipynb #747883e7
 def cv_report(summary: dict) -> str:
     "The headline of a cross-validation: mean +- sd of the test metrics over folds, and the ensemble's."
     names = [n for n in summary["mean"] if n.startswith(("test_", "val_")) and not n.endswith(("_n", "loss"))]
@@ -231,6 +239,7 @@ def comparison_table(root: str | os.PathLike,  # the folder holding one cross-va
                            (f"test_{metric}", "ensemble_high"): high}
     return pd.DataFrame.from_dict(rows, orient="index")
 
+# %% ../../nbs/cloud/60_cv.ipynb #f7e2f454
 def comparison_markdown(table: pd.DataFrame,  # from `comparison_table`
                         first_column: str = "configuration",  # the heading of the rows' names
                        ) -> str:

@@ -95,6 +95,7 @@ def run_rank(parameters: dict, env: dict, notebook: str | os.PathLike = TRAIN_NO
             for path in output_dir.glob(pattern): _copy(path, report)
     return 0
 
+# %% ../../nbs/cloud/20_job.ipynb #07879440
 def failing_copy(notebook: str | os.PathLike, rank: int, folder: Path) -> Path:
     "A copy of `notebook` in `folder` that raises once the process group is up: how tests fail one rank."
     nb = nbformat.read(notebook, as_version=4)
@@ -105,6 +106,7 @@ def failing_copy(notebook: str | os.PathLike, rank: int, folder: Path) -> Path:
     with atomic_path(copy) as tmp: nbformat.write(nb, tmp)
     return copy
 
+# %% ../../nbs/cloud/20_job.ipynb #137cbab8
 def _copy(path: Path, folder: Path) -> Path:
     "Copy `path` into `folder` atomically; the copy."
     folder.mkdir(parents=True, exist_ok=True)
@@ -129,4 +131,5 @@ def main(argv: list[str] | None = None):
     finally: shutil.rmtree(scratch, ignore_errors=True)
     sys.exit(status)
 
+# %% ../../nbs/cloud/20_job.ipynb #5f02608f
 def _exit_on_sigterm(signum, frame): raise SystemExit(128 + signum)

@@ -49,6 +49,7 @@ def job_requirements() -> list[str]:
     "What the training job installs: the training notebook's and `mil_nb.cloud.job`'s imports, papermill and ipykernel."
     return imported_requirements(notebook_imports(TRAIN_NOTEBOOK) + ["mil_nb.cloud.job"], extra=["papermill", "ipykernel"])
 
+# %% ../../nbs/cloud/30_launch.ipynb #e2414ad6
 def write_job_source(dest: str | Path) -> Path:
     "Write the training job's source folder to `dest`: `mil_nb` with its train.ipynb, the entry script, the requirements."
     dest = Path(dest)
@@ -88,6 +89,7 @@ def _channel(name: str, uri: str, input_mode: str) -> Channel:
     source = S3DataSource(s3_data_type="S3Prefix", s3_uri=uri, s3_data_distribution_type="FullyReplicated")
     return Channel(channel_name=name, data_source=DataSource(s3_data_source=source), input_mode=input_mode)
 
+# %% ../../nbs/cloud/30_launch.ipynb #2e4547d0
 def _check_spot(spot: bool, max_wait_s: int | None, max_runtime_s: int, checkpoint_s3: str | None) -> int | None:
     "The spot job's max wait (None without spot), checked: spot needs checkpoints, and a wait >= the runtime."
     if not spot:
@@ -100,6 +102,7 @@ def _check_spot(spot: bool, max_wait_s: int | None, max_runtime_s: int, checkpoi
         raise ValueError(f"max_wait_s={max_wait_s}: must be at least max_runtime_s={max_runtime_s} (SageMaker's rule)")
     return max_wait_s
 
+# %% ../../nbs/cloud/30_launch.ipynb #66dea815
 def launch(role: str,  # ARN of the SageMaker execution role the job runs as
            instance_type: str = "ml.g5.12xlarge",  # the instances' type (GPU types run one process per GPU)
            instance_count: int = 1,  # instances; torchrun spans them all
@@ -191,6 +194,7 @@ def local_job_environment(local_dir: str | Path, processes: int, hyperparameters
     }
     return {key: str(value) for key, value in environment.items()}
 
+# %% ../../nbs/cloud/30_launch.ipynb #d2739256
 def run_local(
     processes: int, local_dir: str | Path, hyperparameters: dict | None = None, data_dir: str | Path | None = None,
     tiles_dir: str | Path | None = None, encoder_dir: str | Path | None = None,

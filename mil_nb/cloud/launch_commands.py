@@ -26,6 +26,7 @@ def _split_options(argv: list[str]) -> tuple[list[str], list[str]]:
     argv = list(argv)
     return (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
 
+# %% ../../nbs/cloud/90_launch_commands.ipynb #1b9b2d18
 def _job_parser(job: str, what: str, tool: str, instance_type: str) -> argparse.ArgumentParser:
     "The options every Processing-job sub-command takes."
     parser = argparse.ArgumentParser(prog=f"mil_nb_launch {job}", description=f"{what} as a SageMaker Processing job "
@@ -45,6 +46,7 @@ def _job_parser(job: str, what: str, tool: str, instance_type: str) -> argparse.
     parser.add_argument("--wait", action="store_true", help="follow the job's log until it ends")
     return parser
 
+# %% ../../nbs/cloud/90_launch_commands.ipynb #7bb88a80
 def _run_job(parser, args, needed: tuple[str, ...], merge, run_local, launch_job):
     "--merge DIR, or --local N, or a SageMaker job (each a usage error, exit 2, if it cannot start)."
     if args.merge:
@@ -65,6 +67,7 @@ def _run_job(parser, args, needed: tuple[str, ...], merge, run_local, launch_job
           f"(then: aws s3 sync {args.output} DIR && {parser.prog} --merge DIR)")
     if args.wait and job.processing_job_status != "Completed": sys.exit(1)
 
+# %% ../../nbs/cloud/90_launch_commands.ipynb #73299d37
 def predict_launch_cli(argv: list[str]):
     "mil_nb_launch predict: score a cohort as a SageMaker Processing job (--role ARN) or here (--local N)."
     argv, options = _split_options(argv)
@@ -78,6 +81,7 @@ def predict_launch_cli(argv: list[str]):
                                        args.local_dir),
              lambda **job: launch_predict(args.role, args.slides, args.model, args.output, args.labels, options, **job))
 
+# %% ../../nbs/cloud/90_launch_commands.ipynb #c14ec5bc
 def tile_launch_cli(argv: list[str]):
     "mil_nb_launch tile: tile slides into a tile store as a SageMaker Processing job (--role ARN) or here (--local N)."
     argv, options = _split_options(argv)
@@ -89,6 +93,7 @@ def tile_launch_cli(argv: list[str]):
              lambda: run_tiling_local(args.local, args.slides, args.output, options, args.local_dir),
              lambda **job: launch_tiling(args.role, args.slides, args.output, args.labels, args.masks, options, **job))
 
+# %% ../../nbs/cloud/90_launch_commands.ipynb #55eb41fc
 def tune_cli(argv: list[str]):
     "mil_nb_launch tune: a SageMaker hyperparameter tuning job over the training job, on the kept epoch's metric."
     parser = argparse.ArgumentParser(prog="mil_nb_launch tune", description="A SageMaker hyperparameter tuning job "
@@ -121,6 +126,7 @@ def tune_cli(argv: list[str]):
     except (ValueError, OSError) as error: parser.error(str(error))
     print(f"{job.hyper_parameter_tuning_job_name}: {job.hyper_parameter_tuning_job_status}")
 
+# %% ../../nbs/cloud/90_launch_commands.ipynb #fc55b073
 COMMANDS = {"train": train_cli, "tile": tile_launch_cli, "tune": tune_cli, "predict": predict_launch_cli}
 
 def launch_cli(argv: list[str] | None = None):

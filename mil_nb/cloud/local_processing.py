@@ -27,6 +27,7 @@ def _link(source: Path, target: Path):
     target.parent.mkdir(parents=True, exist_ok=True)
     target.symlink_to(source.resolve())
 
+# %% ../../nbs/cloud/80_local_processing.ipynb #4c3c7936
 def _stage_input(source: Path, target: Path, shard: int | None = None, shards: int = 1):
     "Link `source` (a file, or a folder's files; every `shards`-th from `shard` when sharded) into `target`."
     target.mkdir(parents=True, exist_ok=True)
@@ -34,12 +35,14 @@ def _stage_input(source: Path, target: Path, shard: int | None = None, shards: i
     files = sorted(p for p in source.rglob("*") if p.is_file())
     for file in files if shard is None else files[shard::shards]: _link(file, target/file.relative_to(source))
 
+# %% ../../nbs/cloud/80_local_processing.ipynb #59ff5be2
 def _stage_model(model: Path, target: Path):
     "A model as the job gets it: a model.tar.gz, or a folder's model.pt and metrics.json."
     if model.is_file(): return _link(model, target/model.name)
     for name in ("model.pt", "metrics.json"):
         if (model/name).is_file(): _link(model/name, target/name)
 
+# %% ../../nbs/cloud/80_local_processing.ipynb #ff961c95
 SHARDED, REPLICATED, MODEL = "sharded", "replicated", "model"  # how an input reaches each instance
 
 def run_local_job(job: str,  # the entry's job: predict or tile
@@ -74,11 +77,13 @@ def run_local_job(job: str,  # the entry's job: predict or tile
                                         env={**os.environ, "MIL_NB_OPT_ML": str(root)}, preexec_fn=stop_with_us))
     return max(process.wait() for process in running)
 
+# %% ../../nbs/cloud/80_local_processing.ipynb #94c96215
 def _panda_parts(slides: Path, labels: Path | None) -> tuple[Path, Path | None]:
     "A PANDA-layout folder given as slides: its train_images/ and (unless labels are given) its train.csv."
     if (slides/"train.csv").is_file(): return slides/"train_images", labels or slides/"train.csv"
     return slides, labels
 
+# %% ../../nbs/cloud/80_local_processing.ipynb #852493e2
 def run_predict_local(processes: int,  # shard processes (the job's instance_count)
                       slides: str | os.PathLike,  # a folder of slides (a PANDA layout: its train_images/)
                       models: list,  # model folders or model.tar.gz files
@@ -96,6 +101,7 @@ def run_predict_local(processes: int,  # shard processes (the job's instance_cou
     if status == 0: merge_scores(dest, dest)
     return status
 
+# %% ../../nbs/cloud/80_local_processing.ipynb #577502df
 def run_tiling_local(processes: int,  # shard processes (the job's instance_count)
                      slides: str | os.PathLike,  # a folder of slides, or a PANDA layout (slides, train.csv, masks)
                      dest: str | os.PathLike,  # the output folder: DEST/algo-<i>/ per shard, merged into DEST

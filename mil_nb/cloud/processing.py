@@ -47,6 +47,7 @@ def processing_requirements() -> list[str]:
     "What the processing container installs: the requirements that `mil_nb.cloud.processing` imports, torch excepted."
     return imported_requirements(["mil_nb.cloud.processing"])
 
+# %% ../../nbs/cloud/70_processing.ipynb #a7e57934
 def write_processing_source(dest: str | Path) -> Path:
     "Write the processing job's code bundle to `dest`: `mil_nb`, the entry script, requirements.txt."
     dest = Path(dest)
@@ -55,11 +56,13 @@ def write_processing_source(dest: str | Path) -> Path:
     (dest/"requirements.txt").write_text("\n".join(processing_requirements()) + "\n")
     return dest
 
+# %% ../../nbs/cloud/70_processing.ipynb #9882e5d4
 def current_host(root: Path) -> str:
     "This instance's name in its processing job (`algo-1`, `algo-2`, ...)."
     config = root/"config"/"resourceconfig.json"
     return json.loads(config.read_text())["current_host"] if config.is_file() else "algo-1"
 
+# %% ../../nbs/cloud/70_processing.ipynb #6b7c41cf
 def predict_arguments(root: Path,  # the container's /opt/ml
                     options: list[str],  # mil_nb_predict options (--precision bf16, --no_heatmaps, ...)
                    ) -> list[str] | None:
@@ -75,10 +78,12 @@ def predict_arguments(root: Path,  # the container's /opt/ml
     return [*models, *(["--labels", str(labels[0])] if labels else []), *options, str(slides),
             str(root/"processing"/"output"/OUTPUTS["predict"]/current_host(root))]
 
+# %% ../../nbs/cloud/70_processing.ipynb #d8544d75
 def _shard_files(slides: Path) -> list[Path]:
     "The slide files of this instance's shard (none: more instances than slide files)."
     return sorted(p for p in slides.rglob("*") if p.is_file()) if slides.is_dir() else []
 
+# %% ../../nbs/cloud/70_processing.ipynb #c8e760f1
 WHOLE_LABELS = "whole_train.csv"  # in the shard's layout: every slide's row, as given
 
 def tile_arguments(root: Path,  # the container's /opt/ml
@@ -100,6 +105,7 @@ def tile_arguments(root: Path,  # the container's /opt/ml
         src = layout
     return [str(src), str(root/"processing"/"output"/OUTPUTS["tile"]/current_host(root)), *options]
 
+# %% ../../nbs/cloud/70_processing.ipynb #581fae3c
 def _tile_command(arguments: list[str]):
     "mil_nb_tile's command line with `arguments` (it exits); the part then keeps the whole train.csv, as given."
     options = vars(anno_parser(tile_cli.__wrapped__, "mil_nb_tile").parse_args(arguments))
@@ -109,6 +115,7 @@ def _tile_command(arguments: list[str]):
         if (src/WHOLE_LABELS).is_file() and (dest/"meta.json").is_file():
             with atomic_path(dest/"train.csv") as tmp: shutil.copyfile(src/WHOLE_LABELS, tmp)
 
+# %% ../../nbs/cloud/70_processing.ipynb #fd35e025
 JOBS = {"predict": (predict_arguments, predict_cli), "tile": (tile_arguments, _tile_command)}
 
 def main(argv: list[str] | None = None):
@@ -139,6 +146,7 @@ def check_predict_options(options: list[str]):
     parser.error = lambda message: (_ for _ in ()).throw(ValueError(f"mil_nb_predict options {options}: {message}"))
     parser.parse_args([*options, "--model_dir", "model", "src", "dest"])
 
+# %% ../../nbs/cloud/70_processing.ipynb #6307a999
 def check_tile_options(options: list[str]):
     "Raise a ValueError unless `options` are mil_nb_tile options (the job gives SRC and DEST)."
     options = [str(option) for option in options]
@@ -158,6 +166,7 @@ def s3_input(name: str,  # the input's name: the container sees it in /opt/ml/pr
         s3_uri=uri, local_path=f"{CONTAINER_ROOT}/processing/input/{name}", s3_data_type="S3Prefix",
         s3_input_mode="File", s3_data_distribution_type="ShardedByS3Key" if sharded else "FullyReplicated"))
 
+# %% ../../nbs/cloud/70_processing.ipynb #79155b5d
 def launch_processing(role: str,  # ARN of the SageMaker execution role the job runs as
                       arguments: list[str],  # the entry's arguments, e.g. ["predict", "--precision", "bf16"]
                       inputs: list,  # SageMaker `ProcessingInput`s (`s3_input`)
@@ -200,6 +209,7 @@ def launch_processing(role: str,  # ARN of the SageMaker execution role the job 
                       wait=wait, logs=wait)
     return processor.latest_job
 
+# %% ../../nbs/cloud/70_processing.ipynb #c0f7deb2
 def launch_predict(role: str,  # ARN of the SageMaker execution role
                    slides_s3: str,  # S3 prefix of the slides (any format the readers open), sharded across instances
                    model_s3: list[str],  # each model's model.tar.gz (several: an ensemble)
@@ -240,6 +250,7 @@ def shard_meta(part: Path,  # a shard's folder
                          f"{meta['max_tiles']}: expected one of {list(TASKS)}, at least one model and max_tiles >= 1")
     return meta
 
+# %% ../../nbs/cloud/70_processing.ipynb #30eff56e
 def prediction_columns(meta: dict,  # a shard's meta.json (`shard_meta`)
                       ) -> list[dict[str, bool]]:
     "The columns of the predictions.csv `predict_cohort` writes with `meta`'s models (name: holds numbers); empty."

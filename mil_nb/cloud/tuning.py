@@ -40,6 +40,7 @@ def parameter_ranges(ranges: dict) -> dict:
             converted[name] = ContinuousParameter(low, high, scaling_type=scaling)
     return converted
 
+# %% ../../nbs/cloud/40_tuning.ipynb #631c45a2
 def _start_tuning(ranges: dict, objective: str, max_jobs: int, max_parallel_jobs: int, early_stopping: str,
                   trainer, channels, wait: bool):
     "Start the tuning job over `trainer` (what `launch` builds); the tuning job."
@@ -50,6 +51,7 @@ def _start_tuning(ranges: dict, objective: str, max_jobs: int, max_parallel_jobs
     tuner.tune(inputs=channels, wait=wait)
     return tuner.latest_tuning_job
 
+# %% ../../nbs/cloud/40_tuning.ipynb #4bea92e3
 def tune(role: str,  # ARN of the SageMaker execution role the training jobs run as
          ranges: dict | None = None,  # {name: (low, high)} or {name: [choices]} (default: `DEFAULT_RANGES`)
          objective: str = "final:validation:auc",  # the kept epoch's metric: final:validation:auc, qwk, accuracy, loss

@@ -53,6 +53,7 @@ def one_of(allowed: Iterable,  # the values allowed
         return f"expected one of {allowed}" + (", or None" if none else "")
     return check
 
+# %% ../../nbs/core/05_checks.ipynb #9bd029ee
 def a_path(none: bool = False,  # whether None is allowed too
           ) -> Check:
     "A check that a value is a non-empty path (str or `os.PathLike`); it need not exist."
@@ -62,6 +63,7 @@ def a_path(none: bool = False,  # whether None is allowed too
             return f"expected {'None or ' if none else ''}a path"
     return check
 
+# %% ../../nbs/core/05_checks.ipynb #270666cb
 def boolean(value) -> str | None:
     "What is wrong with `value` as a flag: anything but True or False."
     return None if isinstance(value, bool) else "expected True or False"

@@ -36,6 +36,7 @@ def _bf16_is_native(device: torch.device) -> bool:
         device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     )
 
+# %% ../../nbs/core/20_devices.ipynb #50dee8e4
 def resolve_precision(precision: str, device: torch.device) -> str:
     "The precision to train in on `device`: 'fp32', 'bf16' or 'fp16' ('auto': bf16 where native, else fp32)."
     if precision not in PRECISIONS: raise ValueError(f"precision={precision!r}: expected one of {PRECISIONS}")

@@ -38,6 +38,7 @@ class World:
         "Rank 0: the process that writes checkpoints, metrics, figures and the report."
         return self.rank == 0
 
+# %% ../../nbs/core/40_distributed.ipynb #39811c4c
 def current_world() -> World:
     "This process's `World`: from the process group if there is one, else rank 0 of 1."
     if not (dist.is_available() and dist.is_initialized()): return World()
@@ -89,12 +90,14 @@ class ShardSampler(Sampler):
     def __iter__(self): return iter(range(self.rank, self.n, self.num_replicas))
     def __len__(self): return len(range(self.rank, self.n, self.num_replicas))
 
+# %% ../../nbs/core/40_distributed.ipynb #c05db20f
 def interleave(shards: list[list]) -> list:
     "The items of round-robin `shards` (as `ShardSampler` deals them) back in their original order."
     merged = [None] * sum(map(len, shards))
     for rank, shard in enumerate(shards): merged[rank::len(shards)] = shard
     return merged
 
+# %% ../../nbs/core/40_distributed.ipynb #4455d8c5
 def gather_shards(shard: list) -> list:
     "Every rank's `shard` (dealt by `ShardSampler`), merged in the original order, on every rank."
     if current_world().size == 1: return shard
@@ -110,6 +113,7 @@ def all_sum(*values: float) -> list[float]:
         total = total.to(_collective_device()); dist.all_reduce(total); total = total.cpu()
     return total.tolist()
 
+# %% ../../nbs/core/40_distributed.ipynb #12758df2
 def agree(value):
     "Rank 0's `value`, on every rank."
     if current_world().size == 1: return value
@@ -117,10 +121,12 @@ def agree(value):
     dist.broadcast_object_list(box, src=0)
     return box[0]
 
+# %% ../../nbs/core/40_distributed.ipynb #d73e9d66
 def barrier():
     "Wait until every rank gets here."
     if current_world().size > 1: dist.barrier()
 
+# %% ../../nbs/core/40_distributed.ipynb #0d638213
 def _collective_device() -> torch.device:
     return (
         torch.device("cuda", torch.cuda.current_device())
@@ -160,6 +166,7 @@ def choose_compression(compression: str, world: World) -> str:
                          f"{world.backend!r}; use 'fp16' or 'none'")
     return compression
 
+# %% ../../nbs/core/40_distributed.ipynb #91d291b9
 def compress_gradients(model: torch.nn.parallel.DistributedDataParallel,  # the DDP-wrapped model
                        compression: str,  # `none`, `fp16` or `bf16` (`choose_compression`)
                       ):

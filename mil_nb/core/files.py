@@ -42,10 +42,12 @@ def spreadsheet_safe(frame):
     quote = lambda value: "'" + value if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
     return frame.apply(lambda column: column if column.dtype.kind in "biufcmM" else column.map(quote))  # text
 
+# %% ../../nbs/core/10_files.ipynb #d2a65de1
 def write_table(frame, path: str | os.PathLike):
     "Write a pandas DataFrame to `path` as CSV without its index, atomically, and safe to open in a spreadsheet."
     with atomic_path(path) as tmp: spreadsheet_safe(frame).to_csv(tmp, index=False)
 
+# %% ../../nbs/core/10_files.ipynb #9314dad9
 def write_json(values, path: str | os.PathLike):
     "Write `values` to `path` as indented JSON, atomically; NaN is refused (it is not JSON)."
     with atomic_path(path) as tmp: tmp.write_text(json.dumps(values, indent=1, allow_nan=False))
@@ -61,6 +63,7 @@ def project_root(start: str | os.PathLike | None = None) -> Path | None:
     here = Path(start or Path.cwd()).absolute()
     return next((d for d in (here, *here.parents) if (d/"settings.ini").is_file() and (d/"nbs").is_dir()), None)
 
+# %% ../../nbs/core/10_files.ipynb #19831c76
 def project_path(path: str | os.PathLike | None) -> Path | None:
     "`path` made absolute: a relative one against the project root (the working directory outside a project)."
     if path is None: return None
@@ -85,6 +88,7 @@ def checked_file(path: str | os.PathLike,  # a file another run wrote
         raise ValueError(f"{path}: {size:,} bytes, over the limit of {max_bytes:,} bytes for this file")
     return path
 
+# %% ../../nbs/core/10_files.ipynb #00bb225f
 def read_json_object(path: str | os.PathLike,  # a JSON file another run wrote
                      inside: str | os.PathLike,  # the folder it must be in (`checked_file`)
                      fields: dict,  # the keys it must hold, each with the type (or tuple of types) of its value
@@ -103,6 +107,7 @@ def read_json_object(path: str | os.PathLike,  # a JSON file another run wrote
             raise ValueError(f"{path}: {key!r} is {values[key]!r:.80}; expected {expected}")
     return values
 
+# %% ../../nbs/core/10_files.ipynb #40f790ee
 def npz_header(path: str | os.PathLike,  # an .npz file
                name: str,  # one of its arrays
               ) -> tuple[tuple[int, ...], np.dtype]:

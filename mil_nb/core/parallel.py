@@ -46,11 +46,13 @@ def parallel_imap(fn: Callable,  # the function, called as `fn(*item)`
                 if len(pending) >= window: yield _tick(bar, pending.popleft().result())
             while pending: yield _tick(bar, pending.popleft().result())
 
+# %% ../../nbs/core/30_parallel.ipynb #f9ea50e5
 def parallel_map(fn: Callable, items: Iterable, num_workers: int | None = None, desc: str | None = None,
                  progress: bool = True) -> list:
     "`[fn(*item) for item in items]`, over `num_workers` processes (default: one per CPU), with a progress bar."
     return list(parallel_imap(fn, items, num_workers, desc=desc, progress=progress))
 
+# %% ../../nbs/core/30_parallel.ipynb #6d8e884c
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 def die_with_parent(parent: int,  # the pid of the process that started this one
@@ -61,6 +63,7 @@ def die_with_parent(parent: int,  # the pid of the process that started this one
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, sig)
     if os.getppid() != parent: os.kill(os.getpid(), sig)  # the parent died before prctl took effect
 
+# %% ../../nbs/core/30_parallel.ipynb #39daeca9
 def _tick(bar, result):
     bar.update()
     return result
@@ -74,6 +77,7 @@ def _timed(fn, *args) -> tuple[float, float, object]:
     rss = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
     return time.perf_counter() - start, rss / 1024, result
 
+# %% ../../nbs/core/30_parallel.ipynb #77ea44c8
 def in_fresh_process(fn: Callable, *args) -> tuple[float, float, object]:
     "`fn(*args)` run in a new spawned process: its seconds, peak RSS in MB (it or its largest worker), result."
     with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool: return pool.submit(_timed, fn, *args).result()

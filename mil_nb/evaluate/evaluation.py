@@ -48,10 +48,12 @@ class Predictions:
         "1 for the malignant bags, 0 for the benign ones."
         return self.task.is_positive(self.labels).astype(int)
 
+# %% ../../nbs/evaluate/10_evaluation.ipynb #6de9df39
 def model_task(model: torch.nn.Module) -> Task:
     "The `Task` of `model` (its `config.task`; binary for a module without a config)."
     return get_task(getattr(getattr(model, "config", None), "task", "binary"))
 
+# %% ../../nbs/evaluate/10_evaluation.ipynb #39a9b15e
 @torch.no_grad()
 def predict(model: torch.nn.Module,  # an `AttentionMIL` (or any module taking instances and mask)
             loader,  # a `bag_loader` over the bags to predict
@@ -89,20 +91,24 @@ def _scored_instances(preds: Predictions, threshold: float) -> tuple[np.ndarray,
         scores.append(attention[known] * len(attention)); truth.append(labels[known] >= threshold)
     return np.concatenate(truth), np.concatenate(scores)
 
+# %% ../../nbs/evaluate/10_evaluation.ipynb #88e202c6
 def instance_auc(preds: Predictions, threshold: float = INSTANCE_THRESHOLD) -> float:
     "ROC AUC of attention (times bag size) for positive vs negative instances, within the positive bags."
     truth, scores = _scored_instances(preds, threshold)
     return metrics.roc_auc_score(truth, scores) if len(np.unique(truth)) == 2 else float("nan")
 
+# %% ../../nbs/evaluate/10_evaluation.ipynb #072fbf49
 def instance_positives(preds: Predictions, threshold: float = INSTANCE_THRESHOLD) -> int:
     "How many positive instances (malignant fraction >= `threshold`) `instance_auc` rests on."
     return int(_scored_instances(preds, threshold)[0].sum())
 
+# %% ../../nbs/evaluate/10_evaluation.ipynb #66932fa2
 def instance_metrics(preds: Predictions, threshold: float = INSTANCE_THRESHOLD) -> dict:
     "`instance_auc` and, as `instance_auc_positives`, the positive instances it rests on."
     return {"instance_auc": instance_auc(preds, threshold),
             "instance_auc_positives": instance_positives(preds, threshold)}
 
+# %% ../../nbs/evaluate/10_evaluation.ipynb #1da1f201
 def instance_auc_note(auc: float, positives: int, threshold: float = INSTANCE_THRESHOLD) -> str:
     "A report's line on an instance AUC, its positive tiles, and whether they are too few to carry it."
     line = f"instance AUC of attention {auc:.3f} on {positives} tumour tiles (>= {threshold:.0%} tumour)"
@@ -131,6 +137,7 @@ def learning_failures(train_loss: float,  # the kept epoch's mean training loss
                         f"({chance})")
     return failures
 
+# %% ../../nbs/evaluate/10_evaluation.ipynb #56e13c98
 def learning_advice(m: dict,  # a run's metrics.json: epochs, epochs_run, lr, pooling, max_instance_loss
                    ) -> str:
     "What to try after a run that learnt nothing, by what that run did."
@@ -153,18 +160,21 @@ def operating_point(malignant: np.ndarray,  # 1 for malignant slides, 0 for beni
     return {"sensitivity": float(called[malignant].mean()) if malignant.any() else float("nan"),
             "specificity": float((~called[~malignant]).mean()) if (~malignant).any() else float("nan")}
 
+# %% ../../nbs/evaluate/10_evaluation.ipynb #19e24f2a
 def youden_threshold(preds: Predictions) -> float:
     "The P(malignant) threshold with the largest sensitivity + specificity - 1 over `preds` (0.5 if one class)."
     if len(np.unique(preds.malignant)) < 2: return 0.5
     fpr, tpr, thresholds = metrics.roc_curve(preds.malignant, preds.probs)
     return float(min(thresholds[np.argmax(tpr - fpr)], 1.0))  # roc_curve's first threshold is infinite
 
+# %% ../../nbs/evaluate/10_evaluation.ipynb #4f774d67
 def subset(preds: Predictions, rows: np.ndarray) -> Predictions:
     "The predictions of the bags at positions `rows` (attention and instance labels kept where present)."
     pick = lambda values: [values[i] for i in rows] if values else values
     return Predictions([preds.image_ids[i] for i in rows], preds.labels[rows], preds.logits[rows],
                        pick(preds.attention), pick(preds.instance_labels), preds.task)
 
+# %% ../../nbs/evaluate/10_evaluation.ipynb #da9270b2
 def slide_metrics(preds: Predictions, threshold: float | None = None) -> dict:
     "The task's metrics, and sensitivity/specificity at 0.5 and (`*_at_val_threshold`) at `threshold`."
     values = task_metrics(preds) | operating_point(preds.malignant, preds.probs)
@@ -172,6 +182,7 @@ def slide_metrics(preds: Predictions, threshold: float | None = None) -> dict:
     at_threshold = operating_point(preds.malignant, preds.probs, threshold)
     return values | {f"{k}_at_val_threshold": v for k, v in at_threshold.items()}
 
+# %% ../../nbs/evaluate/10_evaluation.ipynb #e9f5e3cd
 def bootstrap_ci(preds: Predictions,
                  names: tuple[str, ...],  # metrics of `slide_metrics` to give an interval for
                  n_resamples: int = 1000,  # bootstrap resamples
@@ -189,6 +200,7 @@ def bootstrap_ci(preds: Predictions,
     return {f"{name}_ci": ([float(v) for v in np.nanpercentile(values, tails)] if not np.isnan(values).all()
                            else [float("nan")] * 2) for name, values in drawn.items()}
 
+# %% ../../nbs/evaluate/10_evaluation.ipynb #8b433909
 def heldout_metrics(preds: Predictions,  # the kept model's predictions on held-out (test) slides
                     threshold: float | None = None,  # a threshold chosen on validation (`youden_threshold`)
                     providers: np.ndarray | None = None,  # data_provider per bag: metrics per provider too
@@ -226,6 +238,7 @@ def score_heldout(model: torch.nn.Module,  # the kept model
 # %% ../../nbs/evaluate/10_evaluation.ipynb #e5a10007
 def _shown(value) -> str: return "n/a" if value is None or value != value else f"{value:.3f}"
 
+# %% ../../nbs/evaluate/10_evaluation.ipynb #ca67c3aa
 def heldout_summary(values: dict,  # `heldout_metrics` (or metrics.json's test_* without the prefix)
                     task: Task | str,  # the task whose headline metrics to show
                    ) -> str:
@@ -247,6 +260,7 @@ def predictions_frame(preds: Predictions, providers: np.ndarray | None = None) -
     if providers is not None: frame["data_provider"] = providers
     return frame
 
+# %% ../../nbs/evaluate/10_evaluation.ipynb #530ac16b
 def read_predictions(frame: pd.DataFrame | str | os.PathLike, task: Task | str) -> Predictions:
     "The `Predictions` (without attention) of a `predictions_frame` table or CSV file."
     if not isinstance(frame, pd.DataFrame): frame = pd.read_csv(frame, dtype={"image_id": str}, keep_default_na=False)
@@ -254,6 +268,7 @@ def read_predictions(frame: pd.DataFrame | str | os.PathLike, task: Task | str) 
     return Predictions(list(frame.image_id), frame.label.to_numpy(np.float32, copy=True),
                        logits[:, 0] if logits.shape[1] == 1 else logits, [], None, task)
 
+# %% ../../nbs/evaluate/10_evaluation.ipynb #a2dba8c4
 def ensemble(members: list[Predictions]) -> Predictions:
     "The mean in probability space of several models' predictions on the same bags (aligned by image_id)."
     first = members[0]

@@ -24,6 +24,7 @@ def tile_box(x: float, y: float, side0: float) -> list[list[float]]:
     x1, y1 = x + side0, y + side0
     return [[x, y], [x1, y], [x1, y1], [x, y1], [x, y]]
 
+# %% ../../nbs/evaluate/40_geojson.ipynb #b1cbbae9
 def tile_geojson(image_id: str,  # the slide (names the tiles and seeds their ids)
                  coords: np.ndarray,  # (n, 2) level-0 x, y of each tile; NaN for tiles not on the slide
                  side0: float,  # a tile's side in level-0 px (`mil_nb.slides.tiling.tile_side_level0`)
@@ -46,6 +47,7 @@ def tile_geojson(image_id: str,  # the slide (names the tiles and seeds their id
         })
     return {"type": "FeatureCollection", "features": features}
 
+# %% ../../nbs/evaluate/40_geojson.ipynb #c50ac157
 def write_geojson(path: str | os.PathLike, collection: dict) -> Path:
     "Write a FeatureCollection to `path` atomically (temp file, then rename)."
     path = Path(path)

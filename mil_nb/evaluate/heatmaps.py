@@ -40,6 +40,7 @@ def _thumbnail(reader, max_px: int) -> tuple[np.ndarray, float]:
     step = int(np.ceil(max(image.shape[:2]) / max_px))
     return image[::step, ::step], 1 / (reader.downsamples[level] * step)
 
+# %% ../../nbs/evaluate/30_heatmaps.ipynb #19fb769c
 def plot_attention_heatmap(slide_file: str | os.PathLike, coords: np.ndarray, attention: np.ndarray,
                            tiling: TilingConfig, top_k: int = 4, max_px: int = 1024, ax=None, cmap: str = "inferno",
                            title: str | None = None):
@@ -67,6 +68,7 @@ def _tile_strip(axs, bag: Bag, attention: np.ndarray, order: np.ndarray, label: 
     for ax in axs: ax.axis("off")
     for ax, k in zip(axs, order): show_tile(ax, bag, attention, k, prefix=f"{label} ")
 
+# %% ../../nbs/evaluate/30_heatmaps.ipynb #e01ef755
 def plot_slide_attention(slide_file: str | os.PathLike, bag: Bag, attention: np.ndarray, tiling: TilingConfig,
                          k: int = 4, prob: float | None = None):
     "A slide's attention heatmap with strips of its `k` most and `k` least attended tiles."

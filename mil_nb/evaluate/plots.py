@@ -24,6 +24,7 @@ def plot_roc(preds: Predictions, ax=None, label: str = "validation"):
     ax.plot([0, 1], [0, 1], ls=":", c="grey"); ax.set_title("ROC, slide level (malignant vs benign)")
     return ax
 
+# %% ../../nbs/evaluate/20_plots.ipynb #456752a6
 def plot_learning_curves(history: pd.DataFrame, axs=None):
     "Training and validation loss (and the class-prior level), and validation AUC, accuracy (QWK for ISUP), per epoch."
     axs = axs if axs is not None else plt.subplots(1, 2, figsize=(10, 3.5))[1]
@@ -35,6 +36,7 @@ def plot_learning_curves(history: pd.DataFrame, axs=None):
     )
     return axs
 
+# %% ../../nbs/evaluate/20_plots.ipynb #dac33c4f
 def plot_confusion_matrix(matrix, ax=None, title: str = "validation"):
     "A confusion matrix (rows: true class, columns: predicted), binary or ISUP grades."
     matrix = np.asarray(matrix)
@@ -53,6 +55,7 @@ def show_tile(ax, bag: Bag, attention: np.ndarray, k: int, prefix: str = ""):
         f"{prefix}a={attention[k]:.2f}" + (f"\ntumour {bag.instance_labels[k]:.0%}" if known else ""), fontsize=8
     )
 
+# %% ../../nbs/evaluate/20_plots.ipynb #b1a80e62
 def plot_bag_attention(bag: Bag, attention: np.ndarray, prob: float | None = None, max_tiles: int = 16, cols: int = 8):
     "A bag's tiles sorted by attention weight, titled with weight and malignant fraction."
     order = np.argsort(-attention)[:max_tiles]

@@ -47,18 +47,21 @@ def _resnet50_layer3(layers: int | None):
     config = ResNetConfig(embedding_size=64, hidden_sizes=[256, 512, 1024], depths=[3, 4, 6], layer_type="bottleneck")
     return ResNetModel(config), "pooler"
 
+# %% ../../nbs/models/20_encoders.ipynb #273b8e9d
 def _vit_b16(layers: int | None):
     from transformers import ViTConfig, ViTModel
     config = ViTConfig(hidden_size=768, num_hidden_layers=layers or 12, num_attention_heads=12, intermediate_size=3072,
                        image_size=224, patch_size=16, qkv_bias=True, layer_norm_eps=1e-12)
     return ViTModel(config, add_pooling_layer=False), "cls"
 
+# %% ../../nbs/models/20_encoders.ipynb #8ba382e4
 def _dinov2_l16(layers: int | None):
     from transformers import Dinov2Config, Dinov2Model
     config = Dinov2Config(hidden_size=1024, num_hidden_layers=layers or 24, num_attention_heads=16, mlp_ratio=4,
                           image_size=224, patch_size=16, layer_norm_eps=1e-6)
     return Dinov2Model(config), "pooler"
 
+# %% ../../nbs/models/20_encoders.ipynb #015f702e
 def _timm_vit_l16(layers: int | None):
     try: import timm
     except Exception as error:  # ImportError, or torchvision's RuntimeError at import
@@ -117,6 +120,7 @@ def weights_file(path: str | os.PathLike) -> Path:
                                           f"{', '.join(WEIGHT_FILES)} (or a Hugging Face cache models--ORG--NAME)")
     return found[0]
 
+# %% ../../nbs/models/20_encoders.ipynb #93601e38
 def _read_checkpoint(file: Path) -> dict[str, torch.Tensor]:
     try:
         state = load_file(str(file)) if file.suffix == ".safetensors" else torch.load(file, map_location="cpu",
@@ -128,6 +132,7 @@ def _read_checkpoint(file: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"weights {file}: not a state dict of tensors")
     return state
 
+# %% ../../nbs/models/20_encoders.ipynb #3f45ddf4
 def load_encoder_weights(encoder: PretrainedEncoder,  # the encoder to load into
                          path: str | os.PathLike,  # a checkpoint file or a folder holding one (see `weights_file`)
                         ) -> Path:
@@ -152,6 +157,7 @@ def load_encoder_weights(encoder: PretrainedEncoder,  # the encoder to load into
     encoder.weights = f"{file.resolve()} (sha256 {digest.hexdigest()[:16]})"
     return file
 
+# %% ../../nbs/models/20_encoders.ipynb #20cc565f
 def save_encoder_weights(encoder: PretrainedEncoder, path: str | os.PathLike):
     "Write `encoder`'s network weights to `path` as safetensors (atomically)."
     state = {k: v.detach().cpu().contiguous() for k, v in encoder.network.state_dict().items()}
@@ -191,6 +197,7 @@ def weights_fingerprint(encoder: PretrainedEncoder) -> str:
         digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
 
+# %% ../../nbs/models/20_encoders.ipynb #88aa622e
 def find_encoder_weights(model_dir: str | os.PathLike,  # the folder holding the model's model.pt
                          name: str,  # the model's encoder (`MILConfig.pretrained`)
                         ) -> Path:
@@ -207,6 +214,7 @@ def find_encoder_weights(model_dir: str | os.PathLike,  # the folder holding the
                             f"{ENCODER_WEIGHTS_FILE} next to its model.pt, and ${ENCODER_WEIGHTS_ENV} is not set "
                             f"(weights from {PRETRAINED_ENCODERS[name].weights})")
 
+# %% ../../nbs/models/20_encoders.ipynb #d49b82d7
 def attach_tile_encoder(model: AttentionMIL,  # a model from `load_model`; one without `config.pretrained` is returned
                         model_dir: str | os.PathLike | None = None,  # where `find_encoder_weights` looks
                         weights: str | os.PathLike | None = None,  # the weights instead (file or folder)

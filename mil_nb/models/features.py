@@ -42,6 +42,7 @@ def encode_tiles(
         with autocast(device, precision): features.append(encoder(batch).float().flatten(1).cpu())
     return torch.cat(features).numpy()
 
+# %% ../../nbs/models/30_features.ipynb #6232b4e8
 class FloatInput(nn.Module):
     "A module that takes float (n, 3, S, S) in [0, 1] (torchvision's way), as a tile encoder: uint8 (n, S, S, 3) in."
     def __init__(self, module: nn.Module):
@@ -51,12 +52,14 @@ class FloatInput(nn.Module):
     def forward(self, tiles: torch.Tensor) -> torch.Tensor:
         return self.module(tiles.permute(0, 3, 1, 2).float() / 255)
 
+# %% ../../nbs/models/30_features.ipynb #daec57bd
 def _made_by(encoder: nn.Module, store: TileStore, precision: str) -> dict:
     "What a feature store is made from: the tile store, its tiling, the encoder, its weights, the precision."
     return {"tile_store": str(store.path.resolve()), "tiling": tiling_settings(store.meta),
             "encoder": getattr(encoder, "name", type(encoder).__name__),
             "weights": getattr(encoder, "weights", None), "precision": precision}  # weights: a file and its hash
 
+# %% ../../nbs/models/30_features.ipynb #0cfd8a1d
 def extract_features(
     encoder: torch.nn.Module,  # a tile encoder: uint8 tiles (n, S, S, 3) in, (n, D) out (`encoder_from_name`)
     store: TileStore | str | os.PathLike,  # the tile store (or the folder of its parts)
@@ -98,6 +101,7 @@ def extract_features(
         with atomic_path(out) as tmp, open(tmp, "wb") as f: np.savez(f, **arrays)
     return _finish_features(store, dest, store.meta | made_by, failed)
 
+# %% ../../nbs/models/30_features.ipynb #bd6b19a3
 def _finish_features(store: TileStore, dest: Path, meta: dict, failed: dict[str, str]) -> TileStore:
     "The feature store's meta.json, failures.csv (the tile store's, and the bags that failed) and index.csv."
     index = store.index[~store.index.image_id.isin(failed)]
@@ -129,6 +133,7 @@ def cached_features(encoder: nn.Module,  # a tile encoder (`encoder_from_name`)
     if (dest/"index.csv").is_file() and set(TileStore(dest).image_ids) == set(store.image_ids): return TileStore(dest)
     return extract_features(encoder, store, dest, batch_size, device, precision, progress)  # new, or more slides
 
+# %% ../../nbs/models/30_features.ipynb #e8568f11
 def encoder_mpp(name: str,  # a registry encoder
                 slides: list,  # slide files (the first that opens is asked)
                ) -> float | None:
@@ -157,6 +162,7 @@ def tiling_warnings(tiling: dict,  # a tile store's meta.json
         warnings.append(f"tiles at {tiling['mpp']} um/px; {name} was trained at {spec.mpp} um/px; {advice}")
     return warnings
 
+# %% ../../nbs/models/30_features.ipynb #df7e33df
 @call_parse
 def features_cli(tiles: str,  # a tile store (or the folder of its parts)
                  dest: str,  # the feature store to write (a rerun resumes it)

@@ -35,6 +35,7 @@ def _conv_side(side: int, kernels: tuple[int, ...]) -> int:
     for kernel in kernels: side = (side - kernel + 1) // 2
     return side
 
+# %% ../../nbs/models/10_model.ipynb #3252673e
 SIZE_LIMITS = {  # the bounds of MILConfig's sizes, (low, high): no model of this project comes near the highs,
     "tile_size": (1, 1024),  # and each keeps a network (and a crafted model.pt's claims) to at most a few GB
     "channels": (1, 4), "embed_dim": (1, 8192), "hidden_dim": (0, 8192), "attention_dim": (1, 8192),
@@ -115,14 +116,17 @@ class ConvEncoder(nn.Module):
         x = instances.permute(0, 3, 1, 2).float() / 255  # channels-last memory layout, which oneDNN convolves fastest
         return self.embed(self.features(1 - x if self.invert else x))
 
+# %% ../../nbs/models/10_model.ipynb #8629e216
 class TileEncoder(ConvEncoder):
     "The seed's CNN on RGB tiles; pixels scaled so that white background is 0."
     def __init__(self, config: MILConfig): super().__init__(config, (36, 48), _CONV_KERNELS["tile"], invert=True)
 
+# %% ../../nbs/models/10_model.ipynb #9485f464
 class MNISTEncoder(ConvEncoder):
     "The paper's LeNet on 28 x 28 x 1 digits (`embed_dim` 500 in the paper)."
     def __init__(self, config: MILConfig): super().__init__(config, (20, 50), _CONV_KERNELS["mnist"], invert=False)
 
+# %% ../../nbs/models/10_model.ipynb #b43bae86
 class FeatureInput(nn.Module):
     "Feature bags: instances (n, D) are already embeddings; checks D and passes them on as float."
     def __init__(self, config: MILConfig):
@@ -144,6 +148,7 @@ def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     fill = ~mask.view(*mask.shape, *([1] * (scores.dim() - 2)))
     return torch.softmax(scores.float().masked_fill(fill, float("-inf")), dim=1)
 
+# %% ../../nbs/models/10_model.ipynb #6703d4ed
 class AttentionPool(nn.Module):
     "(Gated) attention pooling: softmax weights over the instances of each bag and the weighted mean embedding."
     def __init__(self, config: MILConfig, gated: bool = False):
@@ -169,6 +174,7 @@ class MeanPool(nn.Module):
         weights = mask.float() / mask.sum(1, keepdim=True)
         return torch.einsum("bn,bnd->bd", weights.to(embeddings.dtype), embeddings), weights
 
+# %% ../../nbs/models/10_model.ipynb #70fe38bd
 class MaxPool(nn.Module):
     "Embedding-level max pooling; per instance, the share of dimensions where it is the maximum."
     def forward(self, embeddings, mask):
@@ -177,6 +183,7 @@ class MaxPool(nn.Module):
         is_max = (masked == pooled[:, None]).float()  # (B, N, D); a tie shares the dimension equally
         return pooled, (is_max / is_max.sum(1, keepdim=True)).mean(-1)
 
+# %% ../../nbs/models/10_model.ipynb #7913b561
 def instance_mean_logit(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     "The logit of the mean of the instances' probabilities: log(mean p) - log(mean (1-p)), in log space."
     fill = ~mask.view(*mask.shape, *([1] * (logits.dim() - 2)))
@@ -317,6 +324,7 @@ def save_model(model: AttentionMIL, path: str | os.PathLike, tiling: TilingConfi
     if model.pretrained_weights: saved["pretrained_weights"] = model.pretrained_weights
     with atomic_path(path) as tmp: torch.save(saved, tmp)
 
+# %% ../../nbs/models/10_model.ipynb #3c7c95d0
 def _saved_config(path, saved) -> MILConfig:
     "The `MILConfig` of a loaded `model.pt`, refused (naming `path` and the field) unless it is a valid one."
     if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict) or \
@@ -327,6 +335,7 @@ def _saved_config(path, saved) -> MILConfig:
     try: return MILConfig(**saved["config"])
     except (TypeError, ValueError) as error: raise ValueError(f"{path}: config: {error}") from None
 
+# %% ../../nbs/models/10_model.ipynb #4c730bf1
 def _shape_fields(config: MILConfig) -> dict[str, tuple[tuple[str, ...], ...]]:
     "For each tensor whose shape the config sets, the config fields that set each of its dimensions."
     instance = ("hidden_dim",) if config.hidden_dim else ("embed_dim",)
@@ -342,9 +351,11 @@ def _shape_fields(config: MILConfig) -> dict[str, tuple[tuple[str, ...], ...]]:
         shapes[f"pool.{branch}.0.bias"] = (("attention_dim",),)
     return shapes
 
+# %% ../../nbs/models/10_model.ipynb #63115025
 def _described(config: MILConfig, names: tuple[str, ...]) -> str:
     return ", ".join(f"{name}={getattr(config, name)!r}" for name in names)
 
+# %% ../../nbs/models/10_model.ipynb #02a555a5
 def _check_state_dict(path, config: MILConfig, state: dict):
     "Refuse (naming `path` and the config fields) a state dict whose tensors are not those `config` makes."
     with torch.device("meta"): expected = {k: tuple(v.shape) for k, v in AttentionMIL(config).state_dict().items()}
@@ -363,6 +374,7 @@ def _check_state_dict(path, config: MILConfig, state: dict):
         raise ValueError(f"{path}: its config ({_described(config, names)}) does not match its weights: {key} is "
                          f"{saved if saved is not None else 'not a tensor'} in the state dict, {shape} by the config")
 
+# %% ../../nbs/models/10_model.ipynb #352f3be9
 def load_model(path: str | os.PathLike,  # a file written by `save_model`
                map_location: str | torch.device = "cpu",  # the device the model is built on and its weights loaded to
               ) -> AttentionMIL:

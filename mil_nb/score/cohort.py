@@ -45,6 +45,7 @@ def _from_csv(csv: Path) -> pd.DataFrame:
     grades = table.isup_grade if "isup_grade" in table else np.nan
     return pd.DataFrame({"image_id": ids, "path": paths, "data_provider": table.data_provider, "isup_grade": grades})
 
+# %% ../../nbs/score/20_cohort.ipynb #02edd0f3
 def cohort_sources(src: str | os.PathLike,  # a folder of slides, a PANDA-layout folder, or a CSV with a `path` column
                    labels: str | os.PathLike | None = None,  # a CSV of image_id, isup_grade (data_provider) to add
                   ) -> pd.DataFrame:
@@ -65,6 +66,7 @@ def cohort_sources(src: str | os.PathLike,  # a folder of slides, a PANDA-layout
     if labels is not None: table = _with_labels(table, Path(labels))
     return table.assign(isup_grade=table.isup_grade.astype(float), path=[Path(p).absolute() for p in table.path])
 
+# %% ../../nbs/score/20_cohort.ipynb #94ce3d42
 def _with_labels(table: pd.DataFrame, labels: Path) -> pd.DataFrame:
     "`table` with the grades (and providers, if given) of the labels CSV, which must name at least one of its slides."
     given = read_csv_table(labels).set_index("image_id")
@@ -85,6 +87,7 @@ def _flat(answer: dict, prefix: str = "") -> dict:
         else: columns[f"{prefix}{key}"] = value
     return columns
 
+# %% ../../nbs/score/20_cohort.ipynb #9375d411
 def cohort_predictions(records: list[dict], table: pd.DataFrame, task: str) -> pd.DataFrame:
     "One row per scored slide (sorted by image_id): the ensemble's answer, each model's answer when several."
     task = get_task(task)
@@ -109,6 +112,7 @@ def cohort_predictions(records: list[dict], table: pd.DataFrame, task: str) -> p
     extra = pd.DataFrame(answers).drop(columns=["probability"], errors="ignore")
     return pd.concat([frame, extra], axis=1)
 
+# %% ../../nbs/score/20_cohort.ipynb #28d83736
 def cohort_metrics(frame: pd.DataFrame,  # `cohort_predictions`
                    task: str,  # the models' task
                    threshold: float | None = None,  # a validation threshold (`val_threshold`), if known
@@ -133,6 +137,7 @@ class CohortResult:
     summary: dict  # summary.json
     metrics: dict | None  # metrics.json (None without labels)
 
+# %% ../../nbs/score/20_cohort.ipynb #ef97ceec
 OUTPUT_FOLDERS = ("records", "geojson", "heatmaps")
 
 def _check_options(batch_size, num_workers, max_tiles, n_bootstrap, seed):
@@ -143,6 +148,7 @@ def _check_options(batch_size, num_workers, max_tiles, n_bootstrap, seed):
     if num_workers is not None and not whole(num_workers, 0):
         raise ValueError(f"num_workers={num_workers!r}: expected None or an integer >= 0")
 
+# %% ../../nbs/score/20_cohort.ipynb #d7ab40d6
 def _check_meta(dest: Path, meta: dict):
     "Write `dest/meta.json`, or check that the one there was written by the same models and settings."
     path = dest/"meta.json"
@@ -153,10 +159,12 @@ def _check_meta(dest: Path, meta: dict):
     else:
         write_json(meta, path)
 
+# %% ../../nbs/score/20_cohort.ipynb #6baaf194
 def _probability(task: str, logits: list) -> float:
     "P(malignant) of one bag: the mean over the models of each one's."
     return float(np.mean([get_task(task).positive_probability(np.asarray(l)[None])[0] for l in logits]))
 
+# %% ../../nbs/score/20_cohort.ipynb #84f8eae4
 def save_heatmap(dest: Path,  # the cohort's output folder
                  slide: str | os.PathLike,  # the slide file
                  bag: Bag,  # its tiles, coords, image_id (and grade, -1 if not known)
@@ -171,6 +179,7 @@ def save_heatmap(dest: Path,  # the cohort's output folder
     plt.close(figure)
     return path
 
+# %% ../../nbs/score/20_cohort.ipynb #9fa9fef5
 def draw_heatmap(dest: str | os.PathLike,  # a cohort's output folder
                  image_id: str,  # a slide it scored
                 ) -> Path:
@@ -185,6 +194,7 @@ def draw_heatmap(dest: str | os.PathLike,  # a cohort's output folder
     return save_heatmap(dest, record["path"], bag, np.mean(record["attention"], axis=0), tiling,
                         _probability(meta["task"], record["logits"]))
 
+# %% ../../nbs/score/20_cohort.ipynb #b07f6db4
 def _write_slide(dest: Path, row, tiled: dict, answers: list, models: CohortModels, heatmaps: bool):
     "One slide's GeoJSON, heatmap and record (written last: a slide with a record is done)."
     logits, attention = [a[0] for a in answers], [a[1] for a in answers]
@@ -200,6 +210,7 @@ def _write_slide(dest: Path, row, tiled: dict, answers: list, models: CohortMode
               "logits": [np.atleast_1d(l).tolist() for l in logits], "attention": [a.tolist() for a in attention]}
     with atomic_path(dest/"records"/f"{row.image_id}.json") as tmp: tmp.write_text(json.dumps(record))
 
+# %% ../../nbs/score/20_cohort.ipynb #b858de92
 def predict_cohort(model_dirs: list,  # folders with model.pt or model.tar.gz files; several: an ensemble
                    src: str | os.PathLike,  # a folder of slides, a PANDA-layout folder, or a CSV of paths
                    dest: str | os.PathLike,  # the output folder (a rerun resumes it)
@@ -247,10 +258,12 @@ def predict_cohort(model_dirs: list,  # folders with model.pt or model.tar.gz fi
             _write_slide(dest, row, tiled, list(answers), models, heatmaps)
     return _finish(dest, table, models, errors, sum(done), n_bootstrap, seed, start)
 
+# %% ../../nbs/score/20_cohort.ipynb #a32f28d9
 def _safe(image_id: str) -> bool:
     try: return bool(check_image_id(image_id))
     except ValueError: return False
 
+# %% ../../nbs/score/20_cohort.ipynb #dc468d90
 def _record(dest: Path, row) -> dict | None:
     "This slide's answer in `dest`: the record of its image_id if made from the same file, else None."
     path = dest/"records"/f"{row.image_id}.json"
@@ -258,6 +271,7 @@ def _record(dest: Path, row) -> dict | None:
     record = json.loads(path.read_text())
     return record if record["path"] == str(row.path) else None
 
+# %% ../../nbs/score/20_cohort.ipynb #f169fd3e
 OUTPUT_FILES = ("predictions.csv", "failures.csv", "summary.json", "metrics.json", "meta.json")
 
 def _check_inputs_survive(dest: Path, inputs: list[Path]):
@@ -268,6 +282,7 @@ def _check_inputs_survive(dest: Path, inputs: list[Path]):
         if path.resolve() in written or inside:
             raise ValueError(f"{path}: an input the outputs in {dest} would replace")
 
+# %% ../../nbs/score/20_cohort.ipynb #d83ff737
 def _finish(dest: Path, table: pd.DataFrame, models: CohortModels, errors: dict, done_before: int, n_bootstrap: int,
             seed: int, start: float) -> CohortResult:
     "Write predictions.csv, failures.csv, metrics.json and summary.json from the records of the slides of `table`."
@@ -311,6 +326,7 @@ def predict_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="fixes the resamples")
     return parser
 
+# %% ../../nbs/score/20_cohort.ipynb #f9faa94d
 def predict_cli(argv: list[str] | None = None):
     "mil_nb_predict: score the slides of SRC with trained models into DEST."
     parser = predict_parser()

@@ -50,6 +50,7 @@ def model_folder(model_dir: str | os.PathLike,  # a folder with model.pt, or a m
     except (tarfile.TarError, OSError) as error: raise ValueError(f"{path}: not a readable model.tar.gz ({error})")
     return dest
 
+# %% ../../nbs/score/10_scorer.ipynb #ce7b8552
 def _threshold(metrics: Path) -> float | None:
     "The validation threshold in a model's metrics.json (None without one): a probability, or a ValueError."
     if not metrics.is_file(): return None
@@ -61,12 +62,14 @@ def _threshold(metrics: Path) -> float | None:
         raise ValueError(f"{metrics}: val_threshold {threshold!r} is not a probability")
     return float(threshold)
 
+# %% ../../nbs/score/10_scorer.ipynb #2d703810
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(2**20), b""): digest.update(block)
     return digest.hexdigest()
 
+# %% ../../nbs/score/10_scorer.ipynb #10f8630a
 @dataclass
 class CohortModels:
     "The models that score a cohort: one, or an ensemble sharing a task and a tiling."
@@ -81,6 +84,7 @@ class CohortModels:
     @property
     def tiling(self) -> TilingConfig: return self.members[0].tiling
 
+# %% ../../nbs/score/10_scorer.ipynb #795f41f7
 def load_models(model_dirs: list,  # folders with model.pt, or model.tar.gz files
                 device: str = "auto",  # cpu, cuda, cuda:N or auto
                 precision: str = "fp32",  # fp32 (answers equal the model's), bf16, fp16 (CUDA) or auto
@@ -123,6 +127,7 @@ def tile_for_scoring(path: str | os.PathLike,  # the slide
     except Exception as error: return f"{type(error).__name__}: {error}"
     return {"tiles": bag["tiles"], "coords": bag["coords"], "side0": float(side0)}
 
+# %% ../../nbs/score/10_scorer.ipynb #5b726b40
 @torch.inference_mode()
 def predict_bags(models: CohortModels, bags: list[Bag]) -> list[list[tuple[np.ndarray, np.ndarray]]]:
     "Per model, per bag: its logits and its attention (one number per tile), from one padded batch."
@@ -138,6 +143,7 @@ def predict_bags(models: CohortModels, bags: list[Bag]) -> list[list[tuple[np.nd
 def _output_name(served: ServedModel) -> str:
     return "tumour probability" if served.model.config.pooling.startswith("instance") else "attention"
 
+# %% ../../nbs/score/10_scorer.ipynb #2606876e
 def tile_measurements(models: CohortModels, attention: list[np.ndarray]) -> dict[str, np.ndarray]:
     "Per tile: the models' mean attention (or tumour probability), attention x tiles, and each model's own."
     names = [_output_name(served) for served in models.members]

@@ -54,6 +54,7 @@ def setting(value, variable: str, default, kind: type = int):
     except ValueError:
         raise ValueError(f"{variable}={text!r}: expected {'an integer' if kind is int else 'a number'}") from None
 
+# %% ../../nbs/serve/10_inference.ipynb #c5a97738
 @dataclass(frozen=True)
 class RequestLimits:
     "What one request may make a server hold: its body, the tiles of its bag, the pixels its slide decodes."
@@ -95,6 +96,7 @@ class ServedModel:
     precision: str
     limits: RequestLimits = field(default_factory=RequestLimits.from_env)
 
+# %% ../../nbs/serve/10_inference.ipynb #6b607d75
 ENCODE_CHUNK = {"cpu": 16, "cuda": 128}  # tiles a served model encodes per call, by device (`encode_chunk`)
 
 def _load_reason(error: Exception) -> str:
@@ -105,6 +107,7 @@ def _load_reason(error: Exception) -> str:
     reason = " ".join(line for line in lines if line)
     return f"{type(error).__name__}: {reason[:300]}" if reason else type(error).__name__
 
+# %% ../../nbs/serve/10_inference.ipynb #83821b67
 def load_served_model(model_dir: str | os.PathLike,  # the folder holding model.pt
                       device: str = "auto",  # cpu, cuda, cuda:N, or auto (CUDA when present)
                       precision: str = "fp32",  # fp32, bf16, fp16 (CUDA) or auto
@@ -146,6 +149,7 @@ def _coords(coords: np.ndarray) -> list:
     "Level-0 (x, y) of each tile as JSON: `None` for added white tiles."
     return [None if np.isnan(x) else [float(x), float(y)] for x, y in coords]
 
+# %% ../../nbs/serve/10_inference.ipynb #dcb1553a
 def predict_bag(served: ServedModel,  # the model, its tiling, device and precision (`load_served_model`)
                 bag: Bag,  # the tiles to predict (n, S, S, C) uint8, and their coords if known
                ) -> dict:
@@ -165,10 +169,12 @@ class Slide:
     "A whole-slide image as sent (the bytes of a TIFF), tiled by `predict` with the model's tiling settings."
     data: bytes | bytearray
 
+# %% ../../nbs/serve/10_inference.ipynb #9875c522
 def too_many_tiles(n_tiles: int | str, max_tiles: int) -> BadRequest:
     "The 413 for a bag of `n_tiles` tiles, over `max_tiles`."
     return BadRequest(f"the bag has {n_tiles} tiles; the limit is {max_tiles} (max_tiles)", 413)
 
+# %% ../../nbs/serve/10_inference.ipynb #7d5cd8e9
 def slide_bag(slide: Slide,  # the slide's bytes
               tiling: TilingConfig,  # how to tile it (the model's own settings)
               limits: RequestLimits = RequestLimits(),  # its pixel budget (`limits.slide`) and `max_tiles`
@@ -184,6 +190,7 @@ def slide_bag(slide: Slide,  # the slide's bytes
     if len(tiled["tiles"]) > limits.max_tiles: raise too_many_tiles(f"more than {limits.max_tiles}", limits.max_tiles)
     return Bag(tiled["tiles"], coords=tiled["coords"])
 
+# %% ../../nbs/serve/10_inference.ipynb #f0868744
 def predict(served: ServedModel,  # the model, its tiling, device, precision and limits (`load_served_model`)
             request: Bag | Slide,  # a bag of tiles, or a slide to tile with the model's tiling first
            ) -> dict:
@@ -210,6 +217,7 @@ def _npy_bag(body: bytes | bytearray, limits: RequestLimits) -> Bag:
     tiles = np.frombuffer(data, dtype).reshape(shape, order="F" if fortran else "C")
     return Bag(tiles if tiles.flags.writeable else tiles.copy())
 
+# %% ../../nbs/serve/10_inference.ipynb #0c59105b
 _KINDS = {"U": "text", "f": "fractions", "b": "booleans", "O": "mixed or out-of-range values"}
 
 def _holds_booleans(body: bytes | bytearray | str,  # the JSON body
@@ -220,6 +228,7 @@ def _holds_booleans(body: bytes | bytearray | str,  # the JSON body
     if not any(word in body for word in words): return False  # the common case: no element is looked at
     return any(type(value) is bool for value in np.asarray(tiles, dtype=object).flat)
 
+# %% ../../nbs/serve/10_inference.ipynb #5ac85a71
 def _json_bag(body: bytes | bytearray | str, limits: RequestLimits) -> Bag:
     "The bag in a JSON body: nested lists of integers only, exactly 4 levels, the tile count checked first."
     if len(body) > limits.max_json_bytes:
@@ -244,6 +253,7 @@ def _json_bag(body: bytes | bytearray | str, limits: RequestLimits) -> Bag:
         raise BadRequest(f'"tiles" must hold integers 0-255; got {array.min()} to {array.max()}')
     return Bag(array.astype(np.uint8))
 
+# %% ../../nbs/serve/10_inference.ipynb #0b62b586
 def _tiff_slide(body: bytes | bytearray, limits: RequestLimits) -> Slide:
     try:
         with tifffile.TiffFile(io.BytesIO(body)) as tif:
@@ -263,10 +273,12 @@ def media_type(content_type: str | None) -> str:
         raise BadRequest(f"content type {content_type!r} is not served; send one of {', '.join(DECODERS)}", 415)
     return media
 
+# %% ../../nbs/serve/10_inference.ipynb #b02919ca
 def too_large(size: int, max_bytes: int) -> BadRequest:
     "The 413 for a body of `size` bytes, over `max_bytes`."
     return BadRequest(f"the body is {size:,} bytes; the limit is {max_bytes:,} (max_body_mb)", 413)
 
+# %% ../../nbs/serve/10_inference.ipynb #10880e12
 def decode_request(body: bytes | bytearray | str,  # the request's body
                    content_type: str | None,  # its Content-Type header
                    limits: RequestLimits,  # its size limit and `max_tiles`
@@ -294,6 +306,7 @@ def _quality(parameters: list[str]) -> float:
             except ValueError: return 0.0
     return 1.0
 
+# %% ../../nbs/serve/10_inference.ipynb #b7c19e2a
 def accepts_json(accept: str | None) -> bool:
     "Whether an `Accept` header admits a JSON answer: its most specific range for JSON has q > 0 (no header: yes)."
     matches = []
@@ -303,6 +316,7 @@ def accepts_json(accept: str | None) -> bool:
             matches.append((_JSON_RANGES.index(media.strip().lower()), _quality(parameters)))
     return bool(matches) and max(matches)[1] > 0
 
+# %% ../../nbs/serve/10_inference.ipynb #a7270cec
 def encode_answer(prediction: dict, accept: str | None) -> str:
     "The prediction as JSON, if the client accepts JSON."
     if not accepts_json(accept):
@@ -314,14 +328,17 @@ def model_fn(model_dir: str) -> ServedModel:
     "SageMaker: the model in `model_dir` (device 'auto', precision `$MIL_NB_PRECISION`, default fp32)."
     return load_served_model(model_dir, precision=os.environ.get("MIL_NB_PRECISION", "fp32"))
 
+# %% ../../nbs/serve/10_inference.ipynb #157b2072
 def input_fn(body: bytes | str, content_type: str) -> Bag | Slide:
     "SageMaker: the bag or slide in a request (`application/x-npy`, `application/json` or `image/tiff`)."
     return decode_request(body, content_type, RequestLimits.from_env())
 
+# %% ../../nbs/serve/10_inference.ipynb #7fa8a885
 def predict_fn(data: Bag | Slide, model: ServedModel) -> dict:
     "SageMaker: the prediction and attention weights for a decoded request."
     return predict(model, data)
 
+# %% ../../nbs/serve/10_inference.ipynb #f5e2a2db
 def output_fn(prediction: dict, accept: str) -> str:
     "SageMaker: the prediction as JSON."
     return encode_answer(prediction, accept)

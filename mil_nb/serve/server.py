@@ -55,6 +55,7 @@ def _too_slow(size: int, elapsed: float, quiet: float, timeout_s: float, min_rat
                       f"(the limits: body_timeout_s={timeout_s:g} between chunks, and after it "
                       f"min_body_kib_s={min_rate / 2**10:g} on average)", 408)
 
+# %% ../../nbs/serve/20_server.ipynb #492514bc
 async def spool_body(request: Request,  # the request whose body is read
                      max_bytes: int,  # the largest body: 413 once it is declared or read to be larger
                      timeout_s: float,  # the longest wait for the next chunk, and the grace before `min_rate`: 408
@@ -82,6 +83,7 @@ async def spool_body(request: Request,  # the request whose body is read
     spool.seek(0)
     return spool
 
+# %% ../../nbs/serve/20_server.ipynb #af1db72b
 def answer(served: ServedModel, body: typing.BinaryIO, content_type: str | None, accept: str | None) -> str:
     "The JSON answer to the request whose `body` is read here (this runs in a worker thread)."
     return encode_answer(predict(served, decode_request(body.read(), content_type, served.limits)), accept)
@@ -111,6 +113,7 @@ class Admission:
         try: yield
         finally: self.counts[stage] -= 1
 
+# %% ../../nbs/serve/20_server.ipynb #17f3235a
 STAGE_OPTIONS = {"uploading": "max_uploads", "queued": "max_concurrency + max_queue"}
 
 #| export
@@ -126,14 +129,17 @@ _HEADERS = {408: {"Connection": "close"}, 413: {"Connection": "close"}, 503: {"R
 async def _bad_request(request: Request, error: BadRequest) -> JSONResponse:
     return JSONResponse({"error": str(error)}, error.status_code, _HEADERS.get(error.status_code))
 
+# %% ../../nbs/serve/20_server.ipynb #e3a13c56
 async def _http_error(request: Request, error: HTTPException) -> JSONResponse:
     "Starlette's own errors (404 for an unknown route, 405 for a method it does not take) as JSON too."
     return JSONResponse({"error": f"{request.method} {request.url.path}: {error.detail} (this server answers "
                                   "GET /ping and POST /invocations)"}, error.status_code, error.headers)
 
+# %% ../../nbs/serve/20_server.ipynb #3fd686d7
 async def _server_error(request: Request, error: Exception) -> JSONResponse:
     return JSONResponse({"error": f"{type(error).__name__}: {error}"}, status_code=500)
 
+# %% ../../nbs/serve/20_server.ipynb #b60cf976
 def create_app(served: ServedModel,  # the model and the limits on one request (`load_served_model`)
                max_concurrency: int = 2,  # requests decoded and run through the model at once
                max_queue: int = 16,  # more requests whose body has arrived, waiting for a turn; more get 503
@@ -202,6 +208,7 @@ def hypercorn_config(host: str,  # the interface to listen on
     config.keep_alive_timeout, config.backlog, config.accesslog = header_timeout_s, BACKLOG, None
     return config
 
+# %% ../../nbs/serve/20_server.ipynb #d4c89317
 def raise_open_files_limit():
     "Let the server hold as many connections as the system allows: the soft limit on open files up to the hard one."
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -252,10 +259,12 @@ def wait_for_ping(url: str, process: subprocess.Popen, timeout: float = 60):
         except OSError: time.sleep(0.1)
     raise TimeoutError(f"{url}/ping did not answer within {timeout} s")
 
+# %% ../../nbs/serve/20_server.ipynb #7c58ccad
 class ServerURL(str):
     "The URL of a server `running_server` started, with its `process`."
     process: subprocess.Popen
 
+# %% ../../nbs/serve/20_server.ipynb #d774ac94
 @contextlib.contextmanager
 def running_server(
     model_dir, *options: str, command=(sys.executable, "-m", "mil_nb.serve.server"), log=None, timeout: float = 60
@@ -278,6 +287,7 @@ def running_server(
         try: process.wait(10)
         except subprocess.TimeoutExpired: process.kill(); process.wait()
 
+# %% ../../nbs/serve/20_server.ipynb #2d9b7193
 def post(url: str, body: bytes, content_type: str = "application/x-npy", timeout: float = 60) -> tuple[int, dict]:
     "POST `body` to `url/invocations`: the HTTP status and the JSON answer (also for errors)."
     address = urllib.parse.urlsplit(url)
@@ -301,6 +311,7 @@ def _client(url: str, body: bytes, requests: int) -> list[float | None]:
         latencies.append((time.perf_counter() - start) * 1000 if ok else None)
     return latencies
 
+# %% ../../nbs/serve/20_server.ipynb #a6e32467
 def bench_serve(clients: int = 8, requests: int = 25, n_tiles: int = 16, tile_size: int = 128, precision: str = "fp32",
                 seed: int = 0) -> dict:
     "Latency and throughput of `mil_nb_serve` under `clients` concurrent clients sending `requests` bags each."

@@ -32,6 +32,7 @@ def read_slide_table(data_dir: str | os.PathLike) -> pd.DataFrame:
     if not csv.is_file(): raise FileNotFoundError(f"{csv}: no such file (a PANDA-layout folder has train.csv)")
     return read_csv_table(csv)
 
+# %% ../../nbs/slides/20_panda.ipynb #6c337f0a
 def read_csv_table(csv: str | os.PathLike,  # a CSV file with a header row
                    required: tuple[str, ...] = REQUIRED_COLUMNS,  # the columns it must have
                    unknown_grades: bool = False,  # a blank isup_grade means "not known" (NaN) instead of an error
@@ -60,6 +61,7 @@ def read_csv_table(csv: str | os.PathLike,  # a CSV file with a header row
     if "data_provider" not in table.columns: table["data_provider"] = "unknown"
     return table
 
+# %% ../../nbs/slides/20_panda.ipynb #87c3db70
 def _not_utf8(csv: Path):
     "Raise a ValueError naming the first byte of `csv` that is not UTF-8, and its line."
     raw = csv.read_bytes()
@@ -75,6 +77,7 @@ def image_path(data_dir: str | os.PathLike, image_id: str) -> Path:
     "The slide image of `image_id` in a PANDA-layout folder."
     return Path(data_dir)/"train_images"/f"{image_id}.tiff"
 
+# %% ../../nbs/slides/20_panda.ipynb #75df99c2
 def mask_path(data_dir: str | os.PathLike, image_id: str) -> Path:
     "The label mask of `image_id` in a PANDA-layout folder (not every slide has one)."
     return Path(data_dir)/"train_label_masks"/f"{image_id}_mask.tiff"
@@ -86,6 +89,7 @@ def shown_name(name: str) -> str:
     "`name` printable and UTF-8: bytes of a file name that are not UTF-8 (surrogate escapes) as \\xNN."
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
+# %% ../../nbs/slides/20_panda.ipynb #fc28faa9
 def check_image_id(image_id: str) -> str:
     "`image_id` if it is a safe file name (no path, no hidden name, valid UTF-8); a ValueError naming it otherwise."
     if not isinstance(image_id, str) or not image_id: problem = "is empty"
@@ -108,6 +112,7 @@ def check_table_ids(image_ids,  # the image_id column of a table read from `csv`
         try: check_image_id(image_id)
         except ValueError as error: raise ValueError(f"{csv}: row {row + 2}: {error}") from None
 
+# %% ../../nbs/slides/20_panda.ipynb #729cbc0a
 def read_result_table(csv: str | os.PathLike,  # a CSV file another run of ours wrote
                       inside: str | os.PathLike,  # the folder it must be in, reached through no link
                       columns: list[dict[str, bool]],  # its columns in order (name: holds numbers), or alternatives

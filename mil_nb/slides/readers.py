@@ -151,6 +151,7 @@ def _rgb(image: np.ndarray, source, fill: int = 255) -> np.ndarray:
     colour = image[..., :3] if samples >= 3 else np.repeat(image[..., :1], 3, axis=-1)
     return np.where(image[..., -1:] == 0, np.uint8(fill), colour) if samples in (2, 4) else colour
 
+# %% ../../nbs/slides/30_readers.ipynb #cb0032b7
 PHOTOMETRICS = ("MINISBLACK", "RGB", "YCBCR")  # TIFF colour spaces tifffile decodes to grey or RGB
 
 def _tiff_mpp(page) -> float | None:
@@ -161,6 +162,7 @@ def _tiff_mpp(page) -> float | None:
     unit = {2: 25400.0, 3: 10000.0}.get(int(tags["ResolutionUnit"].value))  # inch, centimetre in um
     return None if not unit or not num else unit * den / num
 
+# %% ../../nbs/slides/30_readers.ipynb #9047be6e
 MAX_PAGES = 256  # images in one TIFF: a slide pyramid has a few; more only cost time and memory to parse
 
 def check_pages(tif: tifffile.TiffFile, source):
@@ -169,6 +171,7 @@ def check_pages(tif: tifffile.TiffFile, source):
         if count > MAX_PAGES:
             raise ValueError(f"{source}: more than {MAX_PAGES} images (pages) in one TIFF; a slide pyramid has a few")
 
+# %% ../../nbs/slides/30_readers.ipynb #209d90c8
 MAX_SAMPLES = 4  # samples per pixel a reader turns into RGB: grey, grey and alpha, RGB, RGBA
 
 def check_samples(page: tifffile.TiffPage,  # a TIFF image's header (nothing of it is decoded)
@@ -184,6 +187,7 @@ def check_samples(page: tifffile.TiffPage,  # a TIFF image's header (nothing of 
     if problems: raise ValueError(f"{source}: {what} has {' and '.join(problems)}; it is not decoded")
     return max(RGB_BYTES, samples * dtype.itemsize)
 
+# %% ../../nbs/slides/30_readers.ipynb #1c9543dd
 class TiffReader(SlideReader):
     "A tiled TIFF pyramid read with tifffile (regions decode only the tiles they touch)."
     def __init__(self, path: str | os.PathLike, limits: SlideLimits | None = None):
@@ -268,6 +272,7 @@ def _check_tiff_levels(path: Path, dimensions: list[tuple[int, int]]):
             size = (page.imagewidth, page.imagelength)
             if size in dimensions: check_samples(page, path, f"level {dimensions.index(size)} (TIFF image {index})")
 
+# %% ../../nbs/slides/30_readers.ipynb #ff77b8c6
 class OpenSlideReader(SlideReader):
     "Any slide OpenSlide can read."
     def __init__(self, path: str | os.PathLike, limits: SlideLimits | None = None):
@@ -311,6 +316,7 @@ def open_slide(path: str | os.PathLike,  # the slide file
         reader.close(); raise
     return reader
 
+# %% ../../nbs/slides/30_readers.ipynb #4cd4cec4
 def _open_reader(path: Path, backend: str, limits: SlideLimits) -> SlideReader:
     errors = []
     if backend == "tifffile" or (backend == "auto" and path.suffix.lower() in TIFF_SUFFIXES):

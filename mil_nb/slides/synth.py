@@ -61,6 +61,7 @@ def coarse_field(rng: np.random.Generator, size: int, cells: int = 48, sigma: fl
     field = smooth_field(rng, (cells, cells), sigma)
     return np.asarray(Image.fromarray(field).resize((size, size), Image.BILINEAR))
 
+# %% ../../nbs/slides/10_synth.ipynb #94d39b5b
 def region(field: np.ndarray, fraction: float, within: np.ndarray | None = None) -> np.ndarray:
     "Boolean mask of the `fraction` of pixels (of those `within`) where `field` is highest."
     values = field if within is None else field[within]
@@ -148,12 +149,14 @@ def _level0_tiles(level1: np.ndarray):
         for x in range(0, level1.shape[1], block):
             yield np.repeat(np.repeat(level1[y:y + block, x:x + block], LEVEL_DOWNSAMPLE, 0), LEVEL_DOWNSAMPLE, 1)
 
+# %% ../../nbs/slides/10_synth.ipynb #c545dede
 def _level2(level1: np.ndarray, labels: bool) -> np.ndarray:
     f = LEVEL_DOWNSAMPLE
     h, w = level1.shape[:2]
     blocks = level1[: h // f * f, : w // f * f].reshape(h // f, f, w // f, f, -1)
     return blocks[:, 0, :, 0] if labels else blocks.mean(axis=(1, 3)).round().astype(np.uint8)
 
+# %% ../../nbs/slides/10_synth.ipynb #8412fa86
 def write_pyramid(path: str | os.PathLike, level1: np.ndarray, labels: bool = False):
     "Write a 3-level tiled TIFF at `path` from an RGB image at level 1 (`labels`: a lossless label mask)."
     compression, args = ("zlib", {"level": 1}) if labels else ("jpeg", {"level": 90})
@@ -182,6 +185,7 @@ def slide_plan(n_slides: int,  # how many slides
                          "data_provider": rng.choice(PROVIDERS, n_slides),
                          "isup_grade": rng.permutation(grades)})
 
+# %% ../../nbs/slides/10_synth.ipynb #14775c33
 def _make_slide(dest: Path, image_id: str, provider: str, isup: int, seed: np.random.SeedSequence, size: int,
                 artefacts: bool, masks: bool, tumour_share: tuple[float, float] = DEFAULT_TUMOUR_SHARE) -> str:
     rgb, labels, patterns = render_slide(np.random.default_rng(seed), isup, size // LEVEL_DOWNSAMPLE, artefacts,
@@ -216,6 +220,7 @@ def _dataset_name(n_slides: int, seed: int, size: int, masks: bool, tumour_share
     tumour = "" if (low, high) == DEFAULT_TUMOUR_SHARE else f"-tumour{low!r}-{high!r}"
     return f"synthetic-panda-n{n_slides}-seed{seed}-size{size}{'' if masks else '-nomasks'}{tumour}"
 
+# %% ../../nbs/slides/10_synth.ipynb #3868cc0c
 def embedded_dataset(n_slides: int = 192, seed: int = 0, size: int = 4096, num_workers: int | None = None,
                      masks: bool = True, tumour_share: tuple[float, float] = DEFAULT_TUMOUR_SHARE) -> Path:
     "The synthetic PANDA-format data set for `n_slides`, `seed` and `tumour_share`, made once and cached."

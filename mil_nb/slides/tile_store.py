@@ -58,6 +58,7 @@ def tiling_settings(meta: dict) -> dict:
     "A store's tiling settings: its meta.json without `src` (where its slides were read)."
     return {k: v for k, v in meta.items() if k != "src"}
 
+# %% ../../nbs/slides/60_tile_store.ipynb #00dab3a0
 def _read_index(path: Path) -> pd.DataFrame:
     "A store's index.csv or failures.csv, which must name its slides (`image_id`)."
     try: table = pd.read_csv(path, dtype={"image_id": str, "thumbnail_hash": str}, keep_default_na=False)
@@ -66,6 +67,7 @@ def _read_index(path: Path) -> pd.DataFrame:
     if "image_id" not in table.columns: raise ValueError(f"{path}: no image_id column; found {list(table.columns)}")
     return table
 
+# %% ../../nbs/slides/60_tile_store.ipynb #69f290de
 def _read_meta(path: Path) -> dict:
     "A store's meta.json, which must hold the tiling settings."
     try: meta = json.loads(path.read_text())
@@ -74,6 +76,7 @@ def _read_meta(path: Path) -> dict:
     if missing: raise ValueError(f"{path}: not a tile store's meta.json (no {', '.join(missing)})")
     return meta
 
+# %% ../../nbs/slides/60_tile_store.ipynb #87ad7c87
 def store_parts(path: Path) -> list[Path]:
     "The parts of a store made in parts (a Processing job's `algo-<i>/`): the subfolders of `path` with a meta.json."
     folders = sorted(p for p in path.iterdir() if p.is_dir()) if path.is_dir() else []
@@ -89,6 +92,7 @@ def store_parts(path: Path) -> list[Path]:
             raise ValueError(f"{part}: a part that did not finish (no summary.json)")
     return parts
 
+# %% ../../nbs/slides/60_tile_store.ipynb #aa8cd3df
 MAX_TILES = 2048  # the most tiles of a bag the batch entry points take (mil_nb_predict, mil_nb_features)
 
 class TileStore:
@@ -164,11 +168,13 @@ def _tile_into_store(dest: Path, image_id: str, image_file, mask_file, provider:
     with atomic_path(out) as tmp, open(tmp, "wb") as f: np.savez(f, **bag)
     return None
 
+# %% ../../nbs/slides/60_tile_store.ipynb #f31fea93
 def _tiled(dest: Path, image_id: str) -> bool:
     "Whether the store `dest` holds the bag of `image_id` (never, for an id that is not a safe file name)."
     try: return (dest/"bags"/f"{check_image_id(image_id)}.npz").exists()
     except ValueError: return False
 
+# %% ../../nbs/slides/60_tile_store.ipynb #89a191b0
 def _stored_hash(dest: Path, image_id: str) -> str:
     "The thumbnail hash kept in a slide's bag ('' for a bag tiled before hashes were kept)."
     with np.load(dest/"bags"/f"{image_id}.npz") as bag:
@@ -183,6 +189,7 @@ def check_output_folder(src: Path,  # the input (a folder or file), never writte
     if dest.resolve() == src.resolve(): raise ValueError(f"dest {dest}: the source folder itself; choose another")
     check_no_links(dest, folders)
 
+# %% ../../nbs/slides/60_tile_store.ipynb #da657608
 def check_no_links(dest: Path,  # the output folder
                    folders: tuple[str, ...],  # the subfolders written into
                   ):
@@ -192,6 +199,7 @@ def check_no_links(dest: Path,  # the output folder
         if (dest/folder).is_symlink():
             raise ValueError(f"{dest/folder}: a link; outputs are written only inside {dest}")
 
+# %% ../../nbs/slides/60_tile_store.ipynb #c7f21a57
 def tile_slides(src: str | os.PathLike,  # PANDA-layout folder (train.csv, train_images/) or a folder of slides
                 dest: str | os.PathLike,  # the tile store to write (a run resumes one made with the same settings)
                 mode: str = "kaggle",  # kaggle: the 16x128x128 rule; tissue: a grid over detected tissue
@@ -254,6 +262,7 @@ def _joined_labels(parts: list[Path]) -> pd.DataFrame | None:
     tables = [pd.read_csv(f, dtype=str, keep_default_na=False) for f in files]
     return pd.concat(tables, ignore_index=True).drop_duplicates("image_id")
 
+# %% ../../nbs/slides/60_tile_store.ipynb #fb2ac541
 TILE_COUNTS = ("slides", "tiled", "already_tiled", "failed")  # in a part's summary.json: the merged one sums them
 
 def _checked_part(part: Path, parts: Path) -> dict:
@@ -264,6 +273,7 @@ def _checked_part(part: Path, parts: Path) -> dict:
     check_table_ids(_read_index(part/"index.csv").image_id, part/"index.csv")
     return read_json_object(part/"summary.json", parts, dict.fromkeys(TILE_COUNTS, int))
 
+# %% ../../nbs/slides/60_tile_store.ipynb #3749d40d
 def merge_tile_stores(parts: str | os.PathLike,  # a folder whose subfolders are tile stores (the parts)
                       dest: str | os.PathLike,  # the merged store (may be `parts` itself)
                      ) -> TileStore:
@@ -326,6 +336,7 @@ def _pixels(option: str, value) -> int:
         raise ValueError(f"--{option}={value!r}: expected a number of pixels >= 1")
     return int(value)
 
+# %% ../../nbs/slides/60_tile_store.ipynb #b8cd5bfa
 @call_parse
 def tile_cli(src: str,  # PANDA-layout folder (train.csv, train_images/) or a folder of slides
              dest: str,  # tile store to write (resumes if it exists)

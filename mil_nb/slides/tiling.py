@@ -34,12 +34,14 @@ def grid_tiles(image: np.ndarray, tile_size: int, fill) -> tuple[np.ndarray, np.
     origins = np.stack([col * tile_size - left, row * tile_size - top], axis=1)
     return image.reshape(rows, tile_size, cols, tile_size, image.shape[2]), origins
 
+# %% ../../nbs/slides/50_tiling.ipynb #9f6ff08f
 def kaggle_order(blocks: np.ndarray, n_tiles: int) -> np.ndarray:
     "Row-major indices of the `n_tiles` grid tiles with the lowest pixel sum; those past the grid: added white tiles."
     sums = blocks.sum(axis=(1, 3, 4), dtype=np.int64).ravel()
     white = np.full(max(0, n_tiles - len(sums)), 255 * blocks[0, :, 0].size, dtype=np.int64)
     return np.argsort(np.concatenate([sums, white]), kind="stable")[:n_tiles]
 
+# %% ../../nbs/slides/50_tiling.ipynb #cf7c7d5a
 def take_tiles(blocks: np.ndarray, indices: np.ndarray) -> np.ndarray:
     "The tiles at row-major `indices` of a grid view, as (n, S, S, C); indices past the grid give white tiles."
     rows, size, cols = blocks.shape[:3]
@@ -87,11 +89,13 @@ def _level_for(reader: SlideReader, config: TilingConfig) -> tuple[int, int]:
     level = int(finer[-1]) if len(finer) else 0
     return level, int(round(config.tile_size * config.mpp / mpps[level]))
 
+# %% ../../nbs/slides/50_tiling.ipynb #69227022
 def tile_side_level0(reader: SlideReader, config: TilingConfig) -> float:
     "The side, in level-0 px, of the slide region one tile covers (to draw tiles on the slide)."
     level, side = _level_for(reader, config)
     return side * reader.downsamples[level]
 
+# %% ../../nbs/slides/50_tiling.ipynb #441dabe8
 STRIP_PIXELS = 2**24  # the Kaggle rule reads its level in strips of whole tile rows of about this many px
 
 def _kaggle_selection(reader: SlideReader, level: int, config: TilingConfig, strip_pixels: int = STRIP_PIXELS,
@@ -119,6 +123,7 @@ def _kaggle_selection(reader: SlideReader, level: int, config: TilingConfig, str
     coords[:len(origins)] = origins * reader.downsamples[level]
     return np.concatenate([tiles, np.full((n - len(tiles), size, size, 3), 255, np.uint8)]), coords
 
+# %% ../../nbs/slides/50_tiling.ipynb #734dba23
 def _tissue_selection(reader: SlideReader, level: int, side: int, config: TilingConfig, thumbnail, mask,
                       mask_downsample) -> tuple[np.ndarray, np.ndarray]:
     width, height = reader.dimensions[level]
@@ -136,6 +141,7 @@ def _tissue_selection(reader: SlideReader, level: int, side: int, config: Tiling
     )
     return tiles, origins[keep].astype(float)
 
+# %% ../../nbs/slides/50_tiling.ipynb #7e6e4a5c
 def _resized(region: np.ndarray, size: int, nearest: bool = False) -> np.ndarray:
     if region.shape[0] == size: return region
     return np.asarray(Image.fromarray(region).resize((size, size), Image.NEAREST if nearest else Image.BILINEAR))
@@ -161,6 +167,7 @@ def _malignant_fraction(mask_file, provider: str, level: int, side: int, coords:
             fractions[i] = malignant_pixels(values, provider).mean()
     return fractions
 
+# %% ../../nbs/slides/50_tiling.ipynb #a5ceecc8
 def tile_slide(image_file: str | os.PathLike,  # the slide (any format `open_slide` reads)
                config: TilingConfig = TilingConfig(),  # how tiles are chosen
                mask_file: str | os.PathLike | None = None,  # its label mask, if any (PANDA layout)

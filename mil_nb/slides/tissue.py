@@ -23,6 +23,7 @@ def detection_thumbnail(thumbnail: np.ndarray) -> tuple[np.ndarray, int]:
     factor = max(1, int(np.ceil(np.sqrt(thumbnail.shape[0] * thumbnail.shape[1] / DETECTION_PIXELS))))
     return thumbnail[::factor, ::factor, :3], factor
 
+# %% ../../nbs/slides/40_tissue.ipynb #e886cc86
 def _ink_or_black(rgb: np.ndarray, saturation: np.ndarray, value: np.ndarray) -> np.ndarray:
     "Pen ink (green to blue hues, saturated) or black. Hue is computed only where it can matter."
     candidate = (saturation > 0.3) & (value >= 0.25)
@@ -31,10 +32,12 @@ def _ink_or_black(rgb: np.ndarray, saturation: np.ndarray, value: np.ndarray) ->
     ink[candidate] = (hue > PEN_HUES[0]) & (hue < PEN_HUES[1])
     return ink | (value < 0.25)
 
+# %% ../../nbs/slides/40_tissue.ipynb #d0b78d25
 def _saturation_value(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     high, low = rgb.max(axis=-1).astype(np.float32), rgb.min(axis=-1).astype(np.float32)
     return (high - low) / np.maximum(high, 1), high / 255
 
+# %% ../../nbs/slides/40_tissue.ipynb #80241fad
 def tissue_mask(thumbnail: np.ndarray, min_area: float = 0.001, min_saturation: float = 0.05) -> np.ndarray:
     "Boolean map of tissue in an RGB uint8 thumbnail (no pen ink, black artefacts, or regions under `min_area`)."
     saturation, value = _saturation_value(thumbnail[..., :3])
@@ -43,6 +46,7 @@ def tissue_mask(thumbnail: np.ndarray, min_area: float = 0.001, min_saturation: 
     tissue = (saturation > threshold) & ~_ink_or_black(thumbnail[..., :3], saturation, value)
     return remove_small_objects(tissue, max_size=max(1, int(min_area * tissue.size)))
 
+# %% ../../nbs/slides/40_tissue.ipynb #9f00c601
 def artefact_mask(thumbnail: np.ndarray, tissue: np.ndarray) -> np.ndarray:
     "Pen ink and black artefacts in an RGB thumbnail that reach the glass (not specks inside `tissue`), grown by 1 px."
     artefacts = _ink_or_black(thumbnail[..., :3], *_saturation_value(thumbnail[..., :3]))

@@ -35,17 +35,21 @@ def tumour_share_range(value) -> tuple[float, float] | None:
     if value is None: return None
     return HARD_TUMOUR_SHARE if value == "hard" else check_tumour_share(value)
 
+# %% ../../nbs/train/30_config.ipynb #c680b488
 def _tumour_share(value):
     try: tumour_share_range(value)
     except ValueError: return "expected None, 'hard' or [low, high] with 0 < low <= high <= 1"
 
+# %% ../../nbs/train/30_config.ipynb #9e941c19
 def _device(value):
     if value == "auto": return None
     try: torch.device(value)
     except (RuntimeError, TypeError): return "expected 'auto', 'cpu', 'cuda' or 'cuda:<index>'"
 
+# %% ../../nbs/train/30_config.ipynb #2aadea09
 def _name(value): return None if value is None or (isinstance(value, str) and value) else "expected None or a name"
 
+# %% ../../nbs/train/30_config.ipynb #05a78463
 def param(default, check):
     "A `TrainConfig` field: its default and its check (a value -> what is wrong with it, or None)."
     return field(default=default, metadata={"check": check})
@@ -107,6 +111,7 @@ def _checks() -> dict:
     "Each parameter's check."
     return {f.name: f.metadata["check"] for f in fields(TrainConfig)}
 
+# %% ../../nbs/train/30_config.ipynb #7e4e70c0
 @patch(cls_method=True)
 def from_parameters(cls: TrainConfig,
                     parameters: dict,  # name: value
@@ -118,6 +123,7 @@ def from_parameters(cls: TrainConfig,
                                  f"(its parameters: {', '.join(f.name for f in fields(cls))})")
     return cls(**parameters)
 
+# %% ../../nbs/train/30_config.ipynb #0c98a83d
 @patch(cls_method=True)
 def from_namespace(cls: TrainConfig,
                    namespace: dict,  # a notebook's `globals()`: the parameters and anything else
@@ -161,6 +167,7 @@ def _path_problems(given: dict, problems: dict) -> list[str]:
         bad.append(f"output_dir {output_dir}: {_not_a_run_folder(output_dir)}")
     return bad
 
+# %% ../../nbs/train/30_config.ipynb #6eb26cac
 def _not_a_run_folder(path) -> str | None:
     "Why `path` cannot hold a run's files (None if it can)."
     path = Path(path).expanduser().absolute()
@@ -178,6 +185,7 @@ def _split_problems(given: dict, problems: dict) -> list[str]:
         if not os.path.isfile(split_file): bad.append(f"split_file {split_file}: no such file")
     return bad
 
+# %% ../../nbs/train/30_config.ipynb #fea5dbdd
 def _run_problems(given: dict, problems: dict) -> list[str]:
     "A warm-up as long as the run, more loader processes than the machine can feed."
     bad, warmup, epochs = [], given["warmup_epochs"], given["epochs"]
@@ -245,6 +253,7 @@ def parameter_defaults(parameters: dict,  # the main job's parameters (a `TrainC
     if end_to_end_attention: defaults["dropout"] = ATTENTION_DROPOUT
     return {name: value for name, value in defaults.items() if parameters.get(name) is None}
 
+# %% ../../nbs/train/30_config.ipynb #7794bcea
 @patch
 def with_defaults(self: TrainConfig) -> TrainConfig:
     "This config with every parameter left None that has a default set to it (`parameter_defaults`)."
@@ -265,6 +274,7 @@ def parse_value(value):
         except ValueError: pass
     return value
 
+# %% ../../nbs/train/30_config.ipynb #654faaf7
 def hyperparameter_text(value) -> str:
     "A hyperparameter as SageMaker hands it to the job: a string as it is, anything else as JSON."
     return value if isinstance(value, str) else json.dumps(value)

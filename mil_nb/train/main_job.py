@@ -70,6 +70,7 @@ class Slides:
     table: pd.DataFrame  # train.csv
     stored: TileStore | None  # a tile store tiled elsewhere, used as it is (None: tiled by this run)
 
+# %% ../../nbs/train/60_main_job.ipynb #c97da32b
 def find_slides(run: Run) -> Slides:
     "The slides and their table: data_dir's, the embedded data set's, or a tile store's."
     c = run.config
@@ -187,6 +188,7 @@ class HeldOut:
     metrics: dict  # metrics.json: the validation metrics, the run's facts and test_* metrics
     values: dict  # the test metrics without their prefix
 
+# %% ../../nbs/train/60_main_job.ipynb #fb78cff7
 def score_test_set(run: Run, model: AttentionMIL, result: FitResult, bags: Bags) -> HeldOut:
     "The test slides predicted once by the kept model; predictions_*.csv and metrics.json written."
     c = run.config
@@ -210,6 +212,7 @@ def report_figures(run: Run, slides: Slides, store: TileStore, bags: Bags, resul
             "roc_and_learning_curves": roc_and_learning_figure(held_out.predictions, result.history),
             **attention_figures(held_out.predictions, tile_bags, slides.data_dir, store.tiling)}
 
+# %% ../../nbs/train/60_main_job.ipynb #ec1cfa51
 def write_figure(run: Run, fig: plt.Figure, name: str):
     "Write `fig` to OUTPUT_DIR/NAME.png (by rank 0)."
     if run.world.is_main: run.folder.write_figure(fig, name)

@@ -27,6 +27,7 @@ def mnist_digits() -> tuple[np.ndarray, np.ndarray]:
     features, labels = mnist_data()
     return features.reshape(-1, 28, 28).astype(np.uint8), labels.astype(int)
 
+# %% ../../nbs/train/40_mnist_bags.ipynb #90f9e71e
 def split_digits(images: np.ndarray, labels: np.ndarray, test_frac: float = 0.2, seed: int = 0):
     "Train and test digits (images, labels) each, stratified by digit."
     train_x, test_x, train_y, test_y = train_test_split(

@@ -47,6 +47,7 @@ def confusion_figure(metrics: dict,  # the run's metrics (with test_confusion_ma
     plot_confusion_matrix(matrix, ax=ax, title=f"test, model of epoch {kept_epoch}")
     return fig
 
+# %% ../../nbs/train/50_report.ipynb #694b3ea0
 def roc_and_learning_figure(test_preds: Predictions,  # the kept model's test predictions
                             history: pd.DataFrame,  # `fit`'s history
                            ) -> plt.Figure:
@@ -64,6 +65,7 @@ def shown_slides(test_bags: BagDataset,  # the test bags
     table, malignant = test_bags.table, test_bags.labels > 0
     return [image_id for wanted in (True, False) for image_id in table.image_id[malignant == wanted][:per_class]]
 
+# %% ../../nbs/train/50_report.ipynb #020ae7ad
 def attention_figures(test_preds: Predictions,  # the kept model's test predictions (with attention)
                       tile_bags: BagDataset,  # the test slides' bags of tiles (not features), in `test_preds`' order
                       data_dir: Path,  # the slides' folder

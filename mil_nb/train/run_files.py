@@ -27,6 +27,7 @@ def json_safe(values):
     if isinstance(values, (list, tuple)): return [json_safe(v) for v in values]
     return None if isinstance(values, float) and math.isnan(values) else values
 
+# %% ../../nbs/train/10_run_files.ipynb #f996317c
 class RunFolder:
     "A training run's files in `path`: checkpoint.pt, history.csv every epoch; model.pt, metrics.json at the end."
     def __init__(self, path: str | os.PathLike): self.path = Path(path)

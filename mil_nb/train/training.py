@@ -96,9 +96,11 @@ def _settings(model, train_loader, lr, betas, weight_decay, monitor, optimizer, 
             **{name: getattr(train_loader.dataset, name, None)  # the per-epoch draws
                for name in ("max_instances", "augment", "stain_jitter")}}
 
+# %% ../../nbs/train/20_training.ipynb #1e974bcb
 def _cpu_state(model: torch.nn.Module) -> dict:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
+# %% ../../nbs/train/20_training.ipynb #03e342b4
 @dataclass
 class _RunState:
     "What a run has done so far: saved in every checkpoint, restored by `resume`."
@@ -160,7 +162,7 @@ class FitResult:
         values = {k: v for k, v in self.metrics.items() if k.startswith("val_") and isinstance(v, float) and v == v}
         return f"final (kept epoch {self.kept_epoch}): " + ", ".join(f"val {k[4:]} {v:.6f}" for k, v in values.items())
 
-
+# %% ../../nbs/train/20_training.ipynb #4b97b17a
 def _check_arguments(epochs, lr, weight_decay, patience, resume, output_dir, optimizer, schedule, warmup_epochs):
     "Refuse arguments `fit` cannot train with, naming each, before any work."
     epochs_ok = isinstance(epochs, int) and epochs >= 1
@@ -176,6 +178,7 @@ def _check_arguments(epochs, lr, weight_decay, patience, resume, output_dir, opt
                 "resume=True needs the output_dir of the run to resume" * (resume and output_dir is None)]
     if any(problems): raise ValueError("fit: " + "; ".join(p for p in problems if p))
 
+# %% ../../nbs/train/20_training.ipynb #e12347b3
 def fit(model: torch.nn.Module,  # the model to train (an `AttentionMIL`); it ends holding the kept epoch's weights
         train_loader,  # `bag_loader(..., shuffle=True)` over the training bags (under torchrun: this rank's share)
         valid_loader=None,  # `bag_loader` over the validation bags, predicted after every epoch (None: no validation)
@@ -253,6 +256,7 @@ def fit(model: torch.nn.Module,  # the model to train (an `AttentionMIL`); it en
     barrier()  # the other ranks go on once rank 0's files are written
     return FitResult(pd.DataFrame(run.history), metrics, kept.get("epoch"), kept_predictions)
 
+# %% ../../nbs/train/20_training.ipynb #ebd16abd
 def _learning_verdict(kept: dict, predictions: Predictions | None, monitor: str) -> dict:
     "metrics.json's `learnt` and `learnt_reason` for the kept epoch's history row and validation predictions."
     if not kept: return {"learnt": False, "learnt_reason": "no epoch ran"}
@@ -260,6 +264,7 @@ def _learning_verdict(kept: dict, predictions: Predictions | None, monitor: str)
     failures = learning_failures(kept["train_loss"], prior, predictions, monitor)
     return {"learnt": not failures, "learnt_reason": "; ".join(failures) or None}
 
+# %% ../../nbs/train/20_training.ipynb #7e254650
 def _epoch(trained, model, train_loader, valid_loader, optimizer, scheduler, scaler, device, precision,
            progress: bool, desc: str, instance_threshold: float) -> tuple[dict, dict, Predictions | None]:
     "Train one epoch, then predict the validation bags: the history row, the validation metrics, the predictions."
@@ -276,6 +281,7 @@ def _epoch(trained, model, train_loader, valid_loader, optimizer, scheduler, sca
            "train_bags_per_s": n_bags / train_seconds, "seconds": time.time() - epoch_start}
     return row, valid, predictions
 
+# %% ../../nbs/train/20_training.ipynb #1c1f991d
 def _check_same_start(first_epoch: int, folder: RunFolder | None):
     "Under DDP every rank must resume after the same epoch."
     main_first_epoch = agree(first_epoch)
@@ -286,6 +292,7 @@ def _check_same_start(first_epoch: int, folder: RunFolder | None):
             "checkpoint (a shared or synced folder)"
         )
 
+# %% ../../nbs/train/20_training.ipynb #313ada24
 def _check_shared(train_loader, world_size: int):
     "Under DDP each rank must train on its own share of the bags, not all of them."
     replicas = getattr(train_loader.sampler, "num_replicas", 1)
