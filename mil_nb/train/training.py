@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -17,14 +17,15 @@ from tqdm.auto import tqdm
 
 from ..core.devices import autocast, resolve_device, resolve_precision
 from ..core.distributed import agree, all_sum, barrier, choose_compression, compress_gradients, current_world
-from ..evaluate.evaluation import (INSTANCE_THRESHOLD, Predictions, instance_metrics, learning_advice, learning_failures,
-                               model_task, predict, task_metrics)
+from ..evaluate.evaluation import INSTANCE_THRESHOLD, Predictions, instance_metrics, model_task, predict, task_metrics
 from ..bags.tasks import prior_loss
-from .run_files import RunFolder
 from ..slides.tiling import TilingConfig
+from .checkpoints import RunState, checkpoint_settings
+from .fit_result import FitResult, learning_verdict
+from .run_files import RunFolder
 
 # %% auto #0
-__all__ = ['OPTIMIZERS', 'SCHEDULES', 'train_epoch', 'make_schedule', 'improved', 'FitResult', 'fit']
+__all__ = ['OPTIMIZERS', 'SCHEDULES', 'train_epoch', 'make_schedule', 'FitConfig', 'fit']
 
 # %% ../../nbs/train/20_training.ipynb #0457a04e
 def train_epoch(model: torch.nn.Module, loader, optimizer, scheduler, scaler, device: torch.device, precision: str,
@@ -75,209 +76,177 @@ def make_schedule(optimizer: torch.optim.Optimizer,  # the optimiser whose learn
         return 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / (total_steps - warmup_steps)))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
-# %% ../../nbs/train/20_training.ipynb #0c7ee9fb
-def improved(score: float, best: float | None, monitor: str) -> bool:
-    "Whether `score` beats `best` on `monitor` (lower is better for losses, higher for everything else)."
-    if math.isnan(score): return best is None
-    if best is None or math.isnan(best): return True
-    return score < best if monitor.endswith("loss") else score > best
-
-# %% ../../nbs/train/20_training.ipynb #f7dd8115
-def _settings(model, train_loader, lr, betas, weight_decay, monitor, optimizer, schedule, warmup_epochs,
-              epochs) -> dict:
-    "What a checkpoint must have been made with for this run to resume from it."
-    return {"model": asdict(model.config) if hasattr(model, "config") else type(model).__name__, "lr": lr,
-            "betas": list(betas), "weight_decay": weight_decay, "monitor": monitor, "optimizer": optimizer,
-            "schedule": schedule, "warmup_epochs": warmup_epochs,
-            "schedule_epochs": epochs if schedule == "cosine" else None,
-            "batch_size": train_loader.batch_size, "n_train": len(train_loader.dataset),
-            "world_size": current_world().size,
-            "pretrained_weights": getattr(model, "pretrained_weights", None),  # a two-stage model's features
-            **{name: getattr(train_loader.dataset, name, None)  # the per-epoch draws
-               for name in ("max_instances", "augment", "stain_jitter")}}
-
-# %% ../../nbs/train/20_training.ipynb #1e974bcb
-def _cpu_state(model: torch.nn.Module) -> dict:
-    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-
-# %% ../../nbs/train/20_training.ipynb #03e342b4
+# %% ../../nbs/train/20_training.ipynb #dbf0824b
 @dataclass
-class _RunState:
-    "What a run has done so far: saved in every checkpoint, restored by `resume`."
-    history: list[dict] = field(default_factory=list)  # one row per epoch
-    best: dict = field(default_factory=lambda: {"epoch": None, "score": None, "loss": None, "state": None})
-    elapsed: float = 0.0  # seconds of training so far
-    next_epoch: int = 1
+class FitConfig:
+    "How `fit` trains; each setting is checked when the config is made."
+    epochs: int = 10  # the last epoch to train (a resumed run goes on up to it)
+    lr: float = 1e-4  # the learning rate (the peak of a schedule)
+    betas: tuple[float, float] = (0.9, 0.999)  # Adam's betas
+    weight_decay: float = 5e-4  # an L2 penalty (adam) or the decay of the weights per unit of lr (adamw)
+    optimizer: str = "adam"  # "adam" (weight decay as an L2 penalty) or "adamw" (decoupled weight decay)
+    schedule: str = "constant"  # the learning rate per step: "constant" or "cosine" (down to 0 at the end)
+    warmup_epochs: float = 0  # epochs of linear warm-up to `lr` first (< epochs)
+    device: str = "auto"  # "auto" (CUDA when present, else CPU), "cpu", "cuda", "cuda:1", ...
+    precision: str = "auto"  # "auto" (bf16 where native, else fp32), "fp32", "bf16", "fp16" (CUDA AMP)
+    monitor: str | None = None  # validation metric that picks the kept epoch (None: the task's, AUC or QWK)
+    keep_best: bool = True  # keep the best epoch's weights on `monitor` (False: the last epoch's)
+    patience: int | None = None  # stop after this many epochs without a better `monitor` (None: never)
+    gradient_compression: str = "auto"  # under DDP: "none", "fp16", "bf16"; auto: on across machines
+    instance_threshold: float = INSTANCE_THRESHOLD  # validation instance AUC: tumour from this malignant share
 
-    @classmethod
-    def restore(cls, checkpoint: dict | None, model, optimizer, scheduler, scaler) -> "_RunState":
-        "A new run's state, or (from `checkpoint`) the model, optimiser, schedule, loss scaler, random state and run."
-        if checkpoint is None: return cls()
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        torch.set_rng_state(checkpoint["rng"])
-        return cls(checkpoint["history"], checkpoint["best"], checkpoint["elapsed"], checkpoint["epoch"] + 1)
+    def __post_init__(self): _check_fit_config(self)
 
-    def checkpoint(self, model, optimizer, scheduler, scaler, settings: dict, elapsed: float) -> dict:
-        "Everything to resume from after the last epoch (tensors and plain values: loads with weights_only=True)."
-        return {"epoch": self.history[-1]["epoch"], "model": _cpu_state(model), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": torch.get_rng_state(),
-                "history": self.history, "best": self.best, "settings": settings, "elapsed": elapsed}
-
-    def keep_if_best(self, valid: dict, monitor: str, model) -> bool:
-        "Whether the last epoch's `valid` metrics are the best so far; if so they (and `model`'s weights) are kept."
-        best, epoch = self.best, self.history[-1]["epoch"]
-        tie_but_lower_loss = valid and valid[monitor] == best["score"] and valid["loss"] < best["loss"]
-        if not (valid and (improved(valid[monitor], best["score"], monitor) or tie_but_lower_loss)): return False
-        self.best = {"epoch": epoch, "score": valid[monitor], "loss": valid["loss"],
-                     "state": None if model is None else _cpu_state(model)}
-        return True
-
-# %% ../../nbs/train/20_training.ipynb #841a7bd8
-@dataclass
-class FitResult:
-    "What `fit` learnt: the history, the kept epoch with its validation metrics, and its validation predictions."
-    history: pd.DataFrame  # one row per epoch: train_loss, lr, val_* metrics, train_bags_per_s, seconds
-    metrics: dict  # the kept epoch's validation metrics (val_*) and the run's facts: what metrics.json holds
-    kept_epoch: int | None  # the epoch whose weights the model holds (None: no epoch ran)
-    predictions: Predictions | None  # the kept model's predictions on the validation bags (None without them)
-
-    def summary(self, output_dir: str | os.PathLike | None = None) -> str:
-        "A few lines for a report: kept epoch, headline metrics, where the files are, whether the model learnt."
-        m, monitor = self.metrics, self.metrics.get("monitor", "")
-        headline = ", ".join(f"{k} {m['val_' + k]:.3f}" for k in ("auc", "qwk", "accuracy", "loss")
-                             if isinstance(m.get("val_" + k), float))
-        lines = [f"kept epoch {self.kept_epoch} of {m.get('epochs_run')} (chosen on validation {monitor}): {headline}"
-                 if self.kept_epoch else f"{m.get('epochs_run', 0)} epoch(s), no validation"]
-        if output_dir is not None: lines.append(f"model.pt, metrics.json, history.csv and figures in {output_dir}")
-        if m.get("learnt") is False:
-            lines.append(f"NOTE: this model learnt nothing: {m['learnt_reason']}. Its figures are not meaningful; "
-                         f"{learning_advice(m)}.")
-        return "\n".join(lines)
-
-    def final_line(self) -> str:
-        "One log line of the kept epoch's validation metrics (a SageMaker tuning job's objective reads it)."
-        values = {k: v for k, v in self.metrics.items() if k.startswith("val_") and isinstance(v, float) and v == v}
-        return f"final (kept epoch {self.kept_epoch}): " + ", ".join(f"val {k[4:]} {v:.6f}" for k, v in values.items())
-
-# %% ../../nbs/train/20_training.ipynb #4b97b17a
-def _check_arguments(epochs, lr, weight_decay, patience, resume, output_dir, optimizer, schedule, warmup_epochs):
-    "Refuse arguments `fit` cannot train with, naming each, before any work."
-    epochs_ok = isinstance(epochs, int) and epochs >= 1
-    warmup_ok = isinstance(warmup_epochs, (int, float)) and not isinstance(warmup_epochs, bool) and (
-        0 <= warmup_epochs < (epochs if epochs_ok else math.inf))
-    problems = [f"epochs={epochs!r}: expected an integer >= 1" * (not epochs_ok),
-                f"lr={lr!r}: expected a number > 0" * (not isinstance(lr, (int, float)) or not lr > 0),
-                f"weight_decay={weight_decay!r}: expected a number >= 0" * (not weight_decay >= 0),
-                f"optimizer={optimizer!r}: expected one of {', '.join(OPTIMIZERS)}" * (optimizer not in OPTIMIZERS),
-                f"schedule={schedule!r}: expected one of {', '.join(SCHEDULES)}" * (schedule not in SCHEDULES),
-                f"warmup_epochs={warmup_epochs!r}: expected a number >= 0 and < epochs" * (not warmup_ok),
-                f"patience={patience!r}: expected None or an integer >= 1" * (patience is not None and patience < 1),
-                "resume=True needs the output_dir of the run to resume" * (resume and output_dir is None)]
+# %% ../../nbs/train/20_training.ipynb #8e8ede0b
+def _check_fit_config(c: FitConfig):
+    "Refuse settings `fit` cannot train with, naming each, before any work."
+    epochs_ok = isinstance(c.epochs, int) and not isinstance(c.epochs, bool) and c.epochs >= 1
+    warmup_ok = isinstance(c.warmup_epochs, (int, float)) and not isinstance(c.warmup_epochs, bool) and (
+        0 <= c.warmup_epochs < (c.epochs if epochs_ok else math.inf))
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+    problems = [f"epochs={c.epochs!r}: expected an integer >= 1" * (not epochs_ok),
+                f"lr={c.lr!r}: expected a number > 0" * (not number(c.lr) or not c.lr > 0),
+                f"weight_decay={c.weight_decay!r}: expected a number >= 0" * (not number(c.weight_decay) or not c.weight_decay >= 0),
+                f"optimizer={c.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}" * (c.optimizer not in OPTIMIZERS),
+                f"schedule={c.schedule!r}: expected one of {', '.join(SCHEDULES)}" * (c.schedule not in SCHEDULES),
+                f"warmup_epochs={c.warmup_epochs!r}: expected a number >= 0 and < epochs" * (not warmup_ok),
+                f"patience={c.patience!r}: expected None or an integer >= 1" * (c.patience is not None and c.patience < 1)]
     if any(problems): raise ValueError("fit: " + "; ".join(p for p in problems if p))
 
-# %% ../../nbs/train/20_training.ipynb #e12347b3
+# %% ../../nbs/train/20_training.ipynb #95a056cf
+@dataclass
+class _Training:
+    "One `fit` call's working state."
+    model: torch.nn.Module  # what is trained
+    trained: torch.nn.Module  # the model, or its DistributedDataParallel wrapper
+    config: FitConfig
+    device: torch.device
+    precision: str
+    monitor: str
+    compression: str  # the gradient compression in use under DDP
+    folder: RunFolder | None
+    progress: bool  # progress bars and epoch lines (rank 0)
+    settings: dict  # what a checkpoint must match
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    state: RunState | None = None
+
+    @property
+    def writes(self) -> bool: return self.folder is not None and current_world().is_main
+
+# %% ../../nbs/train/20_training.ipynb #121c49c0
+def _start(model, train_loader, config: FitConfig, output_dir, progress: bool) -> _Training:
+    "Device and precision resolved, the loader checked, the optimiser, schedule and loss scaler made."
+    device = resolve_device(config.device)
+    precision = resolve_precision(config.precision, device)
+    monitor, world = config.monitor or model_task(model).monitor, current_world()
+    compression = choose_compression(config.gradient_compression, world)
+    _check_shared(train_loader, world.size)
+    model.to(device)
+    settings = checkpoint_settings(model, train_loader, config, monitor)
+    optimizer = OPTIMIZERS[config.optimizer](model.parameters(), lr=config.lr, betas=config.betas,
+                                            weight_decay=config.weight_decay, fused=device.type in ("cpu", "cuda"))
+    steps = len(train_loader)
+    scheduler = make_schedule(optimizer, config.schedule, int(config.warmup_epochs * steps), config.epochs * steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    folder = RunFolder(output_dir) if output_dir is not None else None
+    return _Training(model, model, config, device, precision, monitor, compression, folder,
+                     progress and world.is_main, settings, optimizer, scheduler, scaler)
+
+# %% ../../nbs/train/20_training.ipynb #607aa122
+def _resume(t: _Training, resume: bool):
+    "The run's state: new, or restored from its checkpoint; the model wrapped for DDP."
+    checkpoint = t.folder.read_checkpoint(t.settings) if resume else None
+    t.state = RunState.restore(checkpoint, t.model, t.optimizer, t.scheduler, t.scaler)
+    if t.progress and t.state.history: print(f"resuming {t.folder.path} after epoch {t.state.next_epoch - 1}")
+    _check_same_start(t.state.next_epoch, t.folder)
+    if current_world().size > 1:
+        ids = [t.device] if t.device.type == "cuda" else None
+        t.trained = torch.nn.parallel.DistributedDataParallel(t.model, device_ids=ids)
+        compress_gradients(t.trained, t.compression)
+
+# %% ../../nbs/train/20_training.ipynb #654d5d80
+def _train_epochs(t: _Training, train_loader, valid_loader, start: float) -> tuple:
+    "Train up to `epochs` (or until `patience` stops it): the kept epoch's and the last epoch's predictions."
+    c, state, kept, last = t.config, t.state, None, None
+    keep_best = c.keep_best and valid_loader is not None
+    for epoch in range(state.next_epoch, c.epochs + 1):
+        if agree(state.best["epoch"] is not None and c.patience is not None and epoch - state.best["epoch"] > c.patience):
+            break
+        if hasattr(train_loader.sampler, "set_epoch"): train_loader.sampler.set_epoch(epoch)
+        row, valid, last = _epoch(t, train_loader, valid_loader, f"epoch {epoch}/{c.epochs}")
+        state.history.append({"epoch": epoch, **row})
+        if state.keep_if_best(valid, t.monitor, t.model if keep_best else None): kept = last
+        if t.writes:
+            checkpoint = state.checkpoint(t.model, t.optimizer, t.scheduler, t.scaler, t.settings, time.time() - start)
+            t.folder.write_epoch(state.history, checkpoint)
+    return kept, last
+
+# %% ../../nbs/train/20_training.ipynb #dbe7fddb
+def _kept(t: _Training, valid_loader, kept_predictions, last_predictions) -> tuple[dict, Predictions | None]:
+    "The kept epoch's history row, with the model holding its weights, and its validation predictions."
+    state, keep_best = t.state, t.config.keep_best and valid_loader is not None
+    if keep_best and state.best["state"] is not None: t.model.load_state_dict(state.best["state"])
+    kept = (state.history[state.best["epoch"] - 1] if keep_best else state.history[-1]) if state.history else {}
+    if valid_loader is not None and state.history and (kept_predictions is None or not keep_best):
+        last_is_kept = not keep_best and last_predictions is not None
+        kept_predictions = last_predictions if last_is_kept else predict(t.model, valid_loader, t.device, t.precision)
+    return kept, kept_predictions
+
+# %% ../../nbs/train/20_training.ipynb #582c4475
+def _facts(t: _Training, train_loader, valid_loader, kept: dict, seconds: float) -> dict:
+    "What metrics.json records about the run besides its metrics."
+    c, world = t.config, current_world()
+    return {"epochs": c.epochs, "epochs_run": len(t.state.history), "kept_epoch": kept.get("epoch"),
+            "monitor": t.monitor, "n_train": len(train_loader.dataset),
+            "n_valid": len(valid_loader.dataset) if valid_loader is not None else 0,
+            "batch_size": train_loader.batch_size, "world_size": world.size, "lr": c.lr,
+            "optimizer": c.optimizer, "schedule": c.schedule, "warmup_epochs": c.warmup_epochs,
+            "train_seconds": seconds, "device": str(t.device), "precision": t.precision,
+            "gradient_compression": t.compression if world.size > 1 else "none",
+            "instance_threshold": c.instance_threshold,
+            **{name: getattr(getattr(t.model, "config", None), name, None)
+               for name in ("pooling", "dropout", "max_instance_loss")}}
+
+# %% ../../nbs/train/20_training.ipynb #fc6875f0
 def fit(model: torch.nn.Module,  # the model to train (an `AttentionMIL`); it ends holding the kept epoch's weights
         train_loader,  # `bag_loader(..., shuffle=True)` over the training bags (under torchrun: this rank's share)
         valid_loader=None,  # `bag_loader` over the validation bags, predicted after every epoch (None: no validation)
-        epochs: int = 10,  # the last epoch to train (a resumed run goes on up to it)
-        lr: float = 1e-4,  # the learning rate (the peak of a schedule)
-        betas: tuple[float, float] = (0.9, 0.999),  # Adam's betas
-        weight_decay: float = 5e-4,  # an L2 penalty (adam) or the decay of the weights per unit of lr (adamw)
-        optimizer: str = "adam",  # "adam" (weight decay as an L2 penalty) or "adamw" (decoupled weight decay)
-        schedule: str = "constant",  # the learning rate per step: "constant" or "cosine" (down to 0 at the end)
-        warmup_epochs: float = 0,  # epochs of linear warm-up to `lr` first (< epochs)
-        device: str = "auto",  # "auto" (CUDA when present, else CPU), "cpu", "cuda", "cuda:1", ...
-        precision: str = "auto",  # "auto" (bf16 where native, else fp32), "fp32", "bf16", "fp16" (CUDA AMP)
+        config: FitConfig | None = None,  # how to train (None: `FitConfig()`)
         output_dir: str | os.PathLike | None = None,  # folder for checkpoint.pt, history.csv, model.pt, metrics.json
         resume: bool = False,  # continue from output_dir/checkpoint.pt when there is one
-        monitor: str | None = None,  # validation metric that picks the kept epoch (None: the task's, AUC or QWK)
-        keep_best: bool = True,  # keep the best epoch's weights on `monitor` (False: the last epoch's)
-        patience: int | None = None,  # stop after this many epochs without a better `monitor` (None: never)
         tiling: TilingConfig | None = None,  # how the tiles were cut: saved with the model, for serving
-        gradient_compression: str = "auto",  # under DDP: "none", "fp16", "bf16"; auto: on across machines
-        instance_threshold: float = INSTANCE_THRESHOLD,  # validation instance AUC: tumour from this malignant share
         progress: bool = True,  # progress bars and one line per epoch
+        **settings,  # `FitConfig` fields, over `config`'s (e.g. epochs=4, lr=1e-3)
        ) -> FitResult:
     "Train `model` on `train_loader`, validating on `valid_loader` (if any) every epoch; what it learnt."
-    _check_arguments(epochs, lr, weight_decay, patience, resume, output_dir, optimizer, schedule, warmup_epochs)
-    device = resolve_device(device)
-    precision = resolve_precision(precision, device)
-    monitor, world = monitor or model_task(model).monitor, current_world()
-    compression = choose_compression(gradient_compression, world)
-    _check_shared(train_loader, world.size)
-    folder = RunFolder(output_dir) if output_dir is not None else None
-    writes, progress = folder is not None and world.is_main, progress and world.is_main
-    keep_best = keep_best and valid_loader is not None
-    model.to(device)
-    settings = _settings(model, train_loader, lr, betas, weight_decay, monitor, optimizer, schedule, warmup_epochs,
-                         epochs)
-    optim = OPTIMIZERS[optimizer](model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay,
-                                  fused=device.type in ("cpu", "cuda"))
-    scheduler = make_schedule(optim, schedule, int(warmup_epochs * len(train_loader)), epochs * len(train_loader))
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    run = _RunState.restore(folder.read_checkpoint(settings) if resume else None, model, optim, scheduler, scaler)
-    if progress and run.history: print(f"resuming {output_dir} after epoch {run.next_epoch - 1}")
-    _check_same_start(run.next_epoch, folder)
-    trained = model if world.size == 1 else torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[device] if device.type == "cuda" else None)
-    if world.size > 1: compress_gradients(trained, compression)
-    start, kept_predictions, predictions = time.time() - run.elapsed, None, None
-    for epoch in range(run.next_epoch, epochs + 1):
-        if agree(run.best["epoch"] is not None and patience is not None and epoch - run.best["epoch"] > patience): break
-        if hasattr(train_loader.sampler, "set_epoch"): train_loader.sampler.set_epoch(epoch)
-        row, valid, predictions = _epoch(trained, model, train_loader, valid_loader, optim, scheduler, scaler,
-                                         device, precision, progress, f"epoch {epoch}/{epochs}", instance_threshold)
-        run.history.append({"epoch": epoch, **row})
-        if run.keep_if_best(valid, monitor, model if keep_best else None): kept_predictions = predictions
-        if writes:
-            checkpoint = run.checkpoint(model, optim, scheduler, scaler, settings, time.time() - start)
-            folder.write_epoch(run.history, checkpoint)
-    if keep_best and run.best["state"] is not None: model.load_state_dict(run.best["state"])
-    kept = (run.history[run.best["epoch"] - 1] if keep_best else run.history[-1]) if run.history else {}
-    if valid_loader is not None and run.history and (kept_predictions is None or not keep_best):
-        last_is_kept = not keep_best and predictions is not None
-        kept_predictions = predictions if last_is_kept else predict(model, valid_loader, device, precision)
-    facts = {"epochs": epochs, "epochs_run": len(run.history), "kept_epoch": kept.get("epoch"), "monitor": monitor,
-             "n_train": len(train_loader.dataset),
-             "n_valid": len(valid_loader.dataset) if valid_loader is not None else 0,
-             "batch_size": train_loader.batch_size, "world_size": world.size, "lr": lr,
-             "optimizer": optimizer, "schedule": schedule, "warmup_epochs": warmup_epochs,
-             "train_seconds": time.time() - start, "device": str(device), "precision": precision,
-             "gradient_compression": compression if world.size > 1 else "none",
-             "instance_threshold": instance_threshold,
-             **{name: getattr(getattr(model, "config", None), name, None)
-                for name in ("pooling", "dropout", "max_instance_loss")}}
-    facts |= _learning_verdict(kept, kept_predictions, monitor)
-    metrics = {k: v for k, v in kept.items() if k.startswith("val_")} | facts
-    if writes: folder.write_result(model, metrics, tiling)
+    config = replace(config or FitConfig(), **settings)
+    if resume and output_dir is None: raise ValueError("fit: resume=True needs the output_dir of the run to resume")
+    t = _start(model, train_loader, config, output_dir, progress)
+    _resume(t, resume)
+    start = time.time() - t.state.elapsed
+    kept, predictions = _kept(t, valid_loader, *_train_epochs(t, train_loader, valid_loader, start))
+    facts = _facts(t, train_loader, valid_loader, kept, time.time() - start)
+    metrics = {k: v for k, v in kept.items() if k.startswith("val_")} | facts | learning_verdict(kept, predictions, t.monitor)
+    if t.writes: t.folder.write_result(model, metrics, tiling)
     barrier()  # the other ranks go on once rank 0's files are written
-    return FitResult(pd.DataFrame(run.history), metrics, kept.get("epoch"), kept_predictions)
-
-# %% ../../nbs/train/20_training.ipynb #ebd16abd
-def _learning_verdict(kept: dict, predictions: Predictions | None, monitor: str) -> dict:
-    "metrics.json's `learnt` and `learnt_reason` for the kept epoch's history row and validation predictions."
-    if not kept: return {"learnt": False, "learnt_reason": "no epoch ran"}
-    prior = kept.get("train_prior_loss", float("nan"))  # NaN (no verdict on the loss): a row of an older checkpoint
-    failures = learning_failures(kept["train_loss"], prior, predictions, monitor)
-    return {"learnt": not failures, "learnt_reason": "; ".join(failures) or None}
+    return FitResult(pd.DataFrame(t.state.history), metrics, kept.get("epoch"), predictions)
 
 # %% ../../nbs/train/20_training.ipynb #7e254650
-def _epoch(trained, model, train_loader, valid_loader, optimizer, scheduler, scaler, device, precision,
-           progress: bool, desc: str, instance_threshold: float) -> tuple[dict, dict, Predictions | None]:
+def _epoch(t: _Training, train_loader, valid_loader, desc: str) -> tuple[dict, dict, Predictions | None]:
     "Train one epoch, then predict the validation bags: the history row, the validation metrics, the predictions."
     epoch_start = time.time()
-    train_loss, n_bags, labels = train_epoch(trained, train_loader, optimizer, scheduler, scaler, device, precision,
-                                             progress, desc)
+    train_loss, n_bags, labels = train_epoch(t.trained, train_loader, t.optimizer, t.scheduler, t.scaler, t.device,
+                                             t.precision, t.progress, desc)
     train_seconds = time.time() - epoch_start
-    predictions = predict(model, valid_loader, device, precision) if valid_loader is not None else None
-    valid = {} if predictions is None else task_metrics(predictions) | instance_metrics(predictions, instance_threshold)
-    if progress: print(f"{desc.split('/')[0]}: train loss {train_loss:.4f}" + "".join(
+    predictions = predict(t.model, valid_loader, t.device, t.precision) if valid_loader is not None else None
+    valid = {} if predictions is None else \
+        task_metrics(predictions) | instance_metrics(predictions, t.config.instance_threshold)
+    if t.progress: print(f"{desc.split('/')[0]}: train loss {train_loss:.4f}" + "".join(
         f", val {k} {valid[k]:.4f}" for k in ("loss", "auc", "qwk", "accuracy") if k in valid))
-    row = {"train_loss": train_loss, "train_prior_loss": prior_loss(model_task(model), labels),
-           "lr": scheduler.get_last_lr()[0], **{f"val_{k}": v for k, v in valid.items()},
+    row = {"train_loss": train_loss, "train_prior_loss": prior_loss(model_task(t.model), labels),
+           "lr": t.scheduler.get_last_lr()[0], **{f"val_{k}": v for k, v in valid.items()},
            "train_bags_per_s": n_bags / train_seconds, "seconds": time.time() - epoch_start}
     return row, valid, predictions
 
