@@ -16,7 +16,8 @@ from fastcore.docments import docments
 
 from ..core.checks import a_path, boolean, integer, number, one_of
 from ..core.devices import PRECISIONS, resolve_device, resolve_precision
-from ..core.distributed import BACKENDS, GRADIENT_COMPRESSIONS, LR_SCALINGS, World, choose_backend, choose_compression
+from ..core.distributed import (BACKENDS, GRADIENT_COMPRESSIONS, LR_SCALINGS, World, choose_backend,
+                                     choose_compression)
 from ..slides.synth import HARD_TUMOUR_SHARE, check_tumour_share
 from ..slides.tiling import MODES
 from ..bags.tasks import TASKS
@@ -57,14 +58,14 @@ def param(default, check):
 # %% ../../nbs/train/30_config.ipynb #31613756
 @dataclass
 class TrainConfig:
-    "The main job's parameters (`nbs/train.ipynb`), each checked when the config is made (one error names each bad one)."
+    "The main job's parameters (`nbs/train.ipynb`), each checked when the config is made (one error names each)."
     data_dir: str | None = param(None, a_path(none=True))  # PANDA-layout folder; None: the embedded synthetic data
     output_dir: str = param("runs/train", a_path())  # where model.pt, metrics.json, history.csv and figures go
     tiles_dir: str | None = param(None, a_path(none=True))  # tile store; None: OUTPUT_DIR/tiles (resumed)
     n_slides: int = param(192, integer(8))  # size of the embedded data set (used when data_dir is None)
     encoder: str = param("tile", one_of(("tile", *PRETRAINED_ENCODERS)))  # "tile": the seed's CNN, end to end
     encoder_weights: str | None = param(None, a_path(none=True))  # a pretrained encoder's checkpoint file or folder
-    features_dir: str | None = param(None, a_path(none=True))  # the pretrained encoder's features; None: OUTPUT_DIR/features
+    features_dir: str | None = param(None, a_path(none=True))  # a pretrained encoder's features; None: in output_dir
     tile_mode: str | None = param(None, one_of(MODES, none=True))  # "kaggle" or "tissue"; None: by encoder
     n_tiles: int = param(16, integer(0))  # tiles per bag (tissue mode: 0 keeps every tile with enough tissue)
     max_instances: int | None = param(256, integer(1, none=True))  # training: at most this many tiles of a bag per step
@@ -249,7 +250,8 @@ def parameter_defaults(parameters: dict,  # the main job's parameters (a `TrainC
     end_to_end_attention = encoder == "tile" and pooling in ATTENTION_POOLINGS
     default_data = parameters.get("data_dir") is None and parameters.get("tumour_share") is None
     defaults |= {"max_instance_loss": MAX_INSTANCE_LOSS if end_to_end_attention else 0.0,
-                 "epochs": DEFAULT_EPOCHS["embedded" if default_data else "other"], "model_seed": parameters.get("seed", 0)}
+                 "epochs": DEFAULT_EPOCHS["embedded" if default_data else "other"],
+                 "model_seed": parameters.get("seed", 0)}
     if end_to_end_attention: defaults["dropout"] = ATTENTION_DROPOUT
     return {name: value for name, value in defaults.items() if parameters.get(name) is None}
 

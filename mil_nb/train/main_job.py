@@ -18,7 +18,8 @@ from ..core.distributed import World, init_distributed, local_main_first, scaled
 from ..core.files import project_path
 from ..slides.panda import image_path, read_slide_table
 from ..slides.synth import DEFAULT_TUMOUR_SHARE, embedded_dataset
-from ..slides.tile_store import TileStore, ready_tile_store, tile_slides
+from ..slides.tile_store import TileStore, tile_slides
+from ..slides.tiled_elsewhere import ready_tile_store
 from ..bags.data import BagDataset, bag_loader
 from ..bags.splits import check_split_inputs, make_splits
 from ..models.encoders import ENCODER_WEIGHTS_FILE, encoder_from_name, save_encoder_weights, weights_fingerprint
@@ -139,7 +140,8 @@ def make_bags(run: Run, store: TileStore, slides: Slides, bags_store: TileStore)
     splits = make_splits(tiled, c.test_frac, c.valid_frac, c.folds, c.fold, c.seed, c.group_column, hashes,
                          c.split_file, verbose=run.world.is_main)
     if run.world.is_main: run.folder.write_table("splits", splits)
-    parts = {name: tiled[tiled.image_id.isin(splits.image_id[splits.split == name])] for name in ("train", "valid", "test")}
+    parts = {name: tiled[tiled.image_id.isin(splits.image_id[splits.split == name])]
+             for name in ("train", "valid", "test")}
     datasets = {name: BagDataset(bags_store, part, c.task) for name, part in parts.items()}
     return Bags(tiled, splits, datasets, _loaders(run, datasets))
 
@@ -151,7 +153,8 @@ def _loaders(run: Run, datasets: dict[str, BagDataset]) -> dict:
                  rank=run.world.rank)
     loaders = {name: bag_loader(datasets[name], c.batch_size, **share) for name in ("valid", "test")}
     loaders["train"] = bag_loader(datasets["train"], c.batch_size, shuffle=True, seed=c.model_seed,
-                                  max_instances=c.max_instances, augment=c.augment, stain_jitter=c.stain_jitter, **share)
+                                  max_instances=c.max_instances, augment=c.augment, stain_jitter=c.stain_jitter,
+                                  **share)
     for name, label in (("train", "train"), ("valid", "validation"), ("test", "test")):
         print(f"{label}: {len(datasets[name])} bags ({(datasets[name].labels > 0).mean():.0%} malignant)")
     return loaders
@@ -201,7 +204,8 @@ def score_test_set(run: Run, model: AttentionMIL, result: FitResult, bags: Bags)
     metrics |= {f"test_{k}": v for k, v in values.items()}
     if run.world.is_main:
         for name, split in (("valid", result.predictions), ("test", preds)):
-            run.folder.write_table(f"predictions_{name}", predictions_frame(split, bags.providers[split.image_ids].to_numpy()))
+            providers = bags.providers[split.image_ids].to_numpy()
+            run.folder.write_table(f"predictions_{name}", predictions_frame(split, providers))
         run.folder.write_metrics(metrics)
     return HeldOut(preds, metrics, values)
 

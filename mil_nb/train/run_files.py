@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 
 from ..core.files import atomic_path
-from ..models.model import save_model
+from ..models.saving import save_model
 from ..slides.tiling import TilingConfig
 
 # %% auto #0

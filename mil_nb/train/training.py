@@ -17,7 +17,8 @@ from tqdm.auto import tqdm
 
 from ..core.devices import autocast, resolve_device, resolve_precision
 from ..core.distributed import agree, all_sum, barrier, choose_compression, compress_gradients, current_world
-from ..evaluate.evaluation import INSTANCE_THRESHOLD, Predictions, instance_metrics, model_task, predict, task_metrics
+from ..evaluate.evaluation import (INSTANCE_THRESHOLD, Predictions, instance_metrics, model_task, predict,
+                                       task_metrics)
 from ..bags.tasks import prior_loss
 from ..slides.tiling import TilingConfig
 from .checkpoints import RunState, checkpoint_settings
@@ -104,13 +105,14 @@ def _check_fit_config(c: FitConfig):
     warmup_ok = isinstance(c.warmup_epochs, (int, float)) and not isinstance(c.warmup_epochs, bool) and (
         0 <= c.warmup_epochs < (c.epochs if epochs_ok else math.inf))
     number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+    decay_ok, patience_ok = number(c.weight_decay) and c.weight_decay >= 0, c.patience is None or c.patience >= 1
     problems = [f"epochs={c.epochs!r}: expected an integer >= 1" * (not epochs_ok),
                 f"lr={c.lr!r}: expected a number > 0" * (not number(c.lr) or not c.lr > 0),
-                f"weight_decay={c.weight_decay!r}: expected a number >= 0" * (not number(c.weight_decay) or not c.weight_decay >= 0),
+                f"weight_decay={c.weight_decay!r}: expected a number >= 0" * (not decay_ok),
                 f"optimizer={c.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}" * (c.optimizer not in OPTIMIZERS),
                 f"schedule={c.schedule!r}: expected one of {', '.join(SCHEDULES)}" * (c.schedule not in SCHEDULES),
                 f"warmup_epochs={c.warmup_epochs!r}: expected a number >= 0 and < epochs" * (not warmup_ok),
-                f"patience={c.patience!r}: expected None or an integer >= 1" * (c.patience is not None and c.patience < 1)]
+                f"patience={c.patience!r}: expected None or an integer >= 1" * (not patience_ok)]
     if any(problems): raise ValueError("fit: " + "; ".join(p for p in problems if p))
 
 # %% ../../nbs/train/20_training.ipynb #95a056cf
@@ -172,8 +174,8 @@ def _train_epochs(t: _Training, train_loader, valid_loader, start: float) -> tup
     c, state, kept, last = t.config, t.state, None, None
     keep_best = c.keep_best and valid_loader is not None
     for epoch in range(state.next_epoch, c.epochs + 1):
-        if agree(state.best["epoch"] is not None and c.patience is not None and epoch - state.best["epoch"] > c.patience):
-            break
+        waited = epoch - state.best["epoch"] if state.best["epoch"] is not None else 0
+        if agree(c.patience is not None and waited > c.patience): break
         if hasattr(train_loader.sampler, "set_epoch"): train_loader.sampler.set_epoch(epoch)
         row, valid, last = _epoch(t, train_loader, valid_loader, f"epoch {epoch}/{c.epochs}")
         state.history.append({"epoch": epoch, **row})
@@ -228,7 +230,8 @@ def fit(model: torch.nn.Module,  # the model to train (an `AttentionMIL`); it en
     start = time.time() - t.state.elapsed
     kept, predictions = _kept(t, valid_loader, *_train_epochs(t, train_loader, valid_loader, start))
     facts = _facts(t, train_loader, valid_loader, kept, time.time() - start)
-    metrics = {k: v for k, v in kept.items() if k.startswith("val_")} | facts | learning_verdict(kept, predictions, t.monitor)
+    verdict = learning_verdict(kept, predictions, t.monitor)
+    metrics = {k: v for k, v in kept.items() if k.startswith("val_")} | facts | verdict
     if t.writes: t.folder.write_result(model, metrics, tiling)
     barrier()  # the other ranks go on once rank 0's files are written
     return FitResult(pd.DataFrame(t.state.history), metrics, kept.get("epoch"), predictions)
