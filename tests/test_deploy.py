@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from mil_nb.cloud.deploy import deploy
-from mil_nb.serve.inference import npy_body
-from mil_nb.models.model import AttentionMIL, MILConfig, save_model
+from mil_nb.serve.wire_formats import npy_body
+from mil_nb.models.model import AttentionMIL, MILConfig
+from mil_nb.models.saving import save_model
 from mil_nb.slides.tiling import TilingConfig
 from mil_nb.slides.synth import make_synthetic_panda
 

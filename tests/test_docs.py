@@ -11,8 +11,8 @@ from mil_nb.core import distributed, files
 from mil_nb.evaluate import evaluation, geojson
 from mil_nb.models import encoders, features
 from mil_nb.score import cohort, scorer
-from mil_nb.serve import inference, server
-from mil_nb.slides import panda, tile_store, tiling
+from mil_nb.serve import admission, inference, server
+from mil_nb.slides import panda, tile_store, tiled_elsewhere, tiling
 from mil_nb.train import training
 
 PUBLIC = [training.fit, training.make_schedule, data.bag_loader, data.augment_tiles, data.jitter_hed_stains,
@@ -20,13 +20,13 @@ PUBLIC = [training.fit, training.make_schedule, data.bag_loader, data.augment_ti
           evaluation.predict, inference.predict, inference.predict_bag, cohort.predict_cohort, scorer.load_models,
           geojson.tile_geojson, processing.launch_processing, processing.launch_predict, processing.launch_tiling,
           processing.merge_scores, local_processing.run_predict_local, local_processing.run_tiling_local,
-          tile_store.merge_tile_stores, tile_store.ready_tile_store, distributed.compress_gradients,
+          tiled_elsewhere.merge_tile_stores, tiled_elsewhere.ready_tile_store, distributed.compress_gradients,
           encoders.encoder_from_name, encoders.load_encoder_weights, encoders.attach_tile_encoder,
           encoders.find_encoder_weights, features.extract_features, features.cached_features, features.encoder_mpp,
           features.bench_features, files.checked_file, files.read_json_object, files.npz_header,
           panda.check_table_ids, panda.read_result_table, processing.shard_meta, processing.read_shard,
-          geojson.geojson_max_bytes, server.create_app, server.spool_body, server.server_options,
-          server.hypercorn_config, server.Admission]
+          geojson.geojson_max_bytes, server.create_app, admission.spool_body, server.server_options,
+          server.hypercorn_config, admission.Admission]
 
 
 @pytest.mark.parametrize("function", PUBLIC, ids=lambda f: f"{f.__module__}.{f.__name__}")

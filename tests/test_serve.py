@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from mil_nb.bags.data import Bag, collate_bags
-from mil_nb.serve.inference import npy_body
-from mil_nb.models.model import AttentionMIL, MILConfig, load_model, save_model
+from mil_nb.serve.wire_formats import npy_body
+from mil_nb.models.model import AttentionMIL, MILConfig
+from mil_nb.models.saving import load_model, save_model
 from mil_nb.serve.server import bench_serve, post, running_server
 from mil_nb.slides.synth import make_synthetic_panda
 from mil_nb.slides.tiling import TilingConfig, tile_slide

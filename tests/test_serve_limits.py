@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from mil_nb.serve.inference import npy_body
-from mil_nb.models.model import AttentionMIL, MILConfig, save_model
+from mil_nb.serve.wire_formats import npy_body
+from mil_nb.models.model import AttentionMIL, MILConfig
+from mil_nb.models.saving import save_model
 from mil_nb.core.net import free_port
 from mil_nb.serve.server import post, running_server
 from mil_nb.slides.readers import write_bomb

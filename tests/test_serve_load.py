@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from mil_nb.serve.inference import npy_body
+from mil_nb.serve.wire_formats import npy_body
 from mil_nb.serve.server import post, running_server
 from mil_nb.slides.readers import write_bomb
 from test_serve_limits import connect, memory_mb, ping, random_model_dir, read_answer

@@ -12,8 +12,8 @@ import torch
 from conftest import run_job
 from mil_nb.bags.data import Bag, collate_bags
 from mil_nb.models.encoders import attach_tile_encoder, encoder_from_name, save_encoder_weights
-from mil_nb.serve.inference import npy_body
-from mil_nb.models.model import load_model
+from mil_nb.serve.wire_formats import npy_body
+from mil_nb.models.saving import load_model
 from mil_nb.serve.server import post, running_server
 
 

@@ -25,7 +25,7 @@ __all__ = ['ENTRY_SCRIPT', 'CONTAINER_CODE', 'write_entry_source', 'serving_envi
 
 # %% ../../nbs/cloud/50_deploy.ipynb #55af8a70
 ENTRY_SCRIPT = '''"SageMaker PyTorch container entry script: mil_nb's serving functions."
-from mil_nb.serve.inference import input_fn, model_fn, output_fn, predict_fn
+from mil_nb.serve.handlers import input_fn, model_fn, output_fn, predict_fn
 '''
 
 def write_entry_source(dest: str | Path) -> Path:
@@ -33,7 +33,8 @@ def write_entry_source(dest: str | Path) -> Path:
     dest = Path(dest)
     copy_package(dest)
     (dest/"inference.py").write_text(ENTRY_SCRIPT)
-    requirements = imported_requirements(["mil_nb.serve.inference"], extra=["transformers"])  # two-stage models' encoders
+    # transformers: two-stage models' encoders
+    requirements = imported_requirements(["mil_nb.serve.handlers"], extra=["transformers"])
     (dest/"requirements.txt").write_text("\n".join(requirements) + "\n")
     return dest
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import functools
 import http.client
 import json
@@ -36,92 +35,22 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .inference import (BadRequest, RequestLimits, ServedModel, accepts_json, decode_request, encode_answer,
-                                load_served_model, media_type, npy_body, predict, setting, too_large)
-from ..models.model import AttentionMIL, MILConfig, save_model
+from .admission import Admission, release_memory, spool_body
+from .inference import BadRequest, RequestLimits, ServedModel, load_served_model, predict, setting
+from .wire_formats import accepts_json, decode_request, encode_answer, media_type, npy_body
+from ..models.model import AttentionMIL, MILConfig
+from ..models.saving import save_model
 from ..core.net import free_port
 from ..core.parallel import die_with_parent
 
 # %% auto #0
-__all__ = ['SPOOL_BYTES', 'STAGE_OPTIONS', 'SERVER_OPTIONS', 'BACKLOG', 'spool_body', 'answer', 'Admission', 'release_memory',
-           'create_app', 'server_options', 'hypercorn_config', 'raise_open_files_limit', 'serve_cli', 'wait_for_ping',
-           'ServerURL', 'running_server', 'post', 'bench_serve']
-
-# %% ../../nbs/serve/20_server.ipynb #11863b37
-SPOOL_BYTES = 2**20  # a body arriving is held in memory up to this size, then in a temporary file
-
-def _too_slow(size: int, elapsed: float, quiet: float, timeout_s: float, min_rate: float) -> BadRequest:
-    return BadRequest(f"the body arrived too slowly: {size:,} bytes in {elapsed:.1f} s, none in the last {quiet:.1f} s "
-                      f"(the limits: body_timeout_s={timeout_s:g} between chunks, and after it "
-                      f"min_body_kib_s={min_rate / 2**10:g} on average)", 408)
-
-# %% ../../nbs/serve/20_server.ipynb #492514bc
-async def spool_body(request: Request,  # the request whose body is read
-                     max_bytes: int,  # the largest body: 413 once it is declared or read to be larger
-                     timeout_s: float,  # the longest wait for the next chunk, and the grace before `min_rate`: 408
-                     min_rate: float,  # bytes per second the body must average once `timeout_s` has passed: 408
-                    ) -> tempfile.SpooledTemporaryFile:
-    "The request's body in a spool at its start: memory up to `SPOOL_BYTES`, then a temporary file."
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > max_bytes: raise too_large(int(declared), max_bytes)
-    spool, size, chunks = tempfile.SpooledTemporaryFile(SPOOL_BYTES), 0, request.stream()
-    loop = asyncio.get_running_loop()
-    start = last = loop.time()
-    with contextlib.ExitStack() as on_error:
-        on_error.callback(spool.close)
-        while True:
-            wait = min(timeout_s, start + timeout_s + size / min_rate - loop.time())  # until under min_rate
-            try: chunk = await asyncio.wait_for(anext(chunks), max(wait, 0))
-            except StopAsyncIteration: break
-            except TimeoutError:
-                now = loop.time()
-                raise _too_slow(size, now - start, now - last, timeout_s, min_rate) from None
-            size, last = size + len(chunk), loop.time()
-            if size > max_bytes: raise too_large(size, max_bytes)
-            spool.write(chunk)
-        on_error.pop_all()
-    spool.seek(0)
-    return spool
+__all__ = ['SERVER_OPTIONS', 'BACKLOG', 'answer', 'create_app', 'server_options', 'hypercorn_config', 'raise_open_files_limit',
+           'serve_cli', 'wait_for_ping', 'ServerURL', 'running_server', 'post', 'bench_serve']
 
 # %% ../../nbs/serve/20_server.ipynb #af1db72b
 def answer(served: ServedModel, body: typing.BinaryIO, content_type: str | None, accept: str | None) -> str:
     "The JSON answer to the request whose `body` is read here (this runs in a worker thread)."
     return encode_answer(predict(served, decode_request(body.read(), content_type, served.limits)), accept)
-
-# %% ../../nbs/serve/20_server.ipynb #d38ad446
-class Admission:
-    "Requests by stage, each stage bounded (503 beyond it): bodies arriving, and bodies waiting for or on the model."
-    def __init__(self,
-                 running: int,  # requests on the model at once
-                 waiting: int,  # more requests whose body has arrived, waiting for a turn
-                 uploading: int,  # requests whose body is arriving
-                ):
-        self.limits = {"uploading": uploading, "queued": running + waiting}
-        self.counts, self.model = dict.fromkeys(self.limits, 0), asyncio.Semaphore(running)
-
-    def check(self, stage: str):
-        "`BadRequest` (503) if `stage` is full."
-        if self.counts[stage] >= self.limits[stage]:
-            raise BadRequest(f"the server is busy: {self.counts[stage]} requests {stage} (the limit: "
-                             f"{STAGE_OPTIONS[stage]}); retry later", 503)
-
-    @contextlib.asynccontextmanager
-    async def stage(self, stage: str):
-        "Hold a place in `stage` ('uploading' or 'queued'), or 503."
-        self.check(stage)
-        self.counts[stage] += 1
-        try: yield
-        finally: self.counts[stage] -= 1
-
-# %% ../../nbs/serve/20_server.ipynb #17f3235a
-STAGE_OPTIONS = {"uploading": "max_uploads", "queued": "max_concurrency + max_queue"}
-
-#| export
-_malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc's; None elsewhere
-
-def release_memory():
-    "Hand the memory Python freed back to the system (glibc keeps freed heap pages otherwise)."
-    if _malloc_trim is not None: _malloc_trim(0)
 
 # %% ../../nbs/serve/20_server.ipynb #7e3a9c15
 _HEADERS = {408: {"Connection": "close"}, 413: {"Connection": "close"}, 503: {"Retry-After": "1"}}
