@@ -12,7 +12,7 @@ from mil_nb.core.net import free_port
 
 from mil_nb.bags.data import bag_loader
 from mil_nb.evaluate.evaluation import predict, task_metrics
-from mil_nb.models.model import load_model
+from mil_nb.models.saving import load_model
 
 sys.path.insert(0, str(Path(__file__).parent))
 from ddp_fit import toy_bags, toy_model, train  # noqa: E402

@@ -9,7 +9,8 @@ import pytest
 from mil_nb.bags.data import BagDataset, bag_loader
 from mil_nb.bags.splits import split_slides
 from mil_nb.models.features import extract_features
-from mil_nb.models.model import AttentionMIL, MILConfig, load_model
+from mil_nb.models.model import AttentionMIL, MILConfig
+from mil_nb.models.saving import load_model
 from mil_nb.slides.panda import read_slide_table
 from mil_nb.slides.tile_store import TileStore
 from mil_nb.train.training import fit

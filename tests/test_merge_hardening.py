@@ -14,7 +14,8 @@ import pytest
 from mil_nb.score.cohort import cohort_sources, predict_cohort
 from mil_nb.core.devices import set_seed
 from mil_nb.cloud.launch_commands import launch_cli
-from mil_nb.models.model import AttentionMIL, MILConfig, save_model
+from mil_nb.models.model import AttentionMIL, MILConfig
+from mil_nb.models.saving import save_model
 from mil_nb.slides.synth import make_synthetic_panda
 from mil_nb.slides.tiling import TilingConfig
 

@@ -18,7 +18,8 @@ from mil_nb.score.cohort import predict_cli
 from mil_nb.bags.data import Bag
 from mil_nb.core.devices import set_seed
 from mil_nb.serve.inference import load_served_model, predict_bag
-from mil_nb.models.model import AttentionMIL, MILConfig, save_model
+from mil_nb.models.model import AttentionMIL, MILConfig
+from mil_nb.models.saving import save_model
 from mil_nb.cloud.processing import launch_predict
 from mil_nb.slides.readers import open_slide
 from mil_nb.slides.tiling import TilingConfig, tile_side_level0, tile_slide

@@ -10,7 +10,8 @@ from mil_nb.bags.data import BagDataset, bag_loader
 from mil_nb.bags.splits import split_slides
 from mil_nb.evaluate.evaluation import predict, task_metrics
 from mil_nb.serve.inference import ServedModel, predict_bag
-from mil_nb.models.model import AttentionMIL, MILConfig, load_model
+from mil_nb.models.model import AttentionMIL, MILConfig
+from mil_nb.models.saving import load_model
 from mil_nb.slides.panda import read_slide_table
 from mil_nb.bags.tasks import TASKS, Task, register_task
 from mil_nb.slides.tile_store import tile_slides

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from mil_nb.models.model import load_model
+from mil_nb.models.saving import load_model
 from mil_nb.cloud.processing import launch_tiling
 from mil_nb.slides.tile_store import TileStore
 from conftest import REPO, ROLE, moto_session

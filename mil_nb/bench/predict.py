@@ -12,10 +12,11 @@ import pandas as pd
 
 from ..score.cohort import predict_cohort
 from ..core.devices import set_seed
-from ..models.model import AttentionMIL, MILConfig, save_model
+from ..models.model import AttentionMIL, MILConfig
+from ..models.saving import save_model
 from ..core.parallel import in_fresh_process, parallel_map
 from ..score.scorer import load_models, tile_for_scoring
-from ..slides.readers import SlideLimits
+from ..slides.slide_reader import SlideLimits
 from ..slides.synth import embedded_dataset
 from ..slides.tile_store import slide_sources
 from ..slides.tiling import TilingConfig

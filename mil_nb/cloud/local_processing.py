@@ -17,7 +17,7 @@ from pathlib import Path
 from ..core.parallel import die_with_parent
 from .processing import (OUTPUTS, PROCESSING_ENTRY, check_predict_options, check_tile_options, merge_scores,
                                write_processing_source)
-from ..slides.tile_store import merge_tile_stores
+from ..slides.tiled_elsewhere import merge_tile_stores
 
 # %% auto #0
 __all__ = ['SHARDED', 'REPLICATED', 'MODEL', 'run_local_job', 'run_predict_local', 'run_tiling_local']

@@ -6,22 +6,20 @@
 from __future__ import annotations
 
 import numbers
-import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from fastcore.basics import patch
 
-from ..bags.data import Bag, collate_bags
-from ..core.files import atomic_path
 from ..bags.tasks import TASKS, get_task
 from ..slides.tiling import TilingConfig
 
 # %% auto #0
 __all__ = ['ENCODERS', 'POOLINGS', 'ATTENTION_POOLINGS', 'SIZE_LIMITS', 'MILConfig', 'ConvEncoder', 'TileEncoder', 'MNISTEncoder',
            'FeatureInput', 'masked_softmax', 'AttentionPool', 'MeanPool', 'MaxPool', 'instance_mean_logit',
-           'AttentionMIL', 'check_mil_invariants', 'save_model', 'load_model']
+           'AttentionMIL']
 
 # %% ../../nbs/models/10_model.ipynb #bad4cc77
 ENCODERS = ("tile", "mnist", "identity")
@@ -224,169 +222,73 @@ class AttentionMIL(nn.Module):
         if self.tile_encoder is not None: self.tile_encoder.eval()
         return self
 
-    def _encode(self, instances: torch.Tensor) -> torch.Tensor:
-        "Embeddings of (n, ...) instances, encoded `encode_chunk` at a time."
-        return torch.cat([self._encode_padded(chunk) for chunk in instances.split(self.encode_chunk)])
+# %% ../../nbs/models/10_model.ipynb #d7f99daf
+@patch
+def _encode(self: AttentionMIL, instances: torch.Tensor) -> torch.Tensor:
+    "Embeddings of (n, ...) instances, encoded `encode_chunk` at a time."
+    return torch.cat([self._encode_padded(chunk) for chunk in instances.split(self.encode_chunk)])
 
-    def _encode_padded(self, instances: torch.Tensor) -> torch.Tensor:
-        "Embeddings of (n, ...) instances, encoded in one call padded to the next of a few sizes per power of 2."
-        n = len(instances)
-        # n in [2^k, 2^(k+1)) rounds up to a multiple of 2^(k-2): < 25% more
-        padding = -n % (1 << max(n.bit_length() - 3, 0))
-        if padding: instances = torch.cat([instances, instances.new_zeros((padding, *instances.shape[1:]))])
-        if self.tile_encoder is not None: instances = self.tile_encoder(instances)
-        return self.encoder(instances)[:n]
+@patch
+def _encode_padded(self: AttentionMIL, instances: torch.Tensor) -> torch.Tensor:
+    "Embeddings of (n, ...) instances, encoded in one call padded to the next of a few sizes per power of 2."
+    n = len(instances)
+    # n in [2^k, 2^(k+1)) rounds up to a multiple of 2^(k-2): < 25% more
+    padding = -n % (1 << max(n.bit_length() - 3, 0))
+    if padding: instances = torch.cat([instances, instances.new_zeros((padding, *instances.shape[1:]))])
+    if self.tile_encoder is not None: instances = self.tile_encoder(instances)
+    return self.encoder(instances)[:n]
 
-    def _check(self, instances: torch.Tensor, mask: torch.Tensor):
-        if instances.shape[:2] != mask.shape:
-            raise ValueError(
-                f"instances {tuple(instances.shape)} and mask {tuple(mask.shape)} disagree on (bags, instances)"
-            )
-        expected = (self.config.tile_size, self.config.tile_size, self.config.channels)
-        if self.takes_tiles and tuple(instances.shape[2:]) != expected:
-            raise ValueError(f"instances are {tuple(instances.shape[2:])}; this model takes "
-                             f"{self.config.tile_size} x {self.config.tile_size} x {self.config.channels} tiles")
-        if not mask.any(dim=1).all(): raise ValueError("every bag needs at least one instance (mask has an empty row)")
+# %% ../../nbs/models/10_model.ipynb #da0962c9
+@patch
+def _check(self: AttentionMIL, instances: torch.Tensor, mask: torch.Tensor):
+    if instances.shape[:2] != mask.shape:
+        raise ValueError(
+            f"instances {tuple(instances.shape)} and mask {tuple(mask.shape)} disagree on (bags, instances)"
+        )
+    expected = (self.config.tile_size, self.config.tile_size, self.config.channels)
+    if self.takes_tiles and tuple(instances.shape[2:]) != expected:
+        raise ValueError(f"instances are {tuple(instances.shape[2:])}; this model takes "
+                         f"{self.config.tile_size} x {self.config.tile_size} x {self.config.channels} tiles")
+    if not mask.any(dim=1).all(): raise ValueError("every bag needs at least one instance (mask has an empty row)")
 
-    def forward(self,
-                instances: torch.Tensor,  # (B, N, S, S, C) uint8 tiles or (B, N, D) features, padded to N per bag
-                mask: torch.Tensor,  # (B, N) bool: True for each bag's real instances
-                max_instance: bool = False,  # also the max-instance logits (for the max-instance loss, training)
-               ) -> tuple:
-        "Logits ((B,) or (B, outputs)) and attention (B, N); with `max_instance`, also the max-instance logits."
-        self._check(instances, mask)
-        real = self.dropout(self.project(self._encode(instances[mask])))
-        embeddings = real.new_zeros((*mask.shape, real.shape[-1]))
-        embeddings[mask] = real
-        logits, attention = self._pool_and_classify(embeddings, mask)
-        if not max_instance: return logits, attention
-        return logits, attention, self._max_instance_logits(embeddings, mask)
+@patch
+def forward(self: AttentionMIL,
+            instances: torch.Tensor,  # (B, N, S, S, C) uint8 tiles or (B, N, D) features, padded to N per bag
+            mask: torch.Tensor,  # (B, N) bool: True for each bag's real instances
+            max_instance: bool = False,  # also the max-instance logits (for the max-instance loss, training)
+           ) -> tuple:
+    "Logits ((B,) or (B, outputs)) and attention (B, N); with `max_instance`, also the max-instance logits."
+    self._check(instances, mask)
+    real = self.dropout(self.project(self._encode(instances[mask])))
+    embeddings = real.new_zeros((*mask.shape, real.shape[-1]))
+    embeddings[mask] = real
+    logits, attention = self._pool_and_classify(embeddings, mask)
+    if not max_instance: return logits, attention
+    return logits, attention, self._max_instance_logits(embeddings, mask)
 
-    def _squeeze(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits.squeeze(-1) if self.config.n_outputs == 1 else logits
+# %% ../../nbs/models/10_model.ipynb #dce3ec27
+@patch
+def _squeeze(self: AttentionMIL, logits: torch.Tensor) -> torch.Tensor:
+    return logits.squeeze(-1) if self.config.n_outputs == 1 else logits
 
-    def _max_instance_logits(self, embeddings: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        "The bag classifier on the max-pooled embeddings, repeated for every attention head (training only)."
-        if not isinstance(self.pool, AttentionPool): raise ValueError("max-instance logits need an attention pooling")
-        pooled, _ = MaxPool()(embeddings, mask)
-        return self._squeeze(self.classifier(pooled.repeat(1, self.config.attention_branches)).float())
+@patch
+def _max_instance_logits(self: AttentionMIL, embeddings: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    "The bag classifier on the max-pooled embeddings, repeated for every attention head (training only)."
+    if not isinstance(self.pool, AttentionPool): raise ValueError("max-instance logits need an attention pooling")
+    pooled, _ = MaxPool()(embeddings, mask)
+    return self._squeeze(self.classifier(pooled.repeat(1, self.config.attention_branches)).float())
 
-    def _pool_and_classify(self, embeddings: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.pool is None:  # instance-level pooling: classify every instance, then pool probabilities
-            logits = self.classifier(embeddings).float()  # (B, N, outputs)
-            if self.config.pooling == "instance_max":
-                bag_logits = logits.masked_fill(~mask[..., None], float("-inf")).amax(1)
-            else:
-                bag_logits = instance_mean_logit(logits, mask)
-            attention = torch.sigmoid(logits[..., 0]) * mask
+@patch
+def _pool_and_classify(self: AttentionMIL, embeddings: torch.Tensor,
+                       mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if self.pool is None:  # instance-level pooling: classify every instance, then pool probabilities
+        logits = self.classifier(embeddings).float()  # (B, N, outputs)
+        if self.config.pooling == "instance_max":
+            bag_logits = logits.masked_fill(~mask[..., None], float("-inf")).amax(1)
         else:
-            pooled, attention = self.pool(embeddings, mask)
-            bag_logits = self.classifier(pooled).float()
-        return self._squeeze(bag_logits), attention
-
-# %% ../../nbs/models/10_model.ipynb #d5e6f038
-def check_mil_invariants(model: AttentionMIL, bags: list, eps: float = 1e-5):
-    "Assert the MIL properties of `model` on `bags` (`Bag`s of different sizes): masking, permutation invariance."
-    model.eval()
-    batch = collate_bags(bags)
-    with torch.no_grad():
-        logits, attention = model(batch.instances, batch.mask)
-        assert logits.shape[0] == attention.shape[0] == len(bags) and attention.shape[1] == batch.mask.shape[1]
-        assert (attention[~batch.mask] == 0).all(), "padded instances must get attention 0"
-        if model.config.pooling in ("attention", "gated_attention", "mean", "max"):
-            assert torch.allclose(attention.sum(1), torch.ones(len(bags)), atol=1e-5), "weights must sum to 1 per bag"
-        generator = torch.Generator().manual_seed(0)
-        for i, bag in enumerate(bags):
-            alone = collate_bags([bag])
-            logit_alone, attention_alone = model(alone.instances, alone.mask)
-            assert torch.allclose(logit_alone[0], logits[i], atol=eps), (
-                f"bag {i}: padding in a batch changed its output"
-            )
-            assert torch.allclose(attention_alone[0], attention[i, : len(bag)], atol=eps), (
-                f"bag {i}: padding changed its weights"
-            )
-            perm = torch.randperm(len(bag), generator=generator).numpy()
-            shuffled = collate_bags([Bag(bag.instances[perm], bag.label, bag.image_id)])
-            logit_shuffled, attention_shuffled = model(shuffled.instances, shuffled.mask)
-            assert torch.allclose(logit_shuffled[0], logits[i], atol=eps), (
-                f"bag {i}: shuffling its instances changed its output"
-            )
-            assert torch.allclose(attention_shuffled[0], attention_alone[0][perm], atol=eps), (
-                f"bag {i}: an instance's weight moved"
-            )
-
-# %% ../../nbs/models/10_model.ipynb #6251c2fd
-def save_model(model: AttentionMIL, path: str | os.PathLike, tiling: TilingConfig | None = None):
-    "Write the model's config, weights and tiling settings (`tiling`, else `model.tiling`) to `path` (atomically)."
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items() if not k.startswith("tile_encoder.")}
-    tiling = tiling or model.tiling
-    saved = {"config": asdict(model.config), "state_dict": state} | ({"tiling": asdict(tiling)} if tiling else {})
-    if model.pretrained_weights: saved["pretrained_weights"] = model.pretrained_weights
-    with atomic_path(path) as tmp: torch.save(saved, tmp)
-
-# %% ../../nbs/models/10_model.ipynb #3c7c95d0
-def _saved_config(path, saved) -> MILConfig:
-    "The `MILConfig` of a loaded `model.pt`, refused (naming `path` and the field) unless it is a valid one."
-    if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict) or \
-            not isinstance(saved.get("state_dict"), dict):
-        raise ValueError(f"{path}: not a file of save_model (a dict with a config and a state_dict)")
-    unknown = sorted(map(str, set(saved["config"]) - {field.name for field in fields(MILConfig)}))
-    if unknown: raise ValueError(f"{path}: config field(s) {', '.join(unknown)}: not fields of MILConfig")
-    try: return MILConfig(**saved["config"])
-    except (TypeError, ValueError) as error: raise ValueError(f"{path}: config: {error}") from None
-
-# %% ../../nbs/models/10_model.ipynb #4c730bf1
-def _shape_fields(config: MILConfig) -> dict[str, tuple[tuple[str, ...], ...]]:
-    "For each tensor whose shape the config sets, the config fields that set each of its dimensions."
-    instance = ("hidden_dim",) if config.hidden_dim else ("embed_dim",)
-    pooled = instance + (("attention_branches",) if config.pooling in ATTENTION_POOLINGS else ())
-    shapes = {"encoder.features.0.weight": ((), ("channels",)),
-              "encoder.embed.0.weight": (("embed_dim",), ("tile_size", "channels")),
-              "encoder.embed.0.bias": (("embed_dim",),),
-              "project.0.weight": (("hidden_dim",), ("embed_dim",)), "project.0.bias": (("hidden_dim",),),
-              "pool.score.weight": (("attention_branches",), ("attention_dim",)),
-              "classifier.weight": (("task",), pooled), "classifier.bias": (("task",),)}
-    for branch in ("tanh_branch", "gate"):
-        shapes[f"pool.{branch}.0.weight"] = (("attention_dim",), instance)
-        shapes[f"pool.{branch}.0.bias"] = (("attention_dim",),)
-    return shapes
-
-# %% ../../nbs/models/10_model.ipynb #63115025
-def _described(config: MILConfig, names: tuple[str, ...]) -> str:
-    return ", ".join(f"{name}={getattr(config, name)!r}" for name in names)
-
-# %% ../../nbs/models/10_model.ipynb #02a555a5
-def _check_state_dict(path, config: MILConfig, state: dict):
-    "Refuse (naming `path` and the config fields) a state dict whose tensors are not those `config` makes."
-    with torch.device("meta"): expected = {k: tuple(v.shape) for k, v in AttentionMIL(config).state_dict().items()}
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(map(str, set(state) - set(expected)))
-    if missing or unexpected:
-        problems = [f"{what} {', '.join(keys[:4])}{', ...' * (len(keys) > 4)}" for what, keys in
-                    (("the config makes", missing), ("the state dict has other tensors:", unexpected)) if keys]
-        raise ValueError(f"{path}: its config ({_described(config, ('encoder', 'pooling', 'hidden_dim'))}) does not "
-                         f"match its weights: {'; '.join(problems)}")
-    for key, shape in expected.items():
-        saved = tuple(state[key].shape) if isinstance(state[key], torch.Tensor) else None
-        if saved == shape: continue
-        dims = _shape_fields(config).get(key, ())
-        dim = next((i for i, (a, b) in enumerate(zip(saved or (), shape)) if a != b), None)
-        names = dims[dim] if dim is not None and dim < len(dims) and dims[dim] else tuple(SIZE_LIMITS)
-        raise ValueError(f"{path}: its config ({_described(config, names)}) does not match its weights: {key} is "
-                         f"{saved if saved is not None else 'not a tensor'} in the state dict, {shape} by the config")
-
-# %% ../../nbs/models/10_model.ipynb #352f3be9
-def load_model(path: str | os.PathLike,  # a file written by `save_model`
-               map_location: str | torch.device = "cpu",  # the device the model is built on and its weights loaded to
-              ) -> AttentionMIL:
-    "The `AttentionMIL` saved at `path`, on `map_location`, in eval mode, with its `tiling` (None if saved without)."
-    saved = torch.load(path, map_location=map_location, weights_only=True)
-    config = _saved_config(path, saved)
-    _check_state_dict(path, config, saved["state_dict"])  # before the network is built: its config cannot inflate it
-    model = AttentionMIL(config).to(map_location)
-    model.load_state_dict(saved["state_dict"])
-    model.tiling = TilingConfig(**saved["tiling"]) if "tiling" in saved else None
-    model.pretrained_weights = saved.get("pretrained_weights")
-    if model.tiling and model.tiling.tile_size != model.config.tile_size:
-        raise ValueError(f"{path}: its tiling makes {model.tiling.tile_size} px tiles, but the model takes "
-                         f"{model.config.tile_size} px tiles")
-    return model.eval()
+            bag_logits = instance_mean_logit(logits, mask)
+        attention = torch.sigmoid(logits[..., 0]) * mask
+    else:
+        pooled, attention = self.pool(embeddings, mask)
+        bag_logits = self.classifier(pooled).float()
+    return self._squeeze(bag_logits), attention

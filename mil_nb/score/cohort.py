@@ -28,7 +28,7 @@ from ..slides.panda import check_image_id, read_csv_table, read_slide_table, sho
 from ..core.parallel import parallel_imap
 from ..train.run_files import json_safe
 from .scorer import CohortModels, load_models, predict_bags, tile_for_scoring, tile_measurements
-from ..slides.readers import SlideLimits
+from ..slides.slide_reader import SlideLimits
 from ..bags.tasks import get_task
 from ..slides.tile_store import MAX_TILES, check_output_folder, slide_sources
 from ..slides.tiling import TilingConfig

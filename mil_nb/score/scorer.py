@@ -23,7 +23,8 @@ from ..core.devices import autocast
 from ..models.encoders import MODEL_FILES
 from ..serve.inference import ServedModel, load_served_model
 from ..slides.panda import check_image_id
-from ..slides.readers import SlideLimits, open_slide
+from ..slides.readers import open_slide
+from ..slides.slide_reader import SlideLimits
 from ..slides.tiling import TilingConfig, tile_side_level0, tile_slide
 
 # %% auto #0

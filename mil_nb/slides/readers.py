@@ -5,141 +5,22 @@
 # %% ../../nbs/slides/30_readers.ipynb #09083e45
 from __future__ import annotations
 
-import dataclasses
 import io
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import openslide
 import tifffile
 import zarr
+from fastcore.basics import patch
 from PIL import Image
 
+from .slide_reader import RGB_BYTES, SlideLimits, SlideReader
+
 # %% auto #0
-__all__ = ['LIMIT_VARIABLES', 'RGB_BYTES', 'PHOTOMETRICS', 'MAX_PAGES', 'MAX_SAMPLES', 'ARGB_BYTES', 'TIFF_SUFFIXES',
-           'SLIDE_SUFFIXES', 'SlideLimits', 'SlideReader', 'check_pages', 'check_samples', 'TiffReader',
-           'OpenSlideReader', 'open_slide', 'write_bomb', 'write_wide_tiff', 'write_svs']
-
-# %% ../../nbs/slides/30_readers.ipynb #4c0e9a61
-LIMIT_VARIABLES = {"level_pixels": "MIL_NB_MAX_LEVEL_PIXELS", "thumbnail_pixels": "MIL_NB_MAX_THUMBNAIL_PIXELS",
-                   "slide_pixels": "MIL_NB_MAX_SLIDE_PIXELS"}
-RGB_BYTES = 3  # the limits count px of 8-bit RGB: a limit of N px admits 3N bytes decoded
-
-@dataclass(frozen=True)
-class SlideLimits:
-    "The most pixels a slide may make a reader decode, checked against the file's declared dimensions first."
-    level_pixels: int = 2**28  # one decode: a region, a whole level, a TIFF tile or strip
-    thumbnail_pixels: int = 2**26  # the coarsest level, decoded whole to find tissue
-    slide_pixels: int = 2**36  # all pyramid levels together, as declared
-
-    @classmethod
-    def strict(cls) -> SlideLimits:
-        "A budget for servers: one request decodes at most 64 Mpx at once (192 MB of RGB)."
-        return cls(level_pixels=2**26, thumbnail_pixels=2**24, slide_pixels=2**34)
-
-    @classmethod
-    def from_env(cls, defaults: SlideLimits | None = None) -> SlideLimits:
-        "`defaults` (or the default budget) with the limits set by `MIL_NB_MAX_*_PIXELS` environment variables."
-        values = {}
-        for field, variable in LIMIT_VARIABLES.items():
-            text = os.environ.get(variable, "").strip()
-            if not text: continue
-            try: values[field] = int(float(text))
-            except ValueError: raise ValueError(f"{variable}={text!r}: expected a number of pixels") from None
-        return dataclasses.replace(defaults or cls(), **values)
-
-    def __post_init__(self):
-        for field in LIMIT_VARIABLES:
-            if getattr(self, field) < 1: raise ValueError(f"SlideLimits: {field}={getattr(self, field)}, must be > 0")
-
-    def check(self,
-              source,  # the file, as the error names it
-              what: str,  # what would be decoded, e.g. "level 0 (9 x 9 px)"
-              pixels: int,  # how many px it holds
-              field: str,  # the limit: level_pixels, thumbnail_pixels or slide_pixels
-              bytes_per_pixel: int = RGB_BYTES,  # the bytes a px decodes to (samples x bytes per sample, at least 3)
-             ):
-        "Refuse (ValueError naming `source`, `what`, the limit) if `pixels` decode to more bytes than `field` admits."
-        limit = getattr(self, field)
-        if pixels * bytes_per_pixel > limit * RGB_BYTES:
-            size, budget = f"{pixels:,} px", ""
-            if bytes_per_pixel != RGB_BYTES:
-                size += f" of {bytes_per_pixel} bytes ({pixels * bytes_per_pixel:,} bytes)"
-                budget = f": {limit * RGB_BYTES:,} bytes, as 8-bit RGB"
-            raise ValueError(f"{source}: {what} is {size}, over the limit of {limit:,} px ({field}{budget}; raise it "
-                             f"with {LIMIT_VARIABLES[field]}=... or mil_nb_tile --max_{field} ...)")
-
-# %% ../../nbs/slides/30_readers.ipynb #c8fe71ab
-class SlideReader:
-    "The interface every reader offers (use `open_slide` to get one)."
-    path: Path
-    dimensions: list[tuple[int, int]]  # (width, height) of each level
-    mpp: float | None  # microns per pixel at level 0, where the file says
-    limits: SlideLimits  # the budget every read is checked against
-
-    @property
-    def level_count(self) -> int: return len(self.dimensions)
-
-    @property
-    def downsamples(self) -> list[float]: return [self.dimensions[0][0] / w for w, _ in self.dimensions]
-
-    def level_mpp(self, level: int) -> float | None:
-        "Microns per pixel at `level` (None if the file does not say)."
-        return None if self.mpp is None else self.mpp * self.downsamples[level]
-
-    def bytes_per_pixel(self, level: int) -> int:
-        "The bytes a px of `level` decodes to, as the file declares them; at least the 3 of the RGB a read returns."
-        return RGB_BYTES
-
-    def level_budget(self, level: int) -> int:
-        "The most px of `level` one read may decode within `limits.level_pixels`."
-        return self.limits.level_pixels * RGB_BYTES // self.bytes_per_pixel(level)
-
-    def read_region(self, level: int, x: int, y: int, width: int, height: int, fill: int = 255) -> np.ndarray:
-        "RGB uint8 (height, width, 3) at `level`, from level-0 origin (x, y); outside the slide is `fill` (white)."
-        raise NotImplementedError
-
-    def read_level(self, level: int) -> np.ndarray:
-        "The whole of `level` as RGB uint8 (height, width, 3)."
-        width, height = self.dimensions[self._check_level(level)]
-        return self.read_region(level, 0, 0, width, height)
-
-    def read_thumbnail(self) -> np.ndarray:
-        "The coarsest level whole (to find tissue), refused if it is over `limits.thumbnail_pixels`."
-        width, height = self.dimensions[-1]
-        self.limits.check(self.path, f"the coarsest level ({self.level_count - 1}: {width} x {height} px), read whole "
-                          "to find tissue,", width * height, "thumbnail_pixels", self.bytes_per_pixel(-1))
-        return self.read_level(-1)
-
-    def _check_level(self, level: int) -> int:
-        if not -self.level_count <= level < self.level_count:
-            raise ValueError(f"{self.path}: has {self.level_count} pyramid level(s); level {level} was asked for")
-        return level % self.level_count
-
-    def _check_read(self, level: int, width: int, height: int) -> int:
-        "`level` checked, after the `width` x `height` px it would decode are checked against the budget."
-        level = self._check_level(level)
-        level_w, level_h = self.dimensions[level]
-        what = f"level {level} ({width} x {height} px)" if (width, height) == (level_w, level_h) else \
-            f"a {width} x {height} px region of level {level}"
-        self.limits.check(self.path, what, int(width) * int(height), "level_pixels", self.bytes_per_pixel(level))
-        return level
-
-    def _check_pyramid(self):
-        "Refuse a slide whose declared levels together decode to more bytes than `limits.slide_pixels` admits."
-        total = sum(w * h for w, h in self.dimensions)
-        width, height = self.dimensions[0]
-        widest = max(self.bytes_per_pixel(level) for level in range(self.level_count))
-        self.limits.check(self.path, f"the pyramid ({self.level_count} levels, level 0: {width} x {height} px)", total,
-                          "slide_pixels", widest)
-
-    def close(self): pass
-    def __enter__(self): return self
-    def __exit__(self, *exc): self.close()
-    def __repr__(self):
-        return f"{type(self).__name__}({self.path.name}, levels {self.dimensions}, mpp {self.mpp})"
+__all__ = ['PHOTOMETRICS', 'MAX_PAGES', 'MAX_SAMPLES', 'ARGB_BYTES', 'TIFF_SUFFIXES', 'SLIDE_SUFFIXES', 'check_pages',
+           'check_samples', 'TiffReader', 'OpenSlideReader', 'open_slide', 'write_bomb', 'write_wide_tiff', 'write_svs']
 
 # %% ../../nbs/slides/30_readers.ipynb #802516f9
 def _rgb(image: np.ndarray, source, fill: int = 255) -> np.ndarray:
@@ -220,44 +101,49 @@ class TiffReader(SlideReader):
         if level not in self._zarr: self._zarr[level] = zarr.open(self._tif.aszarr(level=level), mode="r")
         return self._zarr[level]
 
-    def _check_jpeg_tiles(self, level: int, x0: int, y0: int, x1: int, y1: int):
-        "Refuse a JPEG tile under [x0, x1) x [y0, y1) whose own header declares more pixels than its tile holds."
-        page = self._levels[level].keyframe  # a JPEG is decoded at the size it declares, before any check of ours
-        if page.compression != tifffile.COMPRESSION.JPEG or not page.is_tiled: return
-        tile_h, tile_w = page.chunks[:2]
-        across, checked = -(-page.imagewidth // tile_w), self._checked_tiles.setdefault(level, set())
-        for row in range(y0 // tile_h, (y1 - 1) // tile_h + 1):
-            for index in range(row * across + x0 // tile_w, row * across + (x1 - 1) // tile_w + 1):
-                if index in checked: continue
-                self._tif.filehandle.seek(page.dataoffsets[index])
-                head = self._tif.filehandle.read(min(page.databytecounts[index], 2**16))
-                try: width, height = Image.open(io.BytesIO(head)).size  # parses the header, decodes nothing
-                except Image.DecompressionBombError: width = height = 2**31
-                except Exception: width = height = 0  # a header PIL cannot read: left to the decoder
-                if width * height > tile_w * tile_h:
-                    raise ValueError(f"{self.path}: tile {index} of level {level} holds a {width} x {height} px JPEG, "
-                                     f"larger than its {tile_w} x {tile_h} px tile")
-                checked.add(index)
-
-    def read_level(self, level: int) -> np.ndarray:
-        level = self._check_read(level, *self.dimensions[self._check_level(level)])
-        self._check_jpeg_tiles(level, 0, 0, *self.dimensions[level])
-        return _rgb(self._levels[level].asarray(maxworkers=1), self.path)
-
-    def read_region(self, level, x, y, width, height, fill=255):
-        level = self._check_read(level, width, height)
-        scale = self.downsamples[level]
-        left, top = int(round(x / scale)), int(round(y / scale))
-        level_w, level_h = self.dimensions[level]
-        out = np.full((height, width, 3), fill, np.uint8)
-        x0, y0, x1, y1 = max(left, 0), max(top, 0), min(left + width, level_w), min(top + height, level_h)
-        if x0 < x1 and y0 < y1:
-            self._check_jpeg_tiles(level, x0, y0, x1, y1)
-            region = np.asarray(self._array(level)[y0:y1, x0:x1])
-            out[y0 - top:y1 - top, x0 - left:x1 - left] = _rgb(region, self.path, fill)
-        return out
-
     def close(self): self._tif.close()
+
+# %% ../../nbs/slides/30_readers.ipynb #6424deff
+@patch
+def _check_jpeg_tiles(self: TiffReader, level: int, x0: int, y0: int, x1: int, y1: int):
+    "Refuse a JPEG tile under [x0, x1) x [y0, y1) whose own header declares more pixels than its tile holds."
+    page = self._levels[level].keyframe  # a JPEG is decoded at the size it declares, before any check of ours
+    if page.compression != tifffile.COMPRESSION.JPEG or not page.is_tiled: return
+    tile_h, tile_w = page.chunks[:2]
+    across, checked = -(-page.imagewidth // tile_w), self._checked_tiles.setdefault(level, set())
+    for row in range(y0 // tile_h, (y1 - 1) // tile_h + 1):
+        for index in range(row * across + x0 // tile_w, row * across + (x1 - 1) // tile_w + 1):
+            if index in checked: continue
+            self._tif.filehandle.seek(page.dataoffsets[index])
+            head = self._tif.filehandle.read(min(page.databytecounts[index], 2**16))
+            try: width, height = Image.open(io.BytesIO(head)).size  # parses the header, decodes nothing
+            except Image.DecompressionBombError: width = height = 2**31
+            except Exception: width = height = 0  # a header PIL cannot read: left to the decoder
+            if width * height > tile_w * tile_h:
+                raise ValueError(f"{self.path}: tile {index} of level {level} holds a {width} x {height} px JPEG, "
+                                 f"larger than its {tile_w} x {tile_h} px tile")
+            checked.add(index)
+
+# %% ../../nbs/slides/30_readers.ipynb #24c648b7
+@patch
+def read_level(self: TiffReader, level: int) -> np.ndarray:
+    level = self._check_read(level, *self.dimensions[self._check_level(level)])
+    self._check_jpeg_tiles(level, 0, 0, *self.dimensions[level])
+    return _rgb(self._levels[level].asarray(maxworkers=1), self.path)
+
+@patch
+def read_region(self: TiffReader, level, x, y, width, height, fill=255):
+    level = self._check_read(level, width, height)
+    scale = self.downsamples[level]
+    left, top = int(round(x / scale)), int(round(y / scale))
+    level_w, level_h = self.dimensions[level]
+    out = np.full((height, width, 3), fill, np.uint8)
+    x0, y0, x1, y1 = max(left, 0), max(top, 0), min(left + width, level_w), min(top + height, level_h)
+    if x0 < x1 and y0 < y1:
+        self._check_jpeg_tiles(level, x0, y0, x1, y1)
+        region = np.asarray(self._array(level)[y0:y1, x0:x1])
+        out[y0 - top:y1 - top, x0 - left:x1 - left] = _rgb(region, self.path, fill)
+    return out
 
 # %% ../../nbs/slides/30_readers.ipynb #735f32e0
 ARGB_BYTES = 4  # OpenSlide decodes every format to 8-bit ARGB

@@ -21,16 +21,16 @@ import pandas as pd
 from fastcore.script import call_parse
 from PIL import Image
 
-from ..core.files import (
-    MAX_TABLE_BYTES, atomic_path, checked_file, npz_header, read_json_object, write_json, write_table)
-from .panda import check_image_id, check_table_ids, image_path, mask_path, read_slide_table, shown_name
+from ..core.files import atomic_path, npz_header, write_table
+from .panda import check_image_id, image_path, mask_path, read_slide_table, shown_name
 from ..core.parallel import parallel_map
-from .readers import SLIDE_SUFFIXES, SlideLimits
+from .readers import SLIDE_SUFFIXES
+from .slide_reader import SlideLimits
 from .tiling import TilingConfig, choose_level, tile_slide
 
 # %% auto #0
-__all__ = ['MAX_TILES', 'TILE_COUNTS', 'slide_sources', 'tiling_settings', 'store_parts', 'TileStore', 'check_output_folder',
-           'check_no_links', 'tile_slides', 'merge_tile_stores', 'ready_tile_store', 'tile_cli']
+__all__ = ['MAX_TILES', 'slide_sources', 'tiling_settings', 'store_parts', 'TileStore', 'check_output_folder', 'check_no_links',
+           'tile_slides', 'tile_cli']
 
 # %% ../../nbs/slides/60_tile_store.ipynb #df5e176f
 def slide_sources(src: str | os.PathLike) -> pd.DataFrame:
@@ -253,81 +253,6 @@ def tile_slides(src: str | os.PathLike,  # PANDA-layout folder (train.csv, train
         print(f"tiling: {len(failed)} of {len(slides)} slides could not be tiled (listed in {dest/'failures.csv'}):")
         for r in failed.itertuples(): print(f"  {r.file}: {r.error}")
     return TileStore(dest)
-
-# %% ../../nbs/slides/60_tile_store.ipynb #7a8b9c41
-def _joined_labels(parts: list[Path]) -> pd.DataFrame | None:
-    "The parts' train.csv: the one they share, or their rows joined (a slide's first row); None if a part has none."
-    files = [p/"train.csv" for p in parts]
-    if not all(f.is_file() for f in files): return None
-    tables = [pd.read_csv(f, dtype=str, keep_default_na=False) for f in files]
-    return pd.concat(tables, ignore_index=True).drop_duplicates("image_id")
-
-# %% ../../nbs/slides/60_tile_store.ipynb #fb2ac541
-TILE_COUNTS = ("slides", "tiled", "already_tiled", "failed")  # in a part's summary.json: the merged one sums them
-
-def _checked_part(part: Path, parts: Path) -> dict:
-    "A part's summary.json, once its files are checked: plain files inside `parts`, bounded, image_ids safe."
-    for name in ("index.csv", "failures.csv", "train.csv"):
-        if name != "train.csv" or os.path.lexists(part/name): checked_file(part/name, parts, MAX_TABLE_BYTES)
-    read_json_object(part/"meta.json", parts, {})  # JSON, small (TileStore checks the settings it holds)
-    check_table_ids(_read_index(part/"index.csv").image_id, part/"index.csv")
-    return read_json_object(part/"summary.json", parts, dict.fromkeys(TILE_COUNTS, int))
-
-# %% ../../nbs/slides/60_tile_store.ipynb #3749d40d
-def merge_tile_stores(parts: str | os.PathLike,  # a folder whose subfolders are tile stores (the parts)
-                      dest: str | os.PathLike,  # the merged store (may be `parts` itself)
-                     ) -> TileStore:
-    "One tile store from the parts in the subfolders of `parts`."
-    parts, dest = Path(parts), Path(dest)
-    found = store_parts(parts)
-    summaries = [_checked_part(part, parts) for part in found]
-    whole = TileStore(parts, found)
-    check_no_links(dest, ("bags",))
-    bags = [checked_file(whole.bag_file(image_id), parts, None) for image_id in whole.image_ids]
-    (dest/"bags").mkdir(parents=True, exist_ok=True)
-    for bag in bags:
-        if (dest/"bags"/bag.name).exists(): continue
-        with atomic_path(dest/"bags"/bag.name) as tmp:
-            tmp.unlink()
-            try: os.link(bag, tmp)
-            except OSError: shutil.copyfile(bag, tmp)
-    write_json(whole.meta, dest/"meta.json")
-    labels = _joined_labels(whole.parts)
-    if labels is not None: write_table(labels, dest/"train.csv")
-    write_table(whole.failures, dest/"failures.csv")
-    write_table(whole.index, dest/"index.csv")
-    summary = {k: sum(s[k] for s in summaries) for k in TILE_COUNTS}
-    write_json(summary | {"parts": len(whole.parts)}, dest/"summary.json")
-    return TileStore(dest)
-
-# %% ../../nbs/slides/60_tile_store.ipynb #7a8b9c45
-_PARAMETER = {"mode": "tile_mode"}  # train.ipynb's names for the settings
-
-def ready_tile_store(tiles_dir: str | os.PathLike | None,  # the run's tile store (or the folder of its parts)
-                     data_dir: str | os.PathLike | None,  # the run's PANDA-layout folder, if it has one
-                     mode: str,  # the tiling the run asks for: tile_mode
-                     n_tiles: int | None,  # tiles per slide (0 or None: all)
-                     tile_size: int,  # tile side in px
-                     level: int | None,  # the pyramid level (None: any)
-                    ) -> TileStore | None:
-    "A finished store at `tiles_dir` tiled from other slides than `data_dir`'s, checked: train from it as it is."
-    tiles_dir = None if tiles_dir is None else Path(tiles_dir)
-    if tiles_dir is None or not tiles_dir.is_dir() or not any(tiles_dir.iterdir()): return None  # tiled into
-    if (tiles_dir/"meta.json").is_file() and not (tiles_dir/"index.csv").exists(): return None  # resumed
-    store = TileStore(tiles_dir)  # a finished store or its parts, else an error naming the folder
-    if "features" in store.meta:
-        raise ValueError(f"tiles_dir {tiles_dir}: a store of features ({store.meta.get('encoder')}), not of tiles")
-    if data_dir is not None and store.meta.get("src") == str(Path(data_dir).resolve()): return None
-    asked = {"mode": mode, "n_tiles": n_tiles or None, "tile_size": tile_size, "level": level}
-    for name, value in asked.items():
-        if store.meta[name] != value and (value is not None or name != "level"):  # level None: any
-            parameter = _PARAMETER.get(name, name)
-            raise ValueError(f"tiles_dir {tiles_dir}: tiled with {name}={store.meta[name]!r}, but this run asks "
-                             f"{parameter}={value!r}; set {parameter} to {store.meta[name]!r} to train from it")
-    if data_dir is None and store.labels_dir is None:
-        raise ValueError(f"tiles_dir {tiles_dir}: has no train.csv of its slides' labels (a store tiled from a folder "
-                         "of slides, or parts with different ones); give data_dir, a folder with train.csv")
-    return store
 
 # %% ../../nbs/slides/60_tile_store.ipynb #f8cc5129
 def _pixels(option: str, value) -> int:

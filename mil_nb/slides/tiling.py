@@ -14,7 +14,8 @@ import imagehash
 from PIL import Image
 
 from .panda import malignant_pixels
-from .readers import SlideLimits, SlideReader, open_slide
+from .readers import open_slide
+from .slide_reader import SlideLimits, SlideReader
 from .tissue import artefact_mask, box_fractions, detection_thumbnail, tissue_mask
 
 # %% auto #0
