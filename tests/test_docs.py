@@ -6,7 +6,7 @@ from fastcore.docments import docments
 from nbdev.showdoc import show_doc
 
 from mil_nb.bags import data
-from mil_nb.cloud import deploy, launch, local_processing, processing
+from mil_nb.cloud import deploy, launch, local_processing, processing, shards
 from mil_nb.core import distributed, files
 from mil_nb.evaluate import evaluation, geojson
 from mil_nb.models import encoders, features
@@ -19,12 +19,12 @@ PUBLIC = [training.fit, training.make_schedule, data.bag_loader, data.augment_ti
           data.dihedral_transform, tile_store.tile_slides, tiling.tile_slide, launch.launch, deploy.deploy,
           evaluation.predict, inference.predict, inference.predict_bag, cohort.predict_cohort, scorer.load_models,
           geojson.tile_geojson, processing.launch_processing, processing.launch_predict, processing.launch_tiling,
-          processing.merge_scores, local_processing.run_predict_local, local_processing.run_tiling_local,
+          shards.merge_scores, local_processing.run_predict_local, local_processing.run_tiling_local,
           tiled_elsewhere.merge_tile_stores, tiled_elsewhere.ready_tile_store, distributed.compress_gradients,
           encoders.encoder_from_name, encoders.load_encoder_weights, encoders.attach_tile_encoder,
           encoders.find_encoder_weights, features.extract_features, features.cached_features, features.encoder_mpp,
           features.bench_features, files.checked_file, files.read_json_object, files.npz_header,
-          panda.check_table_ids, panda.read_result_table, processing.shard_meta, processing.read_shard,
+          panda.check_table_ids, panda.read_result_table, shards.shard_meta, shards.read_shard,
           geojson.geojson_max_bytes, server.create_app, admission.spool_body, server.server_options,
           server.hypercorn_config, admission.Admission]
 

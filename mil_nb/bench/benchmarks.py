@@ -8,7 +8,6 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -26,60 +25,16 @@ from ..evaluate.evaluation import model_task, predict
 from ..train.mnist_bags import mnist_bags, mnist_digits, split_digits, train_mnist_bags
 from ..models.model import AttentionMIL, MILConfig
 from .predict import bench_predict
+from .tile import bench_tile
 from ..models.features import bench_features
-from ..core.parallel import in_fresh_process, parallel_map
-from ..serve.server import bench_serve, free_port
-from ..slides.readers import open_slide
-from ..slides.synth import embedded_dataset
-from ..slides.tile_store import slide_sources, tile_slides
+from ..core.net import free_port
+from ..core.parallel import in_fresh_process
+from ..serve.server import bench_serve
 from ..train.training import fit
 
 # %% auto #0
-__all__ = ['MNIST_CONFIG', 'BENCHMARKS', 'bench_tile', 'training_flops_per_bag', 'one_bag_per_step', 'random_tile_bags',
-           'bench_train', 'bench_infer', 'bench_ddp', 'bench_cli']
-
-# %% ../../nbs/bench/20_benchmarks.ipynb #07750c17
-def _decode(image_file, level: int) -> int:
-    "Decode one level of one slide; its size in bytes."
-    with open_slide(image_file) as reader: return reader.read_level(level).nbytes
-
-# %% ../../nbs/bench/20_benchmarks.ipynb #05d9b071
-def _decode_all(src: Path, level: int, workers: int) -> int:
-    return sum(parallel_map(_decode, [(f, level) for f in slide_sources(src).image_file], workers, progress=False))
-
-# %% ../../nbs/bench/20_benchmarks.ipynb #dc06ac44
-def _tile_all(src: Path, mode: str, level: int, workers: int) -> int:
-    dest = Path(tempfile.mkdtemp(prefix="mil_nb_bench_"))
-    try:
-        store = tile_slides(src, dest, mode=mode, level=level, num_workers=workers, progress=False)
-        if len(store.failures): raise RuntimeError(f"benchmark slides failed to tile: {store.failures.error.tolist()}")
-        return len(store.image_ids)
-    finally:
-        shutil.rmtree(dest, ignore_errors=True)
-
-# %% ../../nbs/bench/20_benchmarks.ipynb #c1bdeb2c
-def bench_tile(n_slides: int = 16, size: int = 16384, level: int = 1, workers: int = 2) -> dict:
-    "Tiling speed per mode next to the decode-only floor, on `n_slides` generated slides of `size` px."
-    src = embedded_dataset(n_slides=n_slides, seed=1, size=size, num_workers=workers, masks=False)
-    decode_s, decode_rss, nbytes = in_fresh_process(_decode_all, src, level, workers)
-    results = {}
-    for mode in ("kaggle", "tissue"):
-        tile_s, rss, tiled = in_fresh_process(_tile_all, src, mode, level, workers)
-        results[mode] = {
-            "slides": tiled,
-            "tile_s": round(tile_s, 3),
-            "decode_only_s": round(decode_s, 3),
-            "ratio": round(tile_s / decode_s, 3),
-            "slides_per_s": round(tiled / tile_s, 2),
-            "mb_per_s": round(nbytes / 2**20 / tile_s, 1),
-            "decode_only_mb_per_s": round(nbytes / 2**20 / decode_s, 1),
-            "peak_rss_mb": round(rss, 1),
-            "decode_only_peak_rss_mb": round(decode_rss, 1),
-            "level": level,
-            "level0_px": size,
-            "workers": workers,
-        }
-    return results
+__all__ = ['MNIST_CONFIG', 'BENCHMARKS', 'training_flops_per_bag', 'one_bag_per_step', 'random_tile_bags', 'bench_train',
+           'bench_infer', 'bench_ddp', 'bench_cli']
 
 # %% ../../nbs/bench/20_benchmarks.ipynb #4f2a8c3d
 def training_flops_per_bag(model: torch.nn.Module, bags: list[Bag]) -> float:

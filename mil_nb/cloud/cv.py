@@ -159,7 +159,7 @@ def cv_report(summary: dict) -> str:
 # %% ../../nbs/cloud/60_cv.ipynb #c5110009
 def cross_validate(folds: int,  # how many folds (the test set is held out first)
                    output_dir: str | os.PathLike,  # fold_<i>/ for each fold, the shared tiles/, the summary files
-                   parameters: dict | None = None,  # other parameters of the main job (`TrainConfig`), e.g. {"epochs": 8}
+                   parameters: dict | None = None,  # other main-job parameters (`TrainConfig`), e.g. {"epochs": 8}
                    notebook: str | os.PathLike = TRAIN_NOTEBOOK,  # the main job's notebook
                   ) -> dict:
     "Run the main job once per fold here (finished folds skipped, killed ones resumed); `summarize_folds`."
@@ -175,7 +175,7 @@ def cross_validate(folds: int,  # how many folds (the test set is held out first
 # %% ../../nbs/cloud/60_cv.ipynb #c5110013
 def submit_folds(folds: int,  # how many folds: one training job each
                  role: str,  # ARN of the SageMaker execution role
-                 parameters: dict | None = None,  # other parameters of the main job (`TrainConfig`) (hyperparameters of every job)
+                 parameters: dict | None = None,  # other main-job parameters (`TrainConfig`): each job's hyperparams
                  base_job_name: str = "mil-nb-cv",  # job i is named <base_job_name>-fold<i>-<timestamp>
                  **launch_options,  # the rest of `launch`'s arguments (instance_type, train_s3, dry_run, ...)
                 ) -> list[str]:

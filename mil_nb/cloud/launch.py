@@ -47,11 +47,12 @@ if __name__ == "__main__":
 
 def job_requirements() -> list[str]:
     "What the training job installs: the training notebook's and `mil_nb.cloud.job`'s imports, papermill and ipykernel."
-    return imported_requirements(notebook_imports(TRAIN_NOTEBOOK) + ["mil_nb.cloud.job"], extra=["papermill", "ipykernel"])
+    return imported_requirements(notebook_imports(TRAIN_NOTEBOOK) + ["mil_nb.cloud.job"],
+                                 extra=["papermill", "ipykernel"])
 
 # %% ../../nbs/cloud/30_launch.ipynb #e2414ad6
 def write_job_source(dest: str | Path) -> Path:
-    "Write the training job's source folder to `dest`: `mil_nb` with its train.ipynb, the entry script, the requirements."
+    "Write the training job's source to `dest`: `mil_nb` with its train.ipynb, the entry script, the requirements."
     dest = Path(dest)
     shutil.copy(TRAIN_NOTEBOOK, copy_package(dest)/"train"/"train.ipynb")
     (dest/JOB_ENTRY).write_text(JOB_ENTRY_SCRIPT)
@@ -124,7 +125,7 @@ def launch(role: str,  # ARN of the SageMaker execution role the job runs as
            wait: bool = False,  # follow the job's log until it ends
            dry_run: bool = False,  # validate the request, submit nothing
            boto_session: boto3.Session | None = None,  # region and credentials (None: the default session)
-           start=None,  # instead of training: `start(trainer, channels, wait)` starts another job (`mil_nb.cloud.tuning`)
+           start=None,  # `start(trainer, channels, wait)` starts another job instead (`mil_nb.cloud.tuning`)
           ) -> TrainingJob | None:
     "Run `nbs/train.ipynb` as a SageMaker training job under torchrun; the job (None for a dry run)."
     uris = {"train_s3": train_s3, "tiles_s3": tiles_s3, "encoder_s3": encoder_s3, "output_s3": output_s3,

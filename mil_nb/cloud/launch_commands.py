@@ -13,7 +13,8 @@ from pathlib import Path
 from ..train.config import parse_value
 from .launch import train_cli
 from .local_processing import run_predict_local, run_tiling_local
-from .processing import launch_predict, launch_tiling, merge_scores
+from .processing import launch_predict, launch_tiling
+from .shards import merge_scores
 from ..slides.tiled_elsewhere import merge_tile_stores
 from .tuning import tune
 

@@ -15,8 +15,9 @@ import sys
 from pathlib import Path
 
 from ..core.parallel import die_with_parent
-from .processing import (OUTPUTS, PROCESSING_ENTRY, check_predict_options, check_tile_options, merge_scores,
-                               write_processing_source)
+from .processing import (OUTPUTS, PROCESSING_ENTRY, check_predict_options, check_tile_options,
+                                     write_processing_source)
+from .shards import merge_scores
 from ..slides.tiled_elsewhere import merge_tile_stores
 
 # %% auto #0

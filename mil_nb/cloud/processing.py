@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import sys
@@ -17,20 +16,15 @@ import pandas as pd
 from fastcore.script import anno_parser
 
 from .bundle import copy_package, imported_requirements
-from ..score.cohort import CohortResult, cohort_metrics, cohort_predictions, predict_cli, predict_parser
-from ..core.files import atomic_path, checked_file, read_json_object, write_json, write_table
-from ..evaluate.geojson import geojson_max_bytes
-from ..slides.panda import check_table_ids, read_result_table
-from ..train.run_files import json_safe
-from ..bags.tasks import TASKS, get_task
-from ..slides.tile_store import check_no_links, tile_cli
+from ..score.cohort import predict_cli, predict_parser
+from ..core.files import atomic_path
+from ..slides.tile_store import tile_cli
 
 # %% auto #0
 __all__ = ['PROCESSING_ENTRY', 'PROCESSING_ENTRY_SCRIPT', 'CONTAINER_ROOT', 'OUTPUTS', 'WHOLE_LABELS', 'JOBS', 'JOB_SETS',
-           'META_FIELDS', 'SUMMARY_FIELDS', 'FAILURE_COLUMNS', 'MAX_HEATMAP_BYTES', 'processing_requirements',
-           'write_processing_source', 'current_host', 'predict_arguments', 'tile_arguments', 'main',
-           'check_predict_options', 'check_tile_options', 's3_input', 'launch_processing', 'launch_predict',
-           'shard_meta', 'prediction_columns', 'read_shard', 'merge_scores', 'launch_tiling']
+           'processing_requirements', 'write_processing_source', 'current_host', 'predict_arguments', 'tile_arguments',
+           'main', 'check_predict_options', 'check_tile_options', 's3_input', 'launch_processing', 'launch_predict',
+           'launch_tiling']
 
 # %% ../../nbs/cloud/70_processing.ipynb #d0500005
 PROCESSING_ENTRY = "mil_nb_process.py"
@@ -232,93 +226,6 @@ def launch_predict(role: str,  # ARN of the SageMaker execution role
     if labels_s3: inputs.append(s3_input("labels", labels_s3))
     return launch_processing(role, ["predict", *map(str, options)], inputs, output_s3, instance_type, instance_count,
                              volume_gb, max_runtime_s, base_job_name, wait=wait, boto_session=boto_session)
-
-# %% ../../nbs/cloud/70_processing.ipynb #7b351f2b
-META_FIELDS = {"models": list, "task": str, "tiling": dict, "precision": str, "max_tiles": int,
-               "threshold": (float, int, type(None))}  # a shard's meta.json, as `predict_cohort` writes it
-SUMMARY_FIELDS = {"slides": int, "scored": int, "already_scored": int, "failed": int, "seconds": (int, float),
-                  "models": list, "task": str, "precision": str, "device": str, "n_bootstrap": int, "seed": int}
-FAILURE_COLUMNS = {"image_id": False, "file": False, "error": False}  # failures.csv: name -> holds numbers
-
-def shard_meta(part: Path,  # a shard's folder
-               shards: Path,  # the folder of the shards, which its files must be in
-              ) -> dict:
-    "A shard's meta.json, checked: the keys `predict_cohort` writes, a known task, models, max_tiles >= 1."
-    meta = read_json_object(part/"meta.json", shards, META_FIELDS)
-    if meta["task"] not in TASKS or not meta["models"] or meta["max_tiles"] < 1:
-        raise ValueError(f"{part/'meta.json'}: task {meta['task']!r:.40}, {len(meta['models'])} models, max_tiles "
-                         f"{meta['max_tiles']}: expected one of {list(TASKS)}, at least one model and max_tiles >= 1")
-    return meta
-
-# %% ../../nbs/cloud/70_processing.ipynb #30eff56e
-def prediction_columns(meta: dict,  # a shard's meta.json (`shard_meta`)
-                      ) -> list[dict[str, bool]]:
-    "The columns of the predictions.csv `predict_cohort` writes with `meta`'s models (name: holds numbers); empty."
-    task = get_task(meta["task"])
-    record = {"image_id": "x", "path": "x", "n_tiles": 1, "logits": [[0.0] * task.n_outputs] * len(meta["models"])}
-    table = pd.DataFrame({"image_id": ["x"], "isup_grade": [math.nan], "data_provider": ["x"]})
-    frames = cohort_predictions([record], table, task.name), cohort_predictions([], table, task.name)
-    return [{name: frame[name].dtype.kind in "iuf" for name in frame.columns} for frame in frames]
-
-# %% ../../nbs/cloud/70_processing.ipynb #0892cb1f
-MAX_HEATMAP_BYTES = 8 * 2**20  # heatmaps/<image_id>.png: a 1,024 x 480 px figure (`save_heatmap`), 2 MB raw RGBA
-
-def read_shard(part: Path,  # a shard's folder
-               meta: dict,  # its meta.json (`shard_meta`)
-               shards: Path,  # the folder of the shards, which its files must be in
-              ) -> tuple[pd.DataFrame, pd.DataFrame, dict, list[Path]]:
-    "A shard's predictions, failures and summary, each checked as `predict_cohort` writes it, and its slides' files."
-    full, empty = prediction_columns(meta)
-    predictions = read_result_table(part/"predictions.csv", shards, [full, empty], blank=("label",))
-    if len(predictions) and list(predictions.columns) != list(full):
-        raise ValueError(f"{part/'predictions.csv'}: rows without the columns {list(full)}")
-    check_table_ids(predictions.image_id, part/"predictions.csv")
-    failures = read_result_table(part/"failures.csv", shards, [FAILURE_COLUMNS], blank=("image_id",))
-    summary = read_json_object(part/"summary.json", shards, SUMMARY_FIELDS)
-    values = 3 + len(meta["models"])  # a tile's attention (or tumour probability), x tiles, each model's own
-    limits = {"geojson": geojson_max_bytes(meta["max_tiles"], values), "heatmaps": MAX_HEATMAP_BYTES}
-    files = [part/folder/f"{image_id}{suffix}" for folder, suffix in (("geojson", ".geojson"), ("heatmaps", ".png"))
-             for image_id in predictions.image_id]  # the scored slides' files only: nothing else is looked at
-    return predictions, failures, summary, [checked_file(f, shards, limits[f.parent.name]) for f in files
-                                            if os.path.lexists(f)]
-
-# %% ../../nbs/cloud/70_processing.ipynb #c0400023
-def merge_scores(shards: str | os.PathLike,  # a folder of shard outputs (each a `predict_cohort` DEST)
-                 dest: str | os.PathLike,  # the merged output folder
-                ) -> CohortResult:
-    "One cohort output from the shard outputs in the subfolders of `shards` (each shard must have finished)."
-    shards, dest = Path(shards), Path(dest)
-    parts = sorted(p for p in shards.iterdir() if (p/"meta.json").is_file()) if shards.is_dir() else []
-    if not parts: raise FileNotFoundError(f"{shards}: no shard outputs (subfolders with meta.json)")
-    for part in parts:
-        if part.is_symlink(): raise ValueError(f"{part}: a link; shards are read only inside {shards}")
-        if not (part/"summary.json").is_file():
-            raise ValueError(f"{part}: a shard that did not finish (no summary.json); score it again, then merge")
-    check_no_links(dest, ("geojson", "heatmaps"))
-    metas = [shard_meta(p, shards) for p in parts]
-    for part, meta in zip(parts[1:], metas[1:]):
-        if meta != metas[0]: raise ValueError(f"{part}: scored with {meta}, not {metas[0]} like {parts[0]}")
-    predictions, failures, summaries, files = zip(*(read_shard(p, metas[0], shards) for p in parts))
-    predictions = pd.concat(predictions).sort_values("image_id", ignore_index=True)
-    failures = pd.concat(failures, ignore_index=True)
-    named = pd.concat([predictions.image_id, failures.image_id])
-    if named.duplicated().any():
-        raise ValueError(f"{shards}: slide {named[named.duplicated()].iloc[0]} is in two shards (or twice in one)")
-    summary = {k: summaries[0][k] for k in SUMMARY_FIELDS} | {k: sum(s[k] for s in summaries)
-                                                             for k in ("slides", "already_scored")}
-    summary |= {"scored": len(predictions), "failed": len(failures), "seconds": max(s["seconds"] for s in summaries),
-                "shards": len(parts)}
-    for file in (file for part_files in files for file in part_files):  # streamed, each into a temporary file
-        with atomic_path(dest/file.parent.name/file.name) as tmp: shutil.copyfile(file, tmp)
-    write_json(metas[0], dest/"meta.json")
-    write_table(predictions, dest/"predictions.csv")
-    write_table(failures, dest/"failures.csv")
-    metrics = cohort_metrics(predictions, metas[0]["task"], metas[0]["threshold"], summary["n_bootstrap"],
-                             summary["seed"]) if summary["n_bootstrap"] else None
-    if metrics is not None: write_json(json_safe(metrics), dest/"metrics.json")
-    else: (dest/"metrics.json").unlink(missing_ok=True)
-    write_json(summary, dest/"summary.json")
-    return CohortResult(dest, predictions, failures, summary, metrics)
 
 # %% ../../nbs/cloud/70_processing.ipynb #d0500041
 def launch_tiling(role: str,  # ARN of the SageMaker execution role

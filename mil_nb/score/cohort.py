@@ -20,7 +20,6 @@ import numpy as np
 import pandas as pd
 
 from ..bags.data import Bag
-from ..evaluate.evaluation import Predictions, ensemble, heldout_metrics, predictions_frame, read_predictions
 from ..core.files import atomic_path, write_json, write_table
 from ..evaluate.geojson import tile_geojson, write_geojson
 from ..evaluate.heatmaps import plot_slide_attention
@@ -28,14 +27,15 @@ from ..slides.panda import check_image_id, read_csv_table, read_slide_table, sho
 from ..core.parallel import parallel_imap
 from ..train.run_files import json_safe
 from .scorer import CohortModels, load_models, predict_bags, tile_for_scoring, tile_measurements
+from .cohort_report import cohort_metrics, cohort_predictions
 from ..slides.slide_reader import SlideLimits
 from ..bags.tasks import get_task
 from ..slides.tile_store import MAX_TILES, check_output_folder, slide_sources
 from ..slides.tiling import TilingConfig
 
 # %% auto #0
-__all__ = ['OUTPUT_FOLDERS', 'OUTPUT_FILES', 'cohort_sources', 'cohort_predictions', 'cohort_metrics', 'CohortResult',
-           'save_heatmap', 'draw_heatmap', 'predict_cohort', 'predict_parser', 'predict_cli']
+__all__ = ['OUTPUT_FOLDERS', 'OUTPUT_FILES', 'cohort_sources', 'CohortResult', 'save_heatmap', 'draw_heatmap', 'predict_cohort',
+           'predict_parser', 'predict_cli']
 
 # %% ../../nbs/score/20_cohort.ipynb #c0400005
 def _from_csv(csv: Path) -> pd.DataFrame:
@@ -77,55 +77,6 @@ def _with_labels(table: pd.DataFrame, labels: Path) -> pd.DataFrame:
     providers = table.image_id.map(given.data_provider).fillna(table.data_provider) if has_providers \
         else table.data_provider
     return table.assign(isup_grade=grades, data_provider=providers)
-
-# %% ../../nbs/score/20_cohort.ipynb #c0400016
-def _flat(answer: dict, prefix: str = "") -> dict:
-    "A task's answer as CSV columns: lists become name_1..name_k."
-    columns = {}
-    for key, value in answer.items():
-        if isinstance(value, list): columns |= {f"{prefix}{key}_{k + 1}": v for k, v in enumerate(value)}
-        else: columns[f"{prefix}{key}"] = value
-    return columns
-
-# %% ../../nbs/score/20_cohort.ipynb #9375d411
-def cohort_predictions(records: list[dict], table: pd.DataFrame, task: str) -> pd.DataFrame:
-    "One row per scored slide (sorted by image_id): the ensemble's answer, each model's answer when several."
-    task = get_task(task)
-    records = sorted(records, key=lambda r: r["image_id"])
-    rows = table.set_index("image_id").loc[[r["image_id"] for r in records]]
-    labels = np.array([np.nan if math.isnan(g) else task.label({"isup_grade": g}) for g in rows.isup_grade])
-    members = []
-    for m in range(len(records[0]["logits"]) if records else 0):
-        logits = np.array([r["logits"][m] for r in records], np.float32)
-        members.append(Predictions([r["image_id"] for r in records], labels, logits[:, 0] if task.n_outputs == 1
-                                   else logits, [], None, task))
-    if not members: return pd.DataFrame(columns=["image_id", "path", "n_tiles", "label", "probability"])
-    preds = members[0] if len(members) == 1 else ensemble(members)
-    frame = predictions_frame(preds, rows.data_provider.to_numpy())
-    frame.insert(1, "path", [r["path"] for r in records])
-    frame.insert(2, "n_tiles", [r["n_tiles"] for r in records])
-    answers = [_flat(task.answer(logits)) for logits in preds.logits]
-    if len(members) > 1:
-        answers = [a | {k: v for m, member in enumerate(members)
-                        for k, v in _flat(task.answer(member.logits[i]), f"model{m + 1}_").items()}
-                   for i, a in enumerate(answers)]
-    extra = pd.DataFrame(answers).drop(columns=["probability"], errors="ignore")
-    return pd.concat([frame, extra], axis=1)
-
-# %% ../../nbs/score/20_cohort.ipynb #28d83736
-def cohort_metrics(frame: pd.DataFrame,  # `cohort_predictions`
-                   task: str,  # the models' task
-                   threshold: float | None = None,  # a validation threshold (`val_threshold`), if known
-                   n_bootstrap: int = 1000,  # bootstrap resamples for the confidence intervals
-                   seed: int = 0,  # fixes the resamples
-                  ) -> dict | None:
-    "The held-out metrics of the slides with a known label (None if there are none)."
-    known = frame[frame.label.notna()].reset_index(drop=True)
-    if not len(known): return None
-    preds = read_predictions(known, task)
-    values = heldout_metrics(preds, threshold, known.data_provider.to_numpy(), n_bootstrap, seed)
-    return values | {"n": len(known), "n_unlabelled": len(frame) - len(known), "task": get_task(task).name,
-                     "threshold": threshold}
 
 # %% ../../nbs/score/20_cohort.ipynb #c0400018
 @dataclass
