@@ -15,7 +15,7 @@ from mil_nb.core.devices import set_seed
 from mil_nb.core.distributed import init_distributed
 from mil_nb.evaluate.evaluation import predict, task_metrics
 from mil_nb.models.model import AttentionMIL, MILConfig
-from mil_nb.train.training import fit
+from mil_nb.train.training import FitConfig, fit
 
 EPOCHS, LR = 2, 1e-3
 
@@ -41,9 +41,10 @@ def train(batch_size: int, num_replicas: int = 1, rank: int = 0, output_dir=None
     model = toy_model()
     share = dict(num_replicas=num_replicas, rank=rank)
     valid_loader = bag_loader(toy_bags(13, 1), batch_size, **share)
-    result = fit(model, bag_loader(toy_bags(32, 0), batch_size, shuffle=True, seed=0, **share), valid_loader,
-                 epochs=EPOCHS, lr=LR, device="cpu", precision="fp32", output_dir=output_dir, keep_best=False,
-                 gradient_compression=gradient_compression, progress=False)
+    how = FitConfig(epochs=EPOCHS, lr=LR, device="cpu", precision="fp32", keep_best=False,
+                    gradient_compression=gradient_compression)
+    result = fit(model, bag_loader(toy_bags(32, 0), batch_size, shuffle=True, seed=0, **share), valid_loader, how,
+                 output_dir=output_dir, progress=False)
     return model, result.history, valid_loader
 
 

@@ -13,7 +13,7 @@ from mil_nb.models.model import AttentionMIL, MILConfig
 from mil_nb.models.saving import load_model
 from mil_nb.slides.panda import read_slide_table
 from mil_nb.slides.tile_store import TileStore
-from mil_nb.train.training import fit
+from mil_nb.train.training import FitConfig, fit
 
 
 @pytest.mark.slow
@@ -27,7 +27,7 @@ def test_feature_bags_on_the_embedded_tile_store(tmp_path, main_job):
     train, valid = split_slides(table, 0.25, seed=0)
     model = AttentionMIL(MILConfig(encoder="identity", embed_dim=512))
     history = fit(model, bag_loader(BagDataset(features, train), 8, shuffle=True),
-                  bag_loader(BagDataset(features, valid), 16), epochs=20, lr=1e-3, output_dir=tmp_path / "run",
+                  bag_loader(BagDataset(features, valid), 16), FitConfig(epochs=20, lr=1e-3), output_dir=tmp_path/"run",
                   progress=False).history
     metrics = json.loads((tmp_path/"run"/"metrics.json").read_text())
     print(

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from conftest import REPO
 
-PACKAGES = ["core", "slides", "bags", "models", "evaluate", "train", "serve", "score", "cloud", "bench"]
+PACKAGES = ["core", "slides", "bags", "models", "evaluate", "train", "serve", "score", "cloud", "bench", "cli"]
 HEADER = re.compile(r"File to edit: (?:\.\./)+nbs/(\w+)/(\d\d)_\w+\.ipynb")
 
 

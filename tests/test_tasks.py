@@ -15,7 +15,7 @@ from mil_nb.models.saving import load_model
 from mil_nb.slides.panda import read_slide_table
 from mil_nb.bags.tasks import TASKS, Task, register_task
 from mil_nb.slides.tile_store import tile_slides
-from mil_nb.train.training import fit
+from mil_nb.train.training import FitConfig, fit
 
 
 def provider_metrics(targets: np.ndarray, logits: np.ndarray) -> dict:
@@ -45,8 +45,9 @@ def test_a_new_task_is_one_entry(provider_task, small_panda, tmp_path):
     train_bags, valid_bags = BagDataset(store, train, "provider"), BagDataset(store, valid, "provider")
     np.testing.assert_array_equal(train_bags.labels, (train.data_provider == "radboud").to_numpy(np.float32))
     model = AttentionMIL(MILConfig(tile_size=32, embed_dim=32, attention_dim=16, task="provider"))
-    result = fit(model, bag_loader(train_bags, 4, shuffle=True), bag_loader(valid_bags, 6), epochs=2, lr=1e-3,
-                 precision="fp32", output_dir=tmp_path/"run", progress=False, tiling=store.tiling)
+    result = fit(model, bag_loader(train_bags, 4, shuffle=True), bag_loader(valid_bags, 6),
+                 FitConfig(epochs=2, lr=1e-3, precision="fp32"), output_dir=tmp_path/"run", progress=False,
+                 tiling=store.tiling)
     assert result.metrics["monitor"] == "accuracy" and 0 <= result.metrics["val_accuracy"] <= 1
     assert result.predictions.logits.shape == (len(valid_bags), 2)
     assert task_metrics(predict(model, bag_loader(valid_bags, 6))) == pytest.approx(

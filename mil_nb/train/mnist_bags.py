@@ -16,7 +16,7 @@ from ..bags.data import Bag, bag_loader
 from ..core.devices import resolve_precision, set_seed
 from ..evaluate.evaluation import instance_auc, predict, task_metrics
 from ..models.model import AttentionMIL, MILConfig
-from .training import fit
+from .training import FitConfig, fit
 
 # %% auto #0
 __all__ = ['mnist_digits', 'split_digits', 'mnist_bags', 'train_mnist_bags']
@@ -75,8 +75,8 @@ def train_mnist_bags(n_train: int = 200, n_test: int = 1000, mean_bag_length: fl
     cpu = torch.device("cpu")
     precision = resolve_precision(precision, cpu)
     start = time.perf_counter()
-    history = fit(model, train_loader, None, epochs=epochs, lr=lr, weight_decay=weight_decay, device=cpu,
-                  precision=precision, progress=progress).history
+    how = FitConfig(epochs=epochs, lr=lr, weight_decay=weight_decay, device=cpu, precision=precision)
+    history = fit(model, train_loader, None, how, progress=progress).history
     train_s = time.perf_counter() - start
     preds = predict(model, bag_loader(test, 64), cpu, precision)
     return {"test_auc": task_metrics(preds)["auc"], "test_instance_auc": instance_auc(preds), "train_s": train_s,

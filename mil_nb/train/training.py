@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -220,10 +220,9 @@ def fit(model: torch.nn.Module,  # the model to train (an `AttentionMIL`); it en
         resume: bool = False,  # continue from output_dir/checkpoint.pt when there is one
         tiling: TilingConfig | None = None,  # how the tiles were cut: saved with the model, for serving
         progress: bool = True,  # progress bars and one line per epoch
-        **settings,  # `FitConfig` fields, over `config`'s (e.g. epochs=4, lr=1e-3)
        ) -> FitResult:
     "Train `model` on `train_loader`, validating on `valid_loader` (if any) every epoch; what it learnt."
-    config = replace(config or FitConfig(), **settings)
+    config = config or FitConfig()
     if resume and output_dir is None: raise ValueError("fit: resume=True needs the output_dir of the run to resume")
     t = _start(model, train_loader, config, output_dir, progress)
     _resume(t, resume)
