@@ -78,7 +78,7 @@ def test_launch_submits_a_torchrun_job(sagemaker_aws):
     assert {
         "mil_nb_job.py",
         "requirements.txt",
-        "nbs/train.ipynb",
+        "mil_nb/train/train.ipynb",  # the main job's notebook, where an installed package has it
         "mil_nb/__init__.py",
         "mil_nb/cloud/job.py",
         "mil_nb/train/training.py",

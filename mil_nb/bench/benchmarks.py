@@ -30,7 +30,7 @@ from ..models.features import bench_features
 from ..core.net import free_port
 from ..core.parallel import in_fresh_process
 from ..serve.server import bench_serve
-from ..train.training import fit
+from ..train.training import FitConfig, fit
 
 # %% auto #0
 __all__ = ['MNIST_CONFIG', 'BENCHMARKS', 'training_flops_per_bag', 'one_bag_per_step', 'random_tile_bags', 'bench_train',
@@ -68,9 +68,9 @@ def one_bag_per_step(
 def _fit_bags_per_s(model, bags: list[Bag], batch_size: int, epochs: int, precision: str, num_replicas: int = 1,
                     rank: int = 0, compression: str = "none") -> float:
     "Training throughput of `fit` (over all ranks) after its first (warm-up) epoch."
+    how = FitConfig(epochs=epochs, lr=5e-4, device="cpu", precision=precision, gradient_compression=compression)
     history = fit(model, bag_loader(bags, batch_size, shuffle=True, num_replicas=num_replicas, rank=rank), None,
-                  epochs=epochs, lr=5e-4, device="cpu", precision=precision, gradient_compression=compression,
-                  progress=False).history
+                  how, progress=False).history
     return float(history.train_bags_per_s.iloc[1:].median())
 
 # %% ../../nbs/bench/20_benchmarks.ipynb #1e5ac459
