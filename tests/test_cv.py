@@ -1,6 +1,7 @@
 """Cross-validation end to end (`mil_nb_cv` on a small data set: 3 folds, each a papermill run of the main job),
 its resumption after a kill, its SageMaker submission against moto, and selection that never sees the test set."""
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -29,7 +30,7 @@ def fold_metrics(output_dir, fold: int) -> dict:
     return {k: v for k, v in metrics.items() if k != "train_seconds"}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # one per test process (xdist: per worker)
 def cv_run(tmp_path_factory, small_panda):
     "`mil_nb_cv --folds 3` run to the end once: its output folder."
     out = tmp_path_factory.mktemp("cv")
@@ -172,6 +173,6 @@ def test_the_main_job_refuses_a_bad_split_file_or_group_column_before_tiling(tmp
     for parameter, value, message in [("split_file", str(tmp_path/"split.csv"), "split.csv: 1 image_id(s) not in"),
                                       ("group_column", "patient", "group_column='patient': train.csv has no")]:
         out = tmp_path/parameter
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises(ValueError, match=re.escape(message)):
             run_job(data_dir=str(small_panda), output_dir=str(out), **{parameter: value})
         assert not (out/"tiles").exists()

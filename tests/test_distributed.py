@@ -22,7 +22,7 @@ def max_difference(a, b) -> float:
     return max((a.state_dict()[k] - b.state_dict()[k]).abs().max().item() for k in a.state_dict())
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # one per test process (xdist: per worker)
 def two_ranks(tmp_path_factory):
     "tests/ddp_fit.py under torchrun, 2 ranks with 4 bags each per step: its output folder."
     out = tmp_path_factory.mktemp("ddp")

@@ -21,7 +21,7 @@ from mil_nb.slides.panda import read_slide_table
 from mil_nb.slides.tile_store import TileStore
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # one per test process (xdist: per worker)
 def store_and_weights(tmp_path_factory, small_panda):
     "The 24 small slides tiled (4 tiles of 64 px), and a saved ResNet-50 (random weights: none can be downloaded)."
     out = tmp_path_factory.mktemp("features")
@@ -37,7 +37,7 @@ def features(*args, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(["mil_nb_features", *map(str, args)], capture_output=True, text=True, timeout=600, **kwargs)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # one per test process (xdist: per worker)
 def first_run(store_and_weights):
     "`mil_nb_features` run once, uninterrupted: its result and its feature store."
     dest = store_and_weights/"run1"

@@ -38,7 +38,7 @@ def test_two_ranks_write_the_model_and_rank_0s_report(small_panda, tmp_path):
     assert (metrics["world_size"], metrics["n_train"] + metrics["n_valid"] + metrics["n_test"]) == (2, 24)
     executed = nbformat.read(report/"train.ipynb", as_version=4)
     assert "process 0 of 2 on cpu (gloo)" in json.dumps(
-        executed.cells[next(i for i, c in enumerate(executed.cells) if "init_distributed(" in c.source)].outputs
+        executed.cells[next(i for i, c in enumerate(executed.cells) if "start_run(" in c.source)].outputs
     )
     # rank 0's notebook output is the job's log, where SageMaker's metric definitions find one value per epoch
     charted = {d["Name"]: len(re.findall(d["Regex"], run.stdout + run.stderr)) for d in METRIC_DEFINITIONS}

@@ -22,7 +22,7 @@ from mil_nb.slides.tiling import TilingConfig
 GIB3 = 3 * 2**30
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # one per test process (xdist: per worker)
 def shards(tmp_path_factory) -> Path:
     "Two shards of two slides each, as the Processing job's instances write them (algo-1/, algo-2/)."
     root = tmp_path_factory.mktemp("merge")

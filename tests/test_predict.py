@@ -33,13 +33,13 @@ def saved_model(folder: Path, seed: int, task: str = "binary", tiling=TilingConf
     return folder
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # one per test process (xdist: per worker)
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     return saved_model(root/"one", 1), saved_model(root/"two", 2)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # one per test process (xdist: per worker)
 def eight(tmp_path_factory, small_panda):
     "A folder of 8 of the small data set's slides, and their labels."
     folder = tmp_path_factory.mktemp("eight")

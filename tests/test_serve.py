@@ -16,7 +16,7 @@ from mil_nb.slides.tiling import TilingConfig, tile_slide
 TILING = {"mode": "kaggle", "n_tiles": 8, "tile_size": 32, "level": 1}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # one per test process (xdist: per worker)
 def model_dir(tmp_path_factory):
     "A small random model (32 px tiles) saved with its tiling settings, as the main job saves one."
     path = tmp_path_factory.mktemp("model")
@@ -25,19 +25,19 @@ def model_dir(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # one per test process (xdist: per worker)
 def server(model_dir):
     "The `mil_nb_serve` console script serving `model_dir`, with bodies up to 1 MiB."
     with running_server(model_dir, "--max_body_mb", "1", command=("mil_nb_serve",)) as url: yield url
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # one per test process (xdist: per worker)
 def slide_file(tmp_path_factory):
     data = make_synthetic_panda(tmp_path_factory.mktemp("panda"), n_slides=1, size=1024, progress=False)
     return next((data/"train_images").glob("*.tiff"))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # one per test process (xdist: per worker)
 def tiles():
     return np.random.default_rng(0).integers(0, 256, (12, 32, 32, 3), dtype=np.uint8)
 

@@ -33,20 +33,20 @@ def random_model_dir(tmp_path_factory, name: str, **config):
     return path
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # one per test process (xdist: per worker)
 def small_model_dir(tmp_path_factory):
     "A small random model (32 px tiles)."
     return random_model_dir(tmp_path_factory, "small", tile_size=32)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # one per test process (xdist: per worker)
 def small_server(small_model_dir):
     "A server with tight limits: 1 MiB bodies, 8 tiles, a 1 s wait for a body's next chunk."
     options = ("--max_body_mb", "1", "--max_tiles", "8", "--body_timeout_s", "1")
     with running_server(small_model_dir, *options, log=subprocess.DEVNULL) as url: yield url
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # one per test process (xdist: per worker)
 def default_server(tmp_path_factory):
     "A server with the default options on a random model of the default shape (128 px tiles)."
     with running_server(random_model_dir(tmp_path_factory, "default"), log=subprocess.DEVNULL) as url: yield url

@@ -19,7 +19,7 @@ PEAK_BOUND_MB = 1500  # the server's peak resident memory under any of these loa
 SETTLED_BOUND_MB = 300  # its resident memory once the load is over, over what it held before
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # one per test process (xdist: per worker)
 def server(tmp_path_factory):
     "The default options on a random model of the default shape (128 px tiles), with a 5 s body timeout."
     with running_server(random_model_dir(tmp_path_factory, "load"), "--body_timeout_s", "5",

@@ -14,7 +14,7 @@ from mil_nb.slides.synth import make_synthetic_panda, write_pyramid
 from mil_nb.slides.tile_store import TileStore, tile_slides
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # one per test process (xdist: per worker)
 def panda(tmp_path_factory):
     return make_synthetic_panda(tmp_path_factory.mktemp("panda"), n_slides=32, seed=3, size=4096, progress=False)
 

@@ -22,7 +22,7 @@ from mil_nb.slides.tile_store import TileStore
 from mil_nb.slides.tiling import TilingConfig, _malignant_fraction
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # one per test process (xdist: per worker)
 def panda(tmp_path_factory):
     return make_synthetic_panda(tmp_path_factory.mktemp("panda"), n_slides=4, seed=7, size=2048, progress=False)
 

@@ -14,7 +14,7 @@ from mil_nb.slides.tile_store import TileStore
 from conftest import REPO, ROLE, moto_session
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # one per test process (xdist: per worker)
 def tiled_twice(tmp_path_factory, small_panda):
     "The 24 small slides tiled by `mil_nb_tile` (one/) and by `mil_nb_launch tile --local 2` (sharded/, merged)."
     out = tmp_path_factory.mktemp("tiled")

@@ -25,7 +25,7 @@ def figures(notebook: Path) -> int:
     return sum("image/png" in out.get("data", {}) for cell in nb.cells for out in cell.get("outputs", []))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # one per test process (xdist: per worker)
 def notebook_run(tmp_path_factory, small_panda) -> Path:
     "`papermill nbs/train.ipynb` on small_panda for 2 epochs: its output folder (made by papermill)."
     out = tmp_path_factory.mktemp("notebook")/"not"/"yet"/"made"  # papermill's output folder does not exist yet

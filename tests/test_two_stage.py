@@ -17,7 +17,7 @@ from mil_nb.models.saving import load_model
 from mil_nb.serve.server import post, running_server
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # one per test process (xdist: per worker)
 def two_stage(tmp_path_factory, small_panda):
     "The main job's folder after `-p encoder resnet50-imagenet -p encoder_weights FILE` on 24 small slides."
     out = tmp_path_factory.mktemp("two_stage")
