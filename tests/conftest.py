@@ -51,13 +51,11 @@ def main_job(tmp_path_factory, embedded_cache):
     return out
 
 
-def pytest_collection_modifyitems(config, items):
+def pytest_itemcollected(item):
     """Under pytest-xdist (`-n 2 --dist loadgroup`, as CI runs the tests) a module's tests share a worker, so its
-    module fixtures are made once; and every test of the embedded data set shares one, so it is made once."""
-    for item in items:
-        embedded = {"main_job", "embedded_cache"} & set(getattr(item, "fixturenames", ()))
-        item.add_marker(pytest.mark.xdist_group("embedded" if embedded else item.module.__name__))
-
+    fixtures are made once; and every test of the embedded data set shares one, so it is made once."""
+    embedded = {"main_job", "embedded_cache"} & set(getattr(item, "fixturenames", ()))
+    item.add_marker(pytest.mark.xdist_group("embedded" if embedded else item.module.__name__))
 
 REGION = "us-east-1"
 ROLE = "arn:aws:iam::123456789012:role/SageMakerExecution"
