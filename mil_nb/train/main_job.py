@@ -91,7 +91,8 @@ def tile_slides_for(run: Run, slides: Slides) -> TileStore:
     "The run's tile store: the one tiled elsewhere, or the slides tiled (resumably) into it now."
     c = run.config
     if slides.stored is not None:
-        print(f"tiles: the tile store {c.tiles_dir}, tiled elsewhere ({slides.stored.meta['src']}), used as it is")
+        print(f"tiles: the tile store {c.tiles_dir}, tiled elsewhere ({slides.stored.meta['src']}), "
+              "used as it is; nothing tiled")
         return slides.stored
     with local_main_first():
         files = [image_path(slides.data_dir, image_id) for image_id in slides.table.image_id]

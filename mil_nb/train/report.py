@@ -75,8 +75,7 @@ def attention_figures(test_preds: Predictions,  # the kept model's test predicti
     position = {image_id: i for i, image_id in enumerate(test_preds.image_ids)}
     figures, shown = {}, shown_slides(tile_bags)
     missing = [image_id for image_id in shown if not image_path(data_dir, image_id).is_file()]
-    if missing: print(f"{len(missing)} of the {len(shown)} slides shown are not here (trained from tiles alone): "
-                      "their tiles only")
+    if missing: print(f"{len(missing)} of these slides are not here (trained from tiles alone): their tiles only")
     for image_id in shown:
         i, slide = position[image_id], image_path(data_dir, image_id)
         bag, attention, prob = tile_bags[i], test_preds.attention[i], test_preds.probs[i]
