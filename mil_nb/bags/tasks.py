@@ -13,10 +13,12 @@ import torch
 import torch.nn.functional as F
 from sklearn import metrics
 
+from .resampled import weighted_auc, weighted_mean, weighted_qwk
+
 # %% auto #0
 __all__ = ['BINARY', 'N_GRADES', 'ISUP', 'TASKS', 'Task', 'sigmoid', 'bce_loss', 'malignant_auc', 'classification_metrics',
-           'ordinal_targets', 'ordinal_grade', 'ordinal_loss', 'grading_metrics', 'get_task', 'register_task',
-           'prior_loss']
+           'binary_resampled', 'ordinal_targets', 'ordinal_grade', 'ordinal_loss', 'grading_metrics',
+           'grading_resampled', 'get_task', 'register_task', 'prior_loss']
 
 # %% ../../nbs/bags/10_tasks.ipynb #a8f1c005
 @dataclass(frozen=True)
@@ -32,6 +34,7 @@ class Task:
     positive_probability: Callable[[np.ndarray], np.ndarray]  # logits of n bags -> P(malignant) (ROC curves)
     is_positive: Callable[[np.ndarray], np.ndarray]  # targets (n,) -> bool: which bags are malignant
     headline: tuple[str, ...] = ()  # the metrics a report leads with, each with an interval (default: monitor)
+    resampled: Callable | None = None  # (targets, logits, counts (R, n)) -> {name: (R,)}: `metrics` on R resamples
 
     def __repr__(self): return f"Task({self.name!r}, {self.n_outputs} output(s), monitor {self.monitor!r})"
 
@@ -67,11 +70,17 @@ def classification_metrics(targets: np.ndarray, logits: np.ndarray, threshold: f
         "n": len(labels),
     }
 
+def binary_resampled(targets: np.ndarray, logits: np.ndarray, counts: np.ndarray) -> dict:
+    "`classification_metrics`' accuracy and AUC on each weighted resample (`counts`: (resamples, n))."
+    labels, probability = np.asarray(targets).astype(int), sigmoid(logits)
+    return {"accuracy": weighted_mean(labels == (probability >= 0.5), counts),
+            "auc": weighted_auc(labels == 1, probability, counts)}
+
 BINARY = Task("binary", n_outputs=1, label=lambda row: float(row["isup_grade"] > 0), loss=bce_loss,
               metrics=classification_metrics, monitor="auc",
               answer=lambda logits: {"probability": float(sigmoid(logits))},
               positive_probability=sigmoid, is_positive=lambda targets: targets > 0,
-              headline=("auc", "accuracy", "sensitivity", "specificity"))
+              headline=("auc", "accuracy", "sensitivity", "specificity"), resampled=binary_resampled)
 
 # %% ../../nbs/bags/10_tasks.ipynb #a8f1c010
 N_GRADES = 6  # ISUP grades 0-5
@@ -104,12 +113,19 @@ def grading_metrics(grades: np.ndarray, logits: np.ndarray) -> dict:
         "n": len(grades),
     }
 
+def grading_resampled(grades: np.ndarray, logits: np.ndarray, counts: np.ndarray) -> dict:
+    "`grading_metrics`' QWK, accuracy and AUC on each weighted resample (`counts`: (resamples, n))."
+    grades, predicted = np.asarray(grades).astype(int), ordinal_grade(logits)
+    return {"qwk": weighted_qwk(grades, predicted, counts, N_GRADES),
+            "accuracy": weighted_mean(grades == predicted, counts),
+            "auc": weighted_auc(grades > 0, sigmoid(logits[:, 0]), counts)}
+
 ISUP = Task("isup", n_outputs=N_GRADES - 1, label=lambda row: float(row["isup_grade"]), loss=ordinal_loss,
             metrics=grading_metrics, monitor="qwk",
             answer=lambda logits: {"isup_grade": int(ordinal_grade(logits)),
                                    "probability_at_least": sigmoid(logits).tolist()},
             positive_probability=lambda logits: sigmoid(logits[:, 0]), is_positive=lambda targets: targets > 0,
-            headline=("qwk", "accuracy", "auc"))
+            headline=("qwk", "accuracy", "auc"), resampled=grading_resampled)
 
 # %% ../../nbs/bags/10_tasks.ipynb #a8f1c013
 TASKS: dict[str, Task] = {task.name: task for task in (BINARY, ISUP)}

@@ -25,6 +25,7 @@ from ..evaluate.evaluation import model_task, predict
 from ..train.mnist_bags import mnist_bags, mnist_digits, split_digits, train_mnist_bags
 from ..models.model import AttentionMIL, MILConfig
 from .predict import bench_predict
+from .bootstrap import bench_bootstrap
 from .tile import bench_tile
 from ..models.features import bench_features
 from ..core.net import free_port
@@ -248,10 +249,11 @@ def bench_ddp(bags: int = 48, batch_size: int = 8, epochs: int = 4) -> dict:
 
 # %% ../../nbs/bench/20_benchmarks.ipynb #f9a4c840
 BENCHMARKS = {"tile": bench_tile, "predict": bench_predict, "train": bench_train, "infer": bench_infer,
-              "ddp": bench_ddp, "serve": bench_serve, "features": bench_features}
+              "ddp": bench_ddp, "serve": bench_serve, "features": bench_features,
+              "bootstrap": bench_bootstrap}
 
 @call_parse
-def bench_cli(what: str,  # which benchmark: tile, predict, train, infer, ddp, serve, features
+def bench_cli(what: str,  # which benchmark: tile, predict, train, infer, ddp, serve, features, bootstrap
               n_slides: int = 16,  # tile, predict: generated slides
               size: int = 16384,  # tile, predict: level-0 width and height of each slide, px
               level: int = 1,  # tile, predict: pyramid level to tile

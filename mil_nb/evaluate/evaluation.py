@@ -15,15 +15,14 @@ from sklearn import metrics
 
 from ..core.devices import autocast
 from ..core.distributed import ShardSampler, gather_shards
-from ..models.model import ATTENTION_POOLINGS
+from ..bags.resampled import resample_counts, weighted_mean
 from ..bags.tasks import Task, get_task, sigmoid
 
 # %% auto #0
-__all__ = ['INSTANCE_THRESHOLD', 'MIN_INSTANCE_POSITIVES', 'CHANCE', 'PRIOR_LOSS_SHARE', 'Predictions', 'model_task', 'predict',
-           'task_metrics', 'instance_auc', 'instance_positives', 'instance_metrics', 'instance_auc_note',
-           'learning_failures', 'learning_advice', 'operating_point', 'youden_threshold', 'subset', 'slide_metrics',
-           'bootstrap_ci', 'heldout_metrics', 'score_heldout', 'heldout_summary', 'predictions_frame',
-           'read_predictions', 'ensemble']
+__all__ = ['INSTANCE_THRESHOLD', 'MIN_INSTANCE_POSITIVES', 'Predictions', 'model_task', 'predict', 'task_metrics', 'instance_auc',
+           'instance_positives', 'instance_metrics', 'instance_auc_note', 'operating_point', 'youden_threshold',
+           'subset', 'slide_metrics', 'resampled_metrics', 'looped_metrics', 'bootstrap_ci', 'heldout_metrics',
+           'score_heldout', 'heldout_summary', 'predictions_frame', 'read_predictions', 'ensemble']
 
 # %% ../../nbs/evaluate/10_evaluation.ipynb #049511da
 @dataclass
@@ -116,40 +115,6 @@ def instance_auc_note(auc: float, positives: int, threshold: float = INSTANCE_TH
     if positives < MIN_INSTANCE_POSITIVES: line += f": fewer than {MIN_INSTANCE_POSITIVES}, too few tiles to rest on"
     return line
 
-# %% ../../nbs/evaluate/10_evaluation.ipynb #72186f8d
-CHANCE = {"auc": 0.5, "qwk": 0.0}  # a monitored metric's value for a model that learnt nothing
-PRIOR_LOSS_SHARE = 0.95  # a training loss at or above this share of `prior_loss` has not left the class prior
-
-def learning_failures(train_loss: float,  # the kept epoch's mean training loss
-                      prior: float,  # the training labels' `prior_loss`
-                      preds: Predictions | None,  # the kept model's validation predictions (None: no validation)
-                      monitor: str,  # the validation metric that picked the kept epoch
-                     ) -> list[str]:
-    "Each sign that the kept model learnt nothing (empty: it learnt)."
-    failures = [f"its training loss {train_loss:.3f} is at the class-prior level {prior:.3f} (the loss of always "
-                "predicting the training labels' shares)"] * (train_loss >= PRIOR_LOSS_SHARE * prior)
-    if preds is None or not len(preds.labels): return failures
-    values, chance = task_metrics(preds), CHANCE.get(monitor)
-    if np.ptp(preds.probs) < 1e-3: failures.append("it gives every validation slide the same P(malignant)")
-    elif values.get("recall") == 0: failures.append("it calls no malignant validation slide malignant (recall 0)")
-    if chance is not None and not values.get(monitor, chance) - chance >= 0.1:
-        failures.append(f"its validation {monitor} {values.get(monitor, float('nan')):.3f} is within 0.1 of chance "
-                        f"({chance})")
-    return failures
-
-# %% ../../nbs/evaluate/10_evaluation.ipynb #56e13c98
-def learning_advice(m: dict,  # a run's metrics.json: epochs, epochs_run, lr, pooling, max_instance_loss
-                   ) -> str:
-    "What to try after a run that learnt nothing, by what that run did."
-    runs = m.get("epochs_run", 0)
-    tips = [f"early stopping ended it after {runs} of {m.get('epochs')} epochs: raise patience" if runs < m.get(
-        "epochs", 0) else f"train longer than its {runs} epoch(s) (-p epochs {2 * runs})"]
-    if m.get("lr", 1) < 1e-5: tips.append(f"its lr {m['lr']:g} is far below the default 1e-4")
-    if m.get("max_instance_loss") == 0 and m.get("pooling") in ATTENTION_POOLINGS:
-        tips.append("switch the max-instance loss on (-p max_instance_loss 1), which gets attention off the ground "
-                    "where tumour is scarce")
-    return "; ".join(tips)
-
 # %% ../../nbs/evaluate/10_evaluation.ipynb #e5a10002
 def operating_point(malignant: np.ndarray,  # 1 for malignant slides, 0 for benign
                     probability: np.ndarray,  # P(malignant) per slide
@@ -182,6 +147,27 @@ def slide_metrics(preds: Predictions, threshold: float | None = None) -> dict:
     at_threshold = operating_point(preds.malignant, preds.probs, threshold)
     return values | {f"{k}_at_val_threshold": v for k, v in at_threshold.items()}
 
+# %% ../../nbs/evaluate/10_evaluation.ipynb #b28d6990
+def resampled_metrics(preds: Predictions,  # the predictions resampled
+                      counts: np.ndarray,  # (resamples, n) times each bag is drawn (`resample_counts`)
+                     ) -> dict:
+    "`slide_metrics` with a vectorised form on every resample at once: the task's `resampled`, and the operating point."
+    called, malignant = preds.probs >= 0.5, preds.malignant.astype(bool)
+    values = {"sensitivity": weighted_mean(called, counts, among=malignant),
+              "specificity": weighted_mean(~called, counts, among=~malignant)}
+    return values | (preds.task.resampled(preds.labels, preds.logits, counts) if preds.task.resampled else {})
+
+# %% ../../nbs/evaluate/10_evaluation.ipynb #73d375ae
+def looped_metrics(preds: Predictions,  # the predictions resampled
+                   counts: np.ndarray,  # (resamples, n) times each bag is drawn
+                   names: list[str],  # metrics of `slide_metrics` without a vectorised form (a registered task's own)
+                  ) -> dict:
+    "{name: (resamples,) values} of `slide_metrics` recomputed on each resample: the slow way, for any metric."
+    if not names: return {}
+    everyone = np.arange(counts.shape[1])
+    values = [slide_metrics(subset(preds, np.repeat(everyone, row))) for row in counts]
+    return {name: np.array([value[name] for value in values], float) for name in names}
+
 # %% ../../nbs/evaluate/10_evaluation.ipynb #e9f5e3cd
 def bootstrap_ci(preds: Predictions,
                  names: tuple[str, ...],  # metrics of `slide_metrics` to give an interval for
@@ -190,12 +176,10 @@ def bootstrap_ci(preds: Predictions,
                  level: float = 0.95,  # the interval's coverage
                 ) -> dict:
     "{name}_ci: [low, high] percentile interval of each metric over resamples of the slides within each label."
-    rng = np.random.default_rng(seed)
-    strata = [np.flatnonzero(preds.labels == label) for label in np.unique(preds.labels)]
-    drawn = {name: [] for name in names}
-    for _ in range(n_resamples):
-        values = slide_metrics(subset(preds, np.concatenate([rng.choice(rows, len(rows)) for rows in strata])))
-        for name in names: drawn[name].append(values[name])
+    counts = resample_counts(preds.labels, n_resamples, seed)
+    drawn = resampled_metrics(preds, counts)
+    drawn = {name: drawn[name] for name in names if name in drawn} | looped_metrics(
+        preds, counts, [name for name in names if name not in drawn])
     tails = [100 * (1 - level) / 2, 100 * (1 + level) / 2]
     return {f"{name}_ci": ([float(v) for v in np.nanpercentile(values, tails)] if not np.isnan(values).all()
                            else [float("nan")] * 2) for name, values in drawn.items()}

@@ -19,8 +19,8 @@ from .slide_reader import SlideLimits, SlideReader
 from .tissue import artefact_mask, box_fractions, detection_thumbnail, tissue_mask
 
 # %% auto #0
-__all__ = ['MODES', 'STRIP_PIXELS', 'HASH_SIZE', 'grid_tiles', 'kaggle_order', 'take_tiles', 'TilingConfig', 'tile_side_level0',
-           'thumbnail_hash', 'tile_slide', 'choose_level']
+__all__ = ['MODES', 'STRIP_PIXELS', 'HASH_SIZE', 'grid_tiles', 'tile_sums', 'kaggle_order', 'take_tiles', 'TilingConfig',
+           'tile_side_level0', 'thumbnail_hash', 'tile_slide', 'choose_level']
 
 # %% ../../nbs/slides/50_tiling.ipynb #c0df7a58
 def grid_tiles(image: np.ndarray, tile_size: int, fill) -> tuple[np.ndarray, np.ndarray]:
@@ -36,9 +36,17 @@ def grid_tiles(image: np.ndarray, tile_size: int, fill) -> tuple[np.ndarray, np.
     return image.reshape(rows, tile_size, cols, tile_size, image.shape[2]), origins
 
 # %% ../../nbs/slides/50_tiling.ipynb #9f6ff08f
+def tile_sums(blocks: np.ndarray) -> np.ndarray:
+    "Each tile's pixel sum (int64, row-major) of a grid view (rows, S, cols, S, C): exact, and cheap to compute."
+    rows, size, cols, _, channels = blocks.shape
+    dtype = np.uint32 if 255 * size * size * channels < 2**32 else np.int64  # uint32 while a tile's sum fits
+    along_rows = blocks.reshape(rows, size, cols, size * channels).sum(axis=3, dtype=dtype)  # contiguous pixels
+    return along_rows.sum(axis=1, dtype=dtype).ravel().astype(np.int64)
+
+# %% ../../nbs/slides/50_tiling.ipynb #22f9a68c
 def kaggle_order(blocks: np.ndarray, n_tiles: int) -> np.ndarray:
     "Row-major indices of the `n_tiles` grid tiles with the lowest pixel sum; those past the grid: added white tiles."
-    sums = blocks.sum(axis=(1, 3, 4), dtype=np.int64).ravel()
+    sums = tile_sums(blocks)
     white = np.full(max(0, n_tiles - len(sums)), 255 * blocks[0, :, 0].size, dtype=np.int64)
     return np.argsort(np.concatenate([sums, white]), kind="stable")[:n_tiles]
 
@@ -106,6 +114,7 @@ def _kaggle_selection(reader: SlideReader, level: int, config: TilingConfig, str
     rows, cols = -(-height // size), -(-width // size)
     top, left = (rows * size - height) // 2, (cols * size - width) // 2  # the padding grid_tiles would add
     step = max(1, min(strip_pixels, reader.level_budget(level)) // (cols * size * size))
+    if decoded is None and step >= rows: decoded = reader.read_level(level)  # one strip: the level, read whole
     tiles, origins = np.zeros((0, size, size, 3), np.uint8), np.zeros((0, 2), int)
     for row in range(0, rows, step):
         start, stop = row * size - top, min(row + step, rows) * size - top  # the strip's rows, padding included
@@ -113,7 +122,8 @@ def _kaggle_selection(reader: SlideReader, level: int, config: TilingConfig, str
         strip = decoded[y0:y1] if decoded is not None else \
             reader.read_region(level, 0, y0 * reader.downsamples[level], width, y1 - y0)
         padding = [(y0 - start, stop - y1), (left, cols * size - width - left), (0, 0)]
-        blocks, strip_origins = grid_tiles(np.pad(strip, padding, constant_values=255), size, fill=255)
+        padded = np.pad(strip, padding, constant_values=255) if np.any(padding) else strip  # no copy when no padding
+        blocks, strip_origins = grid_tiles(padded, size, fill=255)
         order = kaggle_order(blocks, n)
         order = order[order < len(strip_origins)]  # white tiles are added once, at the end
         tiles = np.concatenate([tiles, take_tiles(blocks, order)])  # earlier strips first: ties keep row-major order

@@ -8,12 +8,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 
-from ..evaluate.evaluation import Predictions, learning_advice, learning_failures
+from ..evaluate.evaluation import Predictions, task_metrics
+from ..models.model import ATTENTION_POOLINGS
 
 # %% auto #0
-__all__ = ['FitResult', 'learning_verdict']
+__all__ = ['CHANCE', 'PRIOR_LOSS_SHARE', 'FitResult', 'learning_failures', 'learning_advice', 'learning_verdict']
 
 # %% ../../nbs/train/18_fit_result.ipynb #3351541e
 @dataclass
@@ -41,6 +43,40 @@ class FitResult:
         "One log line of the kept epoch's validation metrics (a SageMaker tuning job's objective reads it)."
         values = {k: v for k, v in self.metrics.items() if k.startswith("val_") and isinstance(v, float) and v == v}
         return f"final (kept epoch {self.kept_epoch}): " + ", ".join(f"val {k[4:]} {v:.6f}" for k, v in values.items())
+
+# %% ../../nbs/train/18_fit_result.ipynb #72186f8d
+CHANCE = {"auc": 0.5, "qwk": 0.0}  # a monitored metric's value for a model that learnt nothing
+PRIOR_LOSS_SHARE = 0.95  # a training loss at or above this share of `prior_loss` has not left the class prior
+
+def learning_failures(train_loss: float,  # the kept epoch's mean training loss
+                      prior: float,  # the training labels' `prior_loss`
+                      preds: Predictions | None,  # the kept model's validation predictions (None: no validation)
+                      monitor: str,  # the validation metric that picked the kept epoch
+                     ) -> list[str]:
+    "Each sign that the kept model learnt nothing (empty: it learnt)."
+    failures = [f"its training loss {train_loss:.3f} is at the class-prior level {prior:.3f} (the loss of always "
+                "predicting the training labels' shares)"] * (train_loss >= PRIOR_LOSS_SHARE * prior)
+    if preds is None or not len(preds.labels): return failures
+    values, chance = task_metrics(preds), CHANCE.get(monitor)
+    if np.ptp(preds.probs) < 1e-3: failures.append("it gives every validation slide the same P(malignant)")
+    elif values.get("recall") == 0: failures.append("it calls no malignant validation slide malignant (recall 0)")
+    if chance is not None and not values.get(monitor, chance) - chance >= 0.1:
+        failures.append(f"its validation {monitor} {values.get(monitor, float('nan')):.3f} is within 0.1 of chance "
+                        f"({chance})")
+    return failures
+
+# %% ../../nbs/train/18_fit_result.ipynb #56e13c98
+def learning_advice(m: dict,  # a run's metrics.json: epochs, epochs_run, lr, pooling, max_instance_loss
+                   ) -> str:
+    "What to try after a run that learnt nothing, by what that run did."
+    runs = m.get("epochs_run", 0)
+    tips = [f"early stopping ended it after {runs} of {m.get('epochs')} epochs: raise patience" if runs < m.get(
+        "epochs", 0) else f"train longer than its {runs} epoch(s) (-p epochs {2 * runs})"]
+    if m.get("lr", 1) < 1e-5: tips.append(f"its lr {m['lr']:g} is far below the default 1e-4")
+    if m.get("max_instance_loss") == 0 and m.get("pooling") in ATTENTION_POOLINGS:
+        tips.append("switch the max-instance loss on (-p max_instance_loss 1), which gets attention off the ground "
+                    "where tumour is scarce")
+    return "; ".join(tips)
 
 # %% ../../nbs/train/18_fit_result.ipynb #3da3896c
 def learning_verdict(kept: dict,  # the kept epoch's history row (empty: no epoch ran)
