@@ -22,7 +22,8 @@ from ..core.files import atomic_path, project_path
 from .launch import launch
 from ..slides.panda import read_slide_table
 from ..core.parallel import die_with_parent
-from ..train.config import TrainConfig, parse_value
+from ..train.command_line import given_parameters, parameter_options
+from ..train.config import TrainConfig
 from ..train.main_job import TRAIN_NOTEBOOK
 from ..train.run_files import RunFolder, json_safe
 from ..bags.splits import assign_folds, slide_groups
@@ -189,11 +190,10 @@ def submit_folds(folds: int,  # how many folds: one training job each
 # %% ../../nbs/cloud/60_cv.ipynb #c5110015
 def cv_cli(argv: list[str] | None = None):
     "mil_nb_cv: k-fold cross-validation of nbs/train.ipynb, here (fold after fold) or as SageMaker jobs (--role)."
-    parser = argparse.ArgumentParser(prog="mil_nb_cv", description=cv_cli.__doc__.split(": ", 1)[1])
+    parser = argparse.ArgumentParser(prog="mil_nb_cv", description=cv_cli.__doc__.split(": ", 1)[1],
+                                     parents=[parameter_options()])
     parser.add_argument("--folds", type=int, required=True, help="folds of the non-test slides (>= 2)")
     parser.add_argument("--output_dir", required=True, help="fold_<i>/, tiles/ and the cv_* summary files go here")
-    parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
-                        help="a train.ipynb parameter, typed as papermill's -p types it (repeatable)")
     parser.add_argument("--summarize", action="store_true", help="only summarise the finished folds")
     parser.add_argument("--role", help="SageMaker: submit the folds as training jobs running as this role")
     parser.add_argument("--instance_type", default="ml.g5.2xlarge")
@@ -203,7 +203,7 @@ def cv_cli(argv: list[str] | None = None):
     parser.add_argument("--base_job_name", default="mil-nb-cv")
     parser.add_argument("--dry_run", action="store_true", help="SageMaker: validate the requests, submit nothing")
     args = parser.parse_args(argv)
-    parameters = {key: parse_value(value) for key, value in args.parameter}
+    parameters = given_parameters(args)
     try:
         if args.role:
             names = submit_folds(args.folds, args.role, parameters, args.base_job_name,

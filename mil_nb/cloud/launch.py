@@ -27,7 +27,8 @@ from sagemaker.train import ModelTrainer
 from sagemaker.train.distributed import Torchrun
 
 from .bundle import copy_package, imported_requirements, notebook_imports
-from ..train.config import hyperparameter_text, parse_value
+from ..train.command_line import given_parameters, parameter_options
+from ..train.config import hyperparameter_text
 from ..train.main_job import TRAIN_NOTEBOOK
 from ..core.net import free_port
 from ..core.parallel import die_with_parent
@@ -229,11 +230,9 @@ def run_local(
 def train_cli(argv: list[str] | None = None):
     "mil_nb_launch [train]: run nbs/train.ipynb under torchrun here (--local N) or as a SageMaker training job."
     parser = argparse.ArgumentParser(
-        prog="mil_nb_launch train",
+        prog="mil_nb_launch train", parents=[parameter_options()],
         description="Run nbs/train.ipynb under torchrun here (--local N) or as a SageMaker training job (--role ARN).",
     )
-    parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
-                        help="a notebook parameter, typed as papermill's -p types it (repeatable)")
     parser.add_argument("--local", type=int, metavar="N", help="run here with N torchrun processes, not on SageMaker")
     parser.add_argument("--local_dir", default="runs/job", help="local run: the job's /opt/ml (code, model, output)")
     parser.add_argument(
@@ -261,7 +260,7 @@ def train_cli(argv: list[str] | None = None):
     parser.add_argument("--wait", action="store_true", help="follow the job's log until it ends")
     parser.add_argument("--dry_run", action="store_true", help="validate the request; submit nothing")
     args = parser.parse_args(argv)
-    hyperparameters = {key: parse_value(value) for key, value in args.parameter}
+    hyperparameters = given_parameters(args)
     if args.local:
         try: sys.exit(run_local(args.local, args.local_dir, hyperparameters, args.data_dir, args.tiles,
                                 args.encoder_weights))

@@ -10,6 +10,7 @@ import sys
 
 from pathlib import Path
 
+from ..train.command_line import given_parameters, parameter_options
 from ..train.config import parse_value
 from .launch import train_cli
 from .local_processing import run_predict_local, run_tiling_local
@@ -98,14 +99,13 @@ def tile_launch_cli(argv: list[str]):
 def tune_cli(argv: list[str]):
     "mil_nb_launch tune: a SageMaker hyperparameter tuning job over the training job, on the kept epoch's metric."
     parser = argparse.ArgumentParser(prog="mil_nb_launch tune", description="A SageMaker hyperparameter tuning job "
-                                     "over nbs/train.ipynb: ranges of its parameters, the kept epoch's metric.")
+                                     "over nbs/train.ipynb: ranges of its parameters, the kept epoch's metric.",
+                                     parents=[parameter_options("a fixed notebook parameter (repeatable)")])
     parser.add_argument("--role", required=True, help="the execution role's ARN")
     parser.add_argument("--range", nargs=3, action="append", default=[], metavar=("NAME", "LOW", "HIGH"),
                         help="a numeric range (repeatable; integers give an integer range)")
     parser.add_argument("--choices", nargs="+", action="append", default=[], metavar="NAME CHOICE",
                         help="a categorical range: the name, then its choices (repeatable)")
-    parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
-                        help="a fixed notebook parameter (repeatable)")
     parser.add_argument("--objective", default="final:validation:auc", help="final:validation:auc, qwk, accuracy, loss")
     parser.add_argument("--max_jobs", type=int, default=20)
     parser.add_argument("--max_parallel_jobs", type=int, default=2)
@@ -121,7 +121,7 @@ def tune_cli(argv: list[str]):
     ranges |= {name: [parse_value(v) for v in choices] for name, *choices in args.choices}
     try:
         job = tune(args.role, ranges or None, args.objective, args.max_jobs, args.max_parallel_jobs,
-                   args.early_stopping, {k: parse_value(v) for k, v in args.parameter}, args.instance_type,
+                   args.early_stopping, given_parameters(args), args.instance_type,
                    train_s3=args.train, tiles_s3=args.tiles, output_s3=args.output,
                    base_job_name=args.base_job_name, wait=args.wait)
     except (ValueError, OSError) as error: parser.error(str(error))
