@@ -73,20 +73,6 @@ class MILConfig:
                 f"{smallest} px"
             )
 
-    def _check_sizes(self):
-        for field, (low, high) in SIZE_LIMITS.items():
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not low <= value <= high:
-                raise ValueError(f"MILConfig.{field}={value!r}: expected an integer from {low} to {high}")
-
-    def _check_max_instance_loss(self):
-        weight = self.max_instance_loss
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < float("inf"):
-            raise ValueError(f"MILConfig.max_instance_loss={weight!r}: expected a finite number >= 0")
-        if weight and self.pooling not in ATTENTION_POOLINGS:
-            raise ValueError(f"MILConfig.max_instance_loss={weight!r}: for attention poolings "
-                             f"{ATTENTION_POOLINGS}, not pooling={self.pooling!r} (0 switches it off)")
-
     @property
     def instance_dim(self) -> int:
         "The size of the instance embeddings that are pooled: `hidden_dim` when there is a projection."
@@ -96,6 +82,24 @@ class MILConfig:
     def n_outputs(self) -> int:
         "Logits per bag, as the task says: 1 for binary, 5 cumulative 'grade > k' logits for ISUP."
         return get_task(self.task).n_outputs
+
+# %% ../../nbs/models/10_model.ipynb #86d632e2
+@patch
+def _check_sizes(self: MILConfig):
+    for field, (low, high) in SIZE_LIMITS.items():
+        value = getattr(self, field)
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not low <= value <= high:
+            raise ValueError(f"MILConfig.{field}={value!r}: expected an integer from {low} to {high}")
+
+# %% ../../nbs/models/10_model.ipynb #6ccd4b72
+@patch
+def _check_max_instance_loss(self: MILConfig):
+    weight = self.max_instance_loss
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < float("inf"):
+        raise ValueError(f"MILConfig.max_instance_loss={weight!r}: expected a finite number >= 0")
+    if weight and self.pooling not in ATTENTION_POOLINGS:
+        raise ValueError(f"MILConfig.max_instance_loss={weight!r}: for attention poolings "
+                         f"{ATTENTION_POOLINGS}, not pooling={self.pooling!r} (0 switches it off)")
 
 # %% ../../nbs/models/10_model.ipynb #8bba5294
 class ConvEncoder(nn.Module):

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['LIMIT_VARIABLES', 'RGB_BYTES', 'SlideLimits', 'SlideReader']
@@ -111,25 +112,29 @@ class SlideReader:
             raise ValueError(f"{self.path}: has {self.level_count} pyramid level(s); level {level} was asked for")
         return level % self.level_count
 
-    def _check_read(self, level: int, width: int, height: int) -> int:
-        "`level` checked, after the `width` x `height` px it would decode are checked against the budget."
-        level = self._check_level(level)
-        level_w, level_h = self.dimensions[level]
-        what = f"level {level} ({width} x {height} px)" if (width, height) == (level_w, level_h) else \
-            f"a {width} x {height} px region of level {level}"
-        self.limits.check(self.path, what, int(width) * int(height), "level_pixels", self.bytes_per_pixel(level))
-        return level
-
-    def _check_pyramid(self):
-        "Refuse a slide whose declared levels together decode to more bytes than `limits.slide_pixels` admits."
-        total = sum(w * h for w, h in self.dimensions)
-        width, height = self.dimensions[0]
-        widest = max(self.bytes_per_pixel(level) for level in range(self.level_count))
-        self.limits.check(self.path, f"the pyramid ({self.level_count} levels, level 0: {width} x {height} px)", total,
-                          "slide_pixels", widest)
-
     def close(self): pass
     def __enter__(self): return self
     def __exit__(self, *exc): self.close()
     def __repr__(self):
         return f"{type(self).__name__}({self.path.name}, levels {self.dimensions}, mpp {self.mpp})"
+
+# %% ../../nbs/slides/25_slide_reader.ipynb #27ea1e52
+@patch
+def _check_read(self: SlideReader, level: int, width: int, height: int) -> int:
+    "`level` checked, after the `width` x `height` px it would decode are checked against the budget."
+    level = self._check_level(level)
+    level_w, level_h = self.dimensions[level]
+    what = f"level {level} ({width} x {height} px)" if (width, height) == (level_w, level_h) else \
+        f"a {width} x {height} px region of level {level}"
+    self.limits.check(self.path, what, int(width) * int(height), "level_pixels", self.bytes_per_pixel(level))
+    return level
+
+# %% ../../nbs/slides/25_slide_reader.ipynb #57b249c0
+@patch
+def _check_pyramid(self: SlideReader):
+    "Refuse a slide whose declared levels together decode to more bytes than `limits.slide_pixels` admits."
+    total = sum(w * h for w, h in self.dimensions)
+    width, height = self.dimensions[0]
+    widest = max(self.bytes_per_pixel(level) for level in range(self.level_count))
+    self.limits.check(self.path, f"the pyramid ({self.level_count} levels, level 0: {width} x {height} px)", total,
+                      "slide_pixels", widest)
