@@ -8,6 +8,8 @@ from pathlib import Path
 if os.environ.get("PYTEST_XDIST_WORKER"):  # one thread per process under xdist: OpenMP's threads oversubscribed
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # the cores (two workers, their jobs' kernels and ranks) cost 15%
 
+import contextlib
+
 import boto3
 import pytest
 from moto import mock_aws
@@ -53,6 +55,15 @@ def main_job(tmp_path_factory, embedded_cache):
     )
     assert run.returncode == 0, run.stderr[-3000:]
     return out
+
+
+@contextlib.contextmanager
+def users_threads():
+    "Processes started inside get the thread count a user's would (no OMP_NUM_THREADS=1): servers under load."
+    ours = os.environ.pop("OMP_NUM_THREADS", None)
+    try: yield
+    finally:
+        if ours is not None: os.environ["OMP_NUM_THREADS"] = ours
 
 
 def uses_the_embedded_data(item) -> bool:

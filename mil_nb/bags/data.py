@@ -63,14 +63,16 @@ class Batch:
     instances: torch.Tensor
     mask: torch.Tensor  # (B, N) bool: True for real instances, False for padding
     labels: torch.Tensor
-    bags: list[Bag]
+    image_ids: list[str]  # each bag's slide
+    instance_labels: list[np.ndarray | None]  # each bag's instance labels (malignant fraction per tile), if known
 
     def to(self, device, non_blocking: bool = False) -> "Batch":
         move = lambda t: t.to(device, non_blocking=non_blocking)
-        return Batch(move(self.instances), move(self.mask), move(self.labels), self.bags)
+        return replace(self, instances=move(self.instances), mask=move(self.mask), labels=move(self.labels))
 
     def pin_memory(self) -> "Batch":
-        return Batch(self.instances.pin_memory(), self.mask.pin_memory(), self.labels.pin_memory(), self.bags)
+        return replace(self, instances=self.instances.pin_memory(), mask=self.mask.pin_memory(),
+                       labels=self.labels.pin_memory())
 
 # %% ../../nbs/bags/30_data.ipynb #e71b4f62
 def _check_bag(bag: Bag):
@@ -100,7 +102,7 @@ def collate_bags(bags: list[Bag]) -> Batch:
         instances[i, :len(bag)] = torch.from_numpy(bag.instances)
         mask[i, :len(bag)] = True
     labels = torch.tensor([bag.label for bag in bags], dtype=torch.float32)
-    return Batch(instances, mask, labels, bags)
+    return Batch(instances, mask, labels, [bag.image_id for bag in bags], [bag.instance_labels for bag in bags])
 
 # %% ../../nbs/bags/30_data.ipynb #a7d3e1c1
 def dihedral_transform(tile: np.ndarray,  # one image (S, S, C)

@@ -66,8 +66,8 @@ def predict(model: torch.nn.Module,  # an `AttentionMIL` (or any module taking i
         batch = batch.to(device, non_blocking=True)
         with autocast(device, precision): logits, attention = model(batch.instances, batch.mask)
         attention, mask = attention.float().cpu().numpy(), batch.mask.cpu().numpy()
-        per_bag += zip([bag.image_id for bag in batch.bags], batch.labels.cpu().numpy(), logits.float().cpu().numpy(),
-                       [a[m] for a, m in zip(attention, mask)], [bag.instance_labels for bag in batch.bags])
+        per_bag += zip(batch.image_ids, batch.labels.cpu().numpy(), logits.float().cpu().numpy(),
+                       [a[m] for a, m in zip(attention, mask)], batch.instance_labels)
     if isinstance(loader.sampler, ShardSampler): per_bag = gather_shards(per_bag)
     ids, labels, logits, attention, instance_labels = map(list, zip(*per_bag))
     return Predictions(ids, np.array(labels), np.array(logits), attention, instance_labels, model_task(model))
