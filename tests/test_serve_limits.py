@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import users_threads
 from mil_nb.serve.wire_formats import npy_body
 from mil_nb.models.model import AttentionMIL, MILConfig
 from mil_nb.models.saving import save_model
@@ -50,11 +49,7 @@ def small_server(small_model_dir):
 @pytest.fixture(scope="session")  # one per test process (xdist: per worker)
 def default_server(tmp_path_factory):
     "A server with the default options on a random model of the default shape (128 px tiles)."
-    with contextlib.ExitStack() as stack:
-        with users_threads():  # the memory bounds hold for the server as users run it
-            url = stack.enter_context(running_server(random_model_dir(tmp_path_factory, "default"),
-                                                     log=subprocess.DEVNULL))
-        yield url
+    with running_server(random_model_dir(tmp_path_factory, "default"), log=subprocess.DEVNULL) as url: yield url
 
 
 def memory_mb(url, field: str = "VmHWM") -> float:

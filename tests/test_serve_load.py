@@ -13,7 +13,6 @@ import pytest
 from mil_nb.serve.wire_formats import npy_body
 from mil_nb.serve.server import post, running_server
 from mil_nb.slides.readers import write_bomb
-from conftest import users_threads
 from test_serve_limits import connect, memory_mb, ping, random_model_dir, read_answer
 
 PEAK_BOUND_MB = 1500  # the server's peak resident memory under any of these loads (issue 24)
@@ -23,11 +22,8 @@ SETTLED_BOUND_MB = 300  # its resident memory once the load is over, over what i
 @pytest.fixture(scope="session")  # one per test process (xdist: per worker)
 def server(tmp_path_factory):
     "The default options on a random model of the default shape (128 px tiles), with a 5 s body timeout."
-    with contextlib.ExitStack() as stack:
-        with users_threads():  # the memory bounds hold for the server as users run it
-            url = stack.enter_context(running_server(random_model_dir(tmp_path_factory, "load"), "--body_timeout_s",
-                                                     "5", log=subprocess.DEVNULL))
-        yield url
+    with running_server(random_model_dir(tmp_path_factory, "load"), "--body_timeout_s", "5",
+                        log=subprocess.DEVNULL) as url: yield url
 
 
 def timed_ping(url) -> tuple[int, float]:
