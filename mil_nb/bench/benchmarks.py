@@ -26,6 +26,7 @@ from ..train.mnist_bags import mnist_bags, mnist_digits, split_digits, train_mni
 from ..models.model import AttentionMIL, MILConfig
 from .predict import bench_predict
 from .bootstrap import bench_bootstrap
+from .loader import bench_loader
 from .tile import bench_tile
 from ..models.features import bench_features
 from ..core.net import free_port
@@ -250,14 +251,14 @@ def bench_ddp(bags: int = 48, batch_size: int = 8, epochs: int = 4) -> dict:
 # %% ../../nbs/bench/20_benchmarks.ipynb #f9a4c840
 BENCHMARKS = {"tile": bench_tile, "predict": bench_predict, "train": bench_train, "infer": bench_infer,
               "ddp": bench_ddp, "serve": bench_serve, "features": bench_features,
-              "bootstrap": bench_bootstrap}
+              "bootstrap": bench_bootstrap, "loader": bench_loader}
 
 @call_parse
-def bench_cli(what: str,  # which benchmark: tile, predict, train, infer, ddp, serve, features, bootstrap
+def bench_cli(what: str,  # which benchmark: tile, predict, train, infer, ddp, serve, features, bootstrap, loader
               n_slides: int = 16,  # tile, predict: generated slides
               size: int = 16384,  # tile, predict: level-0 width and height of each slide, px
               level: int = 1,  # tile, predict: pyramid level to tile
-              workers: int = 2,  # tile, predict: worker processes
+              workers: int = 2,  # tile, predict, loader: worker processes
               clients: int = 8,  # serve: concurrent clients
               requests: int = 25,  # serve: requests per client
               device: str = "auto"):  # features: auto (cuda when present), cpu, cuda

@@ -24,6 +24,7 @@ from ..core.devices import autocast, matmul_peak_gflops, resolve_device, resolve
 from .encoders import PRETRAINED_ENCODERS, encoder_from_name
 from ..core.files import atomic_path, npz_header, write_json, write_table
 from ..slides.readers import open_slide
+from ..slides.tiled_elsewhere import pack_store
 from ..slides.tile_store import MAX_TILES, TileStore, check_output_folder, tiling_settings
 
 # %% auto #0
@@ -114,7 +115,7 @@ def _finish_features(store: TileStore, dest: Path, meta: dict, failed: dict[str,
     if failed:
         print(f"features: {len(failed)} of {len(store.image_ids)} bags could not be encoded (listed in "
               f"{dest/'failures.csv'}):", *[f"  {error}" for error in failed.values()], sep="\n")
-    return TileStore(dest)
+    return pack_store(dest)
 
 # %% ../../nbs/models/30_features.ipynb #f0e1a011
 def cached_features(encoder: nn.Module,  # a tile encoder (`encoder_from_name`)

@@ -24,6 +24,7 @@ from PIL import Image
 from ..core.files import atomic_path, npz_header, write_table
 from .panda import check_image_id, image_path, mask_path, read_slide_table, shown_name
 from ..core.parallel import parallel_map
+from .packed import open_packed, pack_bags
 from .readers import SLIDE_SUFFIXES
 from .slide_reader import SlideLimits
 from .tiling import TilingConfig, choose_level, tile_slide
@@ -99,6 +100,7 @@ class TileStore:
     "A folder of tile bags written by `tile_slides`, or a folder of parts of one (`store_parts`), read as one store."
     def __init__(self, path: str | os.PathLike,  # the store, or the folder of its parts
                  parts: list[Path] | None = None,  # read these parts (default: `path` if it has an index.csv)
+                 packed: bool = True,  # read its packed form (`mil_nb.slides.packed`) when it matches its bags
                 ):
         self.path = Path(path)
         self.parts = parts or ([self.path] if (self.path/"index.csv").exists() else store_parts(self.path))
@@ -114,6 +116,7 @@ class TileStore:
         if len(self.parts) > 1 and named.duplicated().any():
             raise ValueError(f"{self.path}: slide {named[named.duplicated()].iloc[0]} is in two parts")
         self._part = {image_id: part for part, index in zip(self.parts, indexes) for image_id in index.image_id}
+        self.packed = open_packed(self.path, self.image_ids, self.bag_files) if packed else None
 
     @property
     def image_ids(self) -> list[str]: return list(self.index.image_id)
@@ -134,15 +137,20 @@ class TileStore:
         name = f"{check_image_id(image_id)}.npz"
         return self._part.get(image_id, self.path)/"bags"/name
 
+    @property
+    def bag_files(self) -> list[Path]: return [self.bag_file(image_id) for image_id in self.image_ids]
+
     def load(self, image_id: str,  # a slide of the store
              max_tiles: int | None = None,  # the most tiles (or features) it may hold, from its header (None: any)
             ) -> dict[str, np.ndarray]:
         "The arrays of one slide's bag; a ValueError naming its file if it cannot be read, or is over `max_tiles`."
         path, name = self.bag_file(image_id), "features" if "features" in self.meta else "tiles"
         per_tile = 4 * (self.meta["features"] if name == "features" else self.meta["tile_size"] ** 2)  # bytes at most
+        packed = self.packed if self.packed is not None and image_id in self.packed else None
         try:
-            if max_tiles is not None: shape, dtype = npz_header(path, name)
+            if max_tiles is not None: shape, dtype = packed.header(image_id) if packed else npz_header(path, name)
             if max_tiles is None or shape[0] <= max_tiles and math.prod(shape[1:]) * dtype.itemsize <= per_tile:
+                if packed: return packed.load(image_id)
                 with np.load(path) as bag: return dict(bag)
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as error:
             raise ValueError(f"{path}: not a readable bag ({type(error).__name__}: {error})") from None
@@ -252,6 +260,8 @@ def tile_slides(src: str | os.PathLike,  # PANDA-layout folder (train.csv, train
     if len(failed):
         print(f"tiling: {len(failed)} of {len(slides)} slides could not be tiled (listed in {dest/'failures.csv'}):")
         for r in failed.itertuples(): print(f"  {r.file}: {r.error}")
+    store = TileStore(dest, packed=False)
+    pack_bags(dest, store.image_ids, store.bag_files)  # last: the form training reads
     return TileStore(dest)
 
 # %% ../../nbs/slides/60_tile_store.ipynb #f8cc5129

@@ -7,16 +7,38 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
+import warnings
 from pathlib import Path
 
 import pandas as pd
+from fastcore.script import call_parse
 
 from ..core.files import MAX_TABLE_BYTES, atomic_path, checked_file, read_json_object, write_json, write_table
+from .packed import PACKED_DIR, pack_bags
 from .panda import check_table_ids
 from .tile_store import TileStore, _read_index, check_no_links, store_parts
 
 # %% auto #0
-__all__ = ['TILE_COUNTS', 'merge_tile_stores', 'ready_tile_store']
+__all__ = ['TILE_COUNTS', 'pack_store', 'pack_cli', 'merge_tile_stores', 'ready_tile_store']
+
+# %% ../../nbs/slides/65_tiled_elsewhere.ipynb #b99642e8
+def pack_store(store: TileStore | str | os.PathLike,  # a tile or feature store (or the folder of its parts)
+              ) -> TileStore:
+    "The store with its packed form written (or rewritten, if it no longer matches its bags)."
+    store = store if isinstance(store, TileStore) else TileStore(store, packed=False)
+    pack_bags(store.path, store.image_ids, store.bag_files)
+    return TileStore(store.path, store.parts)
+
+# %% ../../nbs/slides/65_tiled_elsewhere.ipynb #6427e95b
+@call_parse
+def pack_cli(store: str):  # a tile or feature store (or the folder of its parts)
+    "Pack the bags of STORE (after copying, resuming or tiling it in parts), so that training reads them as slices."
+    try: packed = pack_store(store)
+    except (ValueError, OSError) as error:
+        print(f"mil_nb_pack: {error}", file=sys.stderr)
+        sys.exit(2)
+    print(f"{packed.path/PACKED_DIR}: {len(packed.image_ids)} bags packed")
 
 # %% ../../nbs/slides/65_tiled_elsewhere.ipynb #7a8b9c41
 def _joined_labels(parts: list[Path]) -> pd.DataFrame | None:
@@ -62,7 +84,7 @@ def merge_tile_stores(parts: str | os.PathLike,  # a folder whose subfolders are
     write_table(whole.index, dest/"index.csv")
     summary = {k: sum(s[k] for s in summaries) for k in TILE_COUNTS}
     write_json(summary | {"parts": len(whole.parts)}, dest/"summary.json")
-    return TileStore(dest)
+    return pack_store(dest)
 
 # %% ../../nbs/slides/65_tiled_elsewhere.ipynb #7a8b9c45
 _PARAMETER = {"mode": "tile_mode"}  # train.ipynb's names for the settings
@@ -91,4 +113,12 @@ def ready_tile_store(tiles_dir: str | os.PathLike | None,  # the run's tile stor
     if data_dir is None and store.labels_dir is None:
         raise ValueError(f"tiles_dir {tiles_dir}: has no train.csv of its slides' labels (a store tiled from a folder "
                          "of slides, or parts with different ones); give data_dir, a folder with train.csv")
-    return store
+    return store if store.packed is not None else _packed_if_writable(store)
+
+# %% ../../nbs/slides/65_tiled_elsewhere.ipynb #697a036b
+def _packed_if_writable(store: TileStore) -> TileStore:
+    "`store` packed for training, or as it is (read bag by bag, with a warning) where its folder is read-only."
+    try: return pack_store(store)
+    except OSError as error:
+        warnings.warn(f"{store.path}: not packed ({error}); its bags are read one by one")
+        return store
