@@ -123,12 +123,12 @@ def _check_offsets(self: PackedBags):
           and self.offsets[-1] == rows and (np.diff(self.offsets) >= 0).all())
     if not ok: raise ValueError(f"{self.folder/'offsets.npy'}: not the offsets of {len(self.row)} bags of {rows} rows")
 
-# %% ../../nbs/slides/55_packed.ipynb #f72edb48
+# %% ../../nbs/slides/55_packed.ipynb #6829f78f
 @patch
 def arrays(self: PackedBags) -> dict[str, np.ndarray]:
     "The packed arrays, memory-mapped (per-instance) or loaded (per-bag), opened on first use in this process."
     if self._arrays is None:
-        maps = {key: np.load(self.folder/f"{key}.npy", mmap_mode="r") for key in self.layout["per_instance"]}
+        maps = {key: np.load(self.folder/f"{key}.npy", mmap_mode="c") for key in self.layout["per_instance"]}
         self._arrays = maps | {key: np.load(self.folder/f"{key}.npy") for key in self.layout["per_bag"]}
     return self._arrays
 
@@ -140,11 +140,10 @@ def header(self: PackedBags, image_id: str) -> tuple[tuple[int, ...], np.dtype]:
 
 @patch
 def load(self: PackedBags, image_id: str) -> dict[str, np.ndarray]:
-    "One bag's arrays, as `np.load` of its own file gives them."
+    "One bag's arrays, as `np.load` of its own file gives them (writable: a write changes this process's copy only)."
     k, arrays = self.row[image_id], self.arrays()
     rows = slice(self.offsets[k], self.offsets[k + 1])
-    return {key: np.array(a[rows]) if key in self.layout["per_instance"] else np.asarray(a[k])
-            for key, a in arrays.items()}
+    return {key: a[rows] if key in self.layout["per_instance"] else np.asarray(a[k]) for key, a in arrays.items()}
 
 # %% ../../nbs/slides/55_packed.ipynb #4de3df1e
 def open_packed(folder: str | os.PathLike,  # the store
