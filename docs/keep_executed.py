@@ -32,7 +32,7 @@ def stamp(nb, commit: str, machine: str, note: str) -> str:
     pm = nb.metadata["papermill"]
     params = " ".join(f"-p {k} {v}" for k, v in pm["parameters"].items())
     return (f"**Executed copy.** The outputs on this page come from `papermill {pm['input_path']} OUT.ipynb {params}`"
-            f" run at commit `{commit}` from {pm['start_time'][:16].replace('T', ' ')} UTC for "
+            f" run with the code of commit `{commit}` from {pm['start_time'][:16].replace('T', ' ')} UTC for "
             f"{pm['duration'] / 60:.1f} minutes on {machine}. Figures are re-encoded at most {MAX_WIDTH} px wide in "
             f"{COLOURS} colours. {note}").strip()
 
