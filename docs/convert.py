@@ -7,7 +7,8 @@ notebooks and every library notebook, at the same relative path), the table of c
 package, exported and hidden cells dropped. Then this module maps what Quarto would have read to what Jupyter Book
 reads: directives become tags, `show_doc` output becomes a Markdown section with a target, nbdev's links to its
 Quarto site become links to those targets. The notebooks whose outputs the site shows come from their executed
-copies in `docs/executed/`; nothing is executed here but `show_doc` cells and the imports they need.
+copies in `docs/executed/`; nothing is executed here but what nbdev's processing runs for `show_doc` (the cells
+with imports, the exported cells and the `show_doc` cells).
 """
 import os
 import re
@@ -65,9 +66,8 @@ class Links:
         self.site = re.escape(cfg.doc_host.rstrip("/") + "/" + cfg.doc_baseurl.strip("/") + "/")
         self.pages, self.anchors, self.undocumented = pages, anchors, set()
 
-    def target(self, page: str, anchor: str, source: Path) -> str:
+    def target(self, page: str, anchor: str) -> str:
         "Where a link to `page#anchor` goes: its entry, else its class's entry (a method documented with its class)."
-        if page not in self.pages: raise ValueError(f"{source}: a link to {page}, which no notebook makes")
         for name in (anchor, anchor.rpartition(".")[0]):
             if name and (page, name) in self.anchors: return "#" + label(page, name)
         self.undocumented.add(f"{page}#{anchor}")
@@ -76,9 +76,9 @@ class Links:
     def __call__(self, text: str, here: Path, source: Path) -> str:
         "`text` with every link into nbdev's site pointing into this one, relative to the page at `here`."
         def swap(m):
-            page, anchor = m["page"], m["anchor"] or ""
-            found = self.target(page, anchor, source) if anchor else self.pages.get(page)
-            if found is None: raise ValueError(f"{source}: a link to {page}, which no notebook makes")
+            page, anchor = m["page"], m["anchor"]
+            if page not in self.pages: raise ValueError(f"{source}: a link to {page}, which no notebook makes")
+            found = self.target(page, anchor) if anchor else self.pages[page]
             return found if found.startswith("#") else relative(found, here)
         text = IMAGES.sub("](" + relative("images/", here), text)
         return re.sub(self.site + r"(?P<page>[\w/.-]+\.html)(?:#(?P<anchor>[\w.-]+))?", swap, text)
@@ -102,7 +102,7 @@ def show_doc_markdown(output: str, level: int, page: str, seen: set) -> str:
 
 
 def split_title_cell(nb):
-    "Move what follows the title and summary of `nb`'s title cell into a cell of its own: nbdev's front matter drops it."
+    "Move what follows the title and summary in `nb`'s title cell to a cell of its own: nbdev's front matter drops it."
     for i, cell in enumerate(nb.cells):
         if cell.cell_type != "markdown": continue
         lines = cell.source.splitlines()

@@ -3,8 +3,9 @@
 The site shows the outputs of the main job, the cohort report and the comparisons from executed copies in
 `docs/executed/` (the build executes none of them; `nbdev_clean` keeps outputs out of `nbs/`). This copies a
 notebook papermill executed to `docs/executed/<its nbs/ path>`, without widget outputs (progress bars, which need a
-live kernel) and with its figures made smaller, and stamps it under its title with where it came from: the commit its code was at, papermill's
-start time and parameters, and the machine it ran on (`--machine`: the run's machine, which this one may not be)."""
+live kernel) and with its figures made smaller, and stamps it under its title with where it came from: the commit
+its code was at, papermill's start time and parameters, and the machine it ran on (`--machine`: the run's machine,
+which this one may not be)."""
 import argparse
 import base64
 import io

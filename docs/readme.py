@@ -1,7 +1,7 @@
 """README.md is generated from `nbs/index.ipynb`: its Markdown cells, with links made relative to the repository root.
 
 `python docs/readme.py` writes README.md; `python docs/readme.py --check` exits 1 when README.md is not what the
-notebook makes (tests/test_docs_site.py runs the check). nbdev's own `nbdev_readme` needs Quarto, hence this."""
+notebook makes (tests/test_docs_site.py checks the same). nbdev's own `nbdev_readme` needs Quarto, hence this."""
 import posixpath
 import re
 import sys
@@ -11,7 +11,7 @@ import nbformat
 
 REPO = Path(__file__).resolve().parents[1]
 INDEX, README = REPO/"nbs"/"index.ipynb", REPO/"README.md"
-HEADER = "<!-- Generated from nbs/index.ipynb by docs/readme.py: edit the notebook, then run `python docs/readme.py`. -->"
+HEADER = "<!-- Generated from nbs/index.ipynb by docs/readme.py: edit the notebook, then `python docs/readme.py`. -->"
 # a Markdown link or image whose target is a relative path (not a URL, not an anchor)
 RELATIVE_LINK = re.compile(r"(!?\[[^\]]*\]\()(?![a-z]+://|#|/)([^)\s]+)\)")
 
@@ -31,5 +31,5 @@ def readme_text() -> str:
 
 if __name__ == "__main__":
     if sys.argv[1:] == ["--check"]:
-        if README.read_text() != readme_text(): sys.exit(f"{README} is not what {INDEX} makes: run python docs/readme.py")
+        if README.read_text() != readme_text(): sys.exit(f"{README} is not what {INDEX} makes: python docs/readme.py")
     else: README.write_text(readme_text())

@@ -13,6 +13,7 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 from conftest import REPO
+from execnb.nbio import dict2nb, mk_cell
 
 sys.path.insert(0, str(REPO/"docs"))
 import convert  # noqa: E402  (docs/convert.py)
@@ -45,6 +46,12 @@ def test_show_doc_output_becomes_a_section_with_a_target():
     assert convert.show_doc_markdown(output, 2, "models/model.html", seen) == ""  # one entry a symbol on a page
 
 
+def test_the_title_cell_keeps_what_follows_its_title():
+    nb = dict2nb({"cells": [mk_cell("# T\n\n> d\n\nMore text.", "markdown"), mk_cell("x = 1")], "metadata": {}})
+    convert.split_title_cell(nb)
+    assert [(c.source, c.idx_) for c in nb.cells] == [("# T\n\n> d", 0), ("More text.", 1), ("x = 1", 2)]
+
+
 def test_links_to_nbdevs_site_point_at_the_pages_and_entries():
     links = convert.Links({"models/model.html": "models/10_model.ipynb", "bags/data.html": "bags/30_data.ipynb"},
                           {("models/model.html", "attentionmil")})
@@ -68,6 +75,8 @@ def test_readme_is_generated_from_the_index_notebook():
     assert (REPO/"README.md").read_text() == readme.readme_text(), "README.md is stale: run python docs/readme.py"
     size = len((REPO/"README.md").read_bytes())
     assert size <= MAX_README_BYTES, f"README.md is {size} bytes, over {MAX_README_BYTES}"
+    long = [line[:60] for line in (REPO/"README.md").read_text().splitlines() if len(line) > 120]
+    assert not long, f"README.md: lines over 120 characters: {long}"
 
 
 class Targets(HTMLParser):
@@ -133,7 +142,7 @@ def browser():
 
 
 def open_page(browser, origin: str, path: str):
-    "A browser page at `origin/path` once loaded and typeset, and its problems: console errors, failed or outside requests."
+    "The page at `origin/path`, loaded and typeset, and its problems: console errors, failed or outside requests."
     page, problems = browser.new_page(viewport={"width": 1280, "height": 1000}), []
     page.on("console", lambda m: m.type == "error" and problems.append(f"console: {m.text}"))
     page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
