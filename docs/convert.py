@@ -38,6 +38,7 @@ TAGS = {("echo", "false"): "remove-input", ("output", "false"): "remove-output",
 QUARTO_ATTRIBUTES = re.compile(r"(\]\([^)]*\))\{[^}]*\}")
 HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*$", re.MULTILINE)
 IMAGES = re.compile(r"\]\((?:\.\./)+docs/images/")  # a notebook's link into docs/images/, copied to the book's images/
+NOTEBOOK = re.compile(r"(?<!\[)`nbs/([\w/]+\.ipynb)`")  # a notebook named in code, `nbs/models/10_model.ipynb`
 
 
 def cell_tags(directives: dict) -> list:
@@ -60,7 +61,7 @@ def label(page: str, anchor: str) -> str:
 
 
 class Links:
-    "nbdev's links to its Quarto site (`doc_host` + `doc_baseurl`) rewritten to this site's pages and API targets."
+    "Links to nbdev's Quarto site (`doc_host` + `doc_baseurl`) and notebooks named in code made links to this site."
     def __init__(self, pages: dict, anchors: set):
         cfg = get_config()
         self.site = re.escape(cfg.doc_host.rstrip("/") + "/" + cfg.doc_baseurl.strip("/") + "/")
@@ -81,6 +82,7 @@ class Links:
             found = self.target(page, anchor) if anchor else self.pages[page]
             return found if found.startswith("#") else relative(found, here)
         text = IMAGES.sub("](" + relative("images/", here), text)
+        text = NOTEBOOK.sub(lambda m: f"[{m[0]}]({relative(m[1], here)})" if m[1] in self.pages.values() else m[0], text)
         return re.sub(self.site + r"(?P<page>[\w/.-]+\.html)(?:#(?P<anchor>[\w.-]+))?", swap, text)
 
 

@@ -57,10 +57,12 @@ def test_links_to_nbdevs_site_point_at_the_pages_and_entries():
                           {("models/model.html", "attentionmil")})
     site = "https://mil-nb.github.io/mil_nb/"
     text = (f"[`AttentionMIL`]({site}models/model.html#attentionmil), [`forward`]({site}models/model.html#"
-            f"attentionmil.forward), [`Bag`]({site}bags/data.html#bag), [data]({site}bags/data.html)")
+            f"attentionmil.forward), [`Bag`]({site}bags/data.html#bag), [data]({site}bags/data.html), "
+            "`nbs/bags/30_data.ipynb`, `nbs/gone.ipynb`")
     assert links(text, Path("guides/x.ipynb"), Path("nbs/guides/x.ipynb")) == (
         "[`AttentionMIL`](#api-models-model-attentionmil), [`forward`](#api-models-model-attentionmil), "
-        "[`Bag`](../bags/30_data.ipynb), [data](../bags/30_data.ipynb)")
+        "[`Bag`](../bags/30_data.ipynb), [data](../bags/30_data.ipynb), "
+        "[`nbs/bags/30_data.ipynb`](../bags/30_data.ipynb), `nbs/gone.ipynb`")
     assert links.undocumented == {"bags/data.html#bag"}
     with pytest.raises(ValueError, match="nbs/x.ipynb: a link to gone.html"): links(f"[a]({site}gone.html)", Path("x"),
                                                                                   Path("nbs/x.ipynb"))
