@@ -92,13 +92,14 @@ def collate_bags(bags: list[Bag]) -> Batch:
         raise ValueError(f"bags in one batch must have instances of one shape and dtype, got {sorted(shapes)}")
     n_max = max(len(bag) for bag in bags)
     first = bags[0].instances
-    instances = np.empty((len(bags), n_max, *first.shape[1:]), first.dtype)  # numpy: huge pages, fewer page faults
+    instances = np.empty((len(bags), n_max, *first.shape[1:]), first.dtype)  # numpy: huge pages, few page faults
     mask = torch.zeros((len(bags), n_max), dtype=torch.bool)
     for i, bag in enumerate(bags):
         instances[i, :len(bag)], instances[i, len(bag):] = bag.instances, 0
         mask[i, :len(bag)] = True
     labels = torch.tensor([bag.label for bag in bags], dtype=torch.float32)
-    return Batch(torch.from_numpy(instances), mask, labels, [bag.image_id for bag in bags], [bag.instance_labels for bag in bags])
+    return Batch(torch.from_numpy(instances), mask, labels, [bag.image_id for bag in bags],
+                 [bag.instance_labels for bag in bags])
 
 # %% ../../nbs/bags/30_data.ipynb #a7d3e1c1
 def dihedral_transform(tile: np.ndarray,  # one image (S, S, C)

@@ -16,7 +16,7 @@ from .inference import BadRequest
 from .wire_formats import too_large
 
 # %% auto #0
-__all__ = ['SPOOL_BYTES', 'STAGE_OPTIONS', 'spool_body', 'Admission', 'release_memory']
+__all__ = ['SPOOL_BYTES', 'STAGE_OPTIONS', 'M_MMAP_THRESHOLD', 'spool_body', 'Admission', 'release_memory', 'map_large_blocks']
 
 # %% ../../nbs/serve/18_admission.ipynb #11863b37
 SPOOL_BYTES = 2**20  # a body arriving is held in memory up to this size, then in a temporary file
@@ -88,3 +88,12 @@ _malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc's; None 
 def release_memory():
     "Hand the memory Python freed back to the system (glibc keeps freed heap pages otherwise)."
     if _malloc_trim is not None: _malloc_trim(0)
+
+# %% ../../nbs/serve/18_admission.ipynb #47777db9
+_mallopt = getattr(ctypes.CDLL(None), "mallopt", None)  # glibc's; None elsewhere
+M_MMAP_THRESHOLD = -3  # mallopt's parameter: blocks from this size up get a mapping of their own
+
+def map_large_blocks(threshold: int = 2**20,  # the size in bytes from which a block is mapped on its own
+                    ) -> bool:
+    "Have glibc map every block of `threshold` bytes or more on its own (freed: given back); False where it cannot."
+    return _mallopt is not None and _mallopt(M_MMAP_THRESHOLD, threshold) == 1

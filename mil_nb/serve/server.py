@@ -35,7 +35,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .admission import Admission, release_memory, spool_body
+from .admission import Admission, map_large_blocks, release_memory, spool_body
 from .inference import BadRequest, RequestLimits, ServedModel, load_served_model, predict, setting
 from .wire_formats import accepts_json, decode_request, encode_answer, media_type, npy_body
 from ..models.model import AttentionMIL, MILConfig
@@ -78,6 +78,7 @@ def create_app(served: ServedModel,  # the model and the limits on one request (
               ) -> Starlette:
     "The ASGI app: `GET /ping` and `POST /invocations` over `served`."
     admission = Admission(max_concurrency, max_queue, max_uploads)
+    map_large_blocks()  # the model's activations given back when freed, not kept by the threads' heaps
 
     async def ping(request: Request) -> JSONResponse:
         config = served.model.config
