@@ -1,8 +1,12 @@
 """Shared fixtures: a small synthetic PANDA-format data set, the main job on the embedded data (each made once per
-session), the main job run in-process (`run_job`), and moto's AWS."""
+session), the main job run in-process (`run_job`), and moto's AWS. Under pytest-xdist every process (the workers,
+the kernels and ranks they start) uses one thread unless OMP_NUM_THREADS says otherwise."""
 import os
 import subprocess
 from pathlib import Path
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one thread per process under xdist: OpenMP's threads oversubscribed
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # the cores (two workers, their jobs' kernels and ranks) cost 15%
 
 import boto3
 import pytest
@@ -51,11 +55,19 @@ def main_job(tmp_path_factory, embedded_cache):
     return out
 
 
+def uses_the_embedded_data(item) -> bool:
+    return bool({"main_job", "embedded_cache"} & set(getattr(item, "fixturenames", ())))
+
+
 def pytest_itemcollected(item):
     """Under pytest-xdist (`-n 2 --dist loadgroup`, as CI runs the tests) a module's tests share a worker, so its
     fixtures are made once; and every test of the embedded data set shares one, so it is made once."""
-    embedded = {"main_job", "embedded_cache"} & set(getattr(item, "fixturenames", ()))
-    item.add_marker(pytest.mark.xdist_group("embedded" if embedded else item.module.__name__))
+    item.add_marker(pytest.mark.xdist_group("embedded" if uses_the_embedded_data(item) else item.module.__name__))
+
+
+def pytest_collection_modifyitems(items):
+    "The embedded data set's tests first: the longest group starts at once, and the other worker takes the rest."
+    items.sort(key=lambda item: not uses_the_embedded_data(item))  # a stable sort: the same order in every worker
 
 REGION = "us-east-1"
 ROLE = "arn:aws:iam::123456789012:role/SageMakerExecution"
