@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import os
+import sys
 import tempfile
 
 from starlette.requests import Request
@@ -16,7 +18,7 @@ from .inference import BadRequest
 from .wire_formats import too_large
 
 # %% auto #0
-__all__ = ['SPOOL_BYTES', 'STAGE_OPTIONS', 'M_MMAP_THRESHOLD', 'spool_body', 'Admission', 'release_memory', 'map_large_blocks']
+__all__ = ['SPOOL_BYTES', 'STAGE_OPTIONS', 'spool_body', 'Admission', 'release_memory', 'with_one_heap']
 
 # %% ../../nbs/serve/18_admission.ipynb #11863b37
 SPOOL_BYTES = 2**20  # a body arriving is held in memory up to this size, then in a temporary file
@@ -90,10 +92,7 @@ def release_memory():
     if _malloc_trim is not None: _malloc_trim(0)
 
 # %% ../../nbs/serve/18_admission.ipynb #47777db9
-_mallopt = getattr(ctypes.CDLL(None), "mallopt", None)  # glibc's; None elsewhere
-M_MMAP_THRESHOLD = -3  # mallopt's parameter: blocks from this size up get a mapping of their own
-
-def map_large_blocks(threshold: int = 2**20,  # the size in bytes from which a block is mapped on its own
-                    ) -> bool:
-    "Have glibc map every block of `threshold` bytes or more on its own (freed: given back); False where it cannot."
-    return _mallopt is not None and _mallopt(M_MMAP_THRESHOLD, threshold) == 1
+def with_one_heap():
+    "Restart this process (its pid, arguments and environment) with MALLOC_ARENA_MAX=1 unless it has it (glibc)."
+    if os.environ.get("MALLOC_ARENA_MAX") or not hasattr(ctypes.CDLL(None), "mallopt"): return
+    os.execve(sys.executable, sys.orig_argv, {**os.environ, "MALLOC_ARENA_MAX": "1"})
