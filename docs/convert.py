@@ -32,7 +32,7 @@ EXECUTED = DOCS/"executed"
 PACKAGES = ["core", "slides", "bags", "models", "evaluate", "train", "serve", "score", "cloud", "bench", "cli"]
 GUIDES = ["train_on_your_slides", "evaluation", "score_a_cohort", "serve_and_deploy", "sagemaker", "panda_at_scale",
           "pretrained_encoders", "benchmarks"]  # nbs/guides/, in reading order
-TOP_LEVEL = ["train", "predict", "compare_pooling", "compare_recipe", "reproduce_mnist_bags"]
+TOP_LEVEL = ["train", "predict", "compare_pooling", "compare_recipe", "reproduce_mnist_bags", "benchmark_results"]
 TAGS = {("echo", "false"): "remove-input", ("output", "false"): "remove-output", ("include", "false"): "remove-cell"}
 # nbdev's show_doc ends a link with Quarto's attributes, `[source](...){target="_blank" style="..."}`
 QUARTO_ATTRIBUTES = re.compile(r"(\]\([^)]*\))\{[^}]*\}")
