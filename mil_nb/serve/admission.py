@@ -18,7 +18,7 @@ from .inference import BadRequest
 from .wire_formats import too_large
 
 # %% auto #0
-__all__ = ['SPOOL_BYTES', 'STAGE_OPTIONS', 'spool_body', 'Admission', 'release_memory', 'with_one_heap']
+__all__ = ['SPOOL_BYTES', 'STAGE_OPTIONS', 'BOUNDED_HEAP', 'spool_body', 'Admission', 'release_memory', 'with_bounded_heap']
 
 # %% ../../nbs/serve/18_admission.ipynb #11863b37
 SPOOL_BYTES = 2**20  # a body arriving is held in memory up to this size, then in a temporary file
@@ -92,7 +92,10 @@ def release_memory():
     if _malloc_trim is not None: _malloc_trim(0)
 
 # %% ../../nbs/serve/18_admission.ipynb #47777db9
-def with_one_heap():
-    "Restart this process (its pid, arguments and environment) with MALLOC_ARENA_MAX=1 unless it has it (glibc)."
+BOUNDED_HEAP = {"MALLOC_ARENA_MAX": "1",  # glibc: one heap for all threads
+                "MALLOC_MMAP_THRESHOLD_": str(2**20)}  # blocks of 1 MiB or more mapped on their own
+
+def with_bounded_heap():
+    "Restart this process (its pid, arguments, environment) with glibc's `BOUNDED_HEAP` settings unless it has them."
     if os.environ.get("MALLOC_ARENA_MAX") or not hasattr(ctypes.CDLL(None), "mallopt"): return
-    os.execve(sys.executable, sys.orig_argv, {**os.environ, "MALLOC_ARENA_MAX": "1"})
+    os.execve(sys.executable, sys.orig_argv, {**os.environ, **BOUNDED_HEAP})

@@ -35,7 +35,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .admission import Admission, release_memory, spool_body, with_one_heap
+from .admission import Admission, release_memory, spool_body, with_bounded_heap
 from .inference import BadRequest, RequestLimits, ServedModel, load_served_model, predict, setting
 from .wire_formats import accepts_json, decode_request, encode_answer, media_type, npy_body
 from ..models.model import AttentionMIL, MILConfig
@@ -163,7 +163,7 @@ def serve_cli(model_dir: str = "/opt/ml/model",  # folder holding model.pt (Sage
               max_thumbnail_pixels: int = None,  # a slide's coarsest level ($MIL_NB_MAX_THUMBNAIL_PIXELS or 2**24)
               max_slide_pixels: int = None):  # px a slide's pyramid declares ($MIL_NB_MAX_SLIDE_PIXELS or 2**34)
     "Serve the model in MODEL_DIR over HTTP: GET /ping, POST /invocations (x-npy, JSON or TIFF bodies)."
-    with_one_heap()  # first: the request threads' memory in one heap, not one each (restarts the process once)
+    with_bounded_heap()  # first: one heap for the request threads, large blocks mapped (restarts the process once)
     try:
         options = server_options(port, dict(max_concurrency=max_concurrency, max_queue=max_queue,
                                             max_uploads=max_uploads, body_timeout_s=body_timeout_s,
