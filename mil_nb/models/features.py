@@ -22,10 +22,10 @@ from tqdm.auto import tqdm
 
 from ..core.devices import autocast, matmul_peak_gflops, resolve_device, resolve_precision
 from .encoders import PRETRAINED_ENCODERS, encoder_from_name
-from ..core.files import atomic_path, npz_header, write_json, write_table
+from ..core.files import atomic_path, check_output_folder, npz_header, write_json, write_table
 from ..slides.readers import open_slide
 from ..slides.tiled_elsewhere import pack_store
-from ..slides.tile_store import MAX_TILES, TileStore, check_output_folder, tiling_settings
+from ..slides.tile_store import MAX_TILES, TileStore, tiling_settings
 
 # %% auto #0
 __all__ = ['encode_tiles', 'FloatInput', 'extract_features', 'cached_features', 'encoder_mpp', 'tiling_warnings', 'features_cli',

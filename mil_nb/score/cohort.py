@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from ..bags.data import Bag
-from ..core.files import atomic_path, write_json, write_table
+from ..core.files import atomic_path, check_output_folder, write_json, write_table
 from ..evaluate.geojson import tile_geojson, write_geojson
 from ..evaluate.heatmaps import plot_slide_attention
 from ..slides.panda import check_image_id, read_csv_table, read_slide_table, shown_name
@@ -30,7 +30,7 @@ from .scorer import CohortModels, load_models, predict_bags, tile_for_scoring, t
 from .cohort_report import cohort_metrics, cohort_predictions
 from ..slides.slide_reader import SlideLimits
 from ..bags.tasks import get_task
-from ..slides.tile_store import MAX_TILES, check_output_folder, slide_sources
+from ..slides.tile_store import MAX_TILES, slide_sources
 from ..slides.tiling import TilingConfig
 
 # %% auto #0

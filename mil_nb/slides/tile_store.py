@@ -18,10 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from fastcore.basics import patch
 from fastcore.script import call_parse
 from PIL import Image
 
-from ..core.files import atomic_path, npz_header, write_table
+from ..core.files import atomic_path, check_output_folder, npz_header, write_table
 from .panda import check_image_id, image_path, mask_path, read_slide_table, shown_name
 from ..core.parallel import parallel_map
 from .packed import open_packed, pack_bags
@@ -30,8 +31,7 @@ from .slide_reader import SlideLimits
 from .tiling import TilingConfig, choose_level, tile_slide
 
 # %% auto #0
-__all__ = ['MAX_TILES', 'slide_sources', 'tiling_settings', 'store_parts', 'TileStore', 'check_output_folder', 'check_no_links',
-           'tile_slides', 'tile_cli']
+__all__ = ['MAX_TILES', 'slide_sources', 'tiling_settings', 'store_parts', 'TileStore', 'tile_slides', 'tile_cli']
 
 # %% ../../nbs/slides/60_tile_store.ipynb #df5e176f
 def slide_sources(src: str | os.PathLike) -> pd.DataFrame:
@@ -140,25 +140,27 @@ class TileStore:
     @property
     def bag_files(self) -> list[Path]: return [self.bag_file(image_id) for image_id in self.image_ids]
 
-    def load(self, image_id: str,  # a slide of the store
-             max_tiles: int | None = None,  # the most tiles (or features) it may hold, from its header (None: any)
-            ) -> dict[str, np.ndarray]:
-        "The arrays of one slide's bag; a ValueError naming its file if it cannot be read, or is over `max_tiles`."
-        path, name = self.bag_file(image_id), "features" if "features" in self.meta else "tiles"
-        per_tile = 4 * (self.meta["features"] if name == "features" else self.meta["tile_size"] ** 2)  # bytes at most
-        packed = self.packed if self.packed is not None and image_id in self.packed else None
-        try:
-            if max_tiles is not None: shape, dtype = packed.header(image_id) if packed else npz_header(path, name)
-            if max_tiles is None or shape[0] <= max_tiles and math.prod(shape[1:]) * dtype.itemsize <= per_tile:
-                if packed: return packed.load(image_id)
-                with np.load(path) as bag: return dict(bag)
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as error:
-            raise ValueError(f"{path}: not a readable bag ({type(error).__name__}: {error})") from None
-        raise ValueError(f"{path}: {shape[0]:,} {name} of {shape[1:]} {dtype}, over the limit of {max_tiles:,} "
-                         f"(max_tiles) of at most {per_tile:,} bytes each")
-
     def __repr__(self):
         return f"TileStore({self.path}, {len(self.index)} bags, {len(self.failures)} failed, {self.meta})"
+
+# %% ../../nbs/slides/60_tile_store.ipynb #c88df5cc
+@patch
+def load(self: TileStore, image_id: str,  # a slide of the store
+         max_tiles: int | None = None,  # the most tiles (or features) it may hold, from its header (None: any)
+        ) -> dict[str, np.ndarray]:
+    "The arrays of one slide's bag; a ValueError naming its file if it cannot be read, or is over `max_tiles`."
+    path, name = self.bag_file(image_id), "features" if "features" in self.meta else "tiles"
+    per_tile = 4 * (self.meta["features"] if name == "features" else self.meta["tile_size"] ** 2)  # bytes at most
+    packed = self.packed if self.packed is not None and image_id in self.packed else None
+    try:
+        if max_tiles is not None: shape, dtype = packed.header(image_id) if packed else npz_header(path, name)
+        if max_tiles is None or shape[0] <= max_tiles and math.prod(shape[1:]) * dtype.itemsize <= per_tile:
+            if packed: return packed.load(image_id)
+            with np.load(path) as bag: return dict(bag)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as error:
+        raise ValueError(f"{path}: not a readable bag ({type(error).__name__}: {error})") from None
+    raise ValueError(f"{path}: {shape[0]:,} {name} of {shape[1:]} {dtype}, over the limit of {max_tiles:,} "
+                     f"(max_tiles) of at most {per_tile:,} bytes each")
 
 # %% ../../nbs/slides/60_tile_store.ipynb #608496fb
 def _tile_into_store(dest: Path, image_id: str, image_file, mask_file, provider: str, config: TilingConfig, png: bool,
@@ -187,25 +189,6 @@ def _stored_hash(dest: Path, image_id: str) -> str:
     "The thumbnail hash kept in a slide's bag ('' for a bag tiled before hashes were kept)."
     with np.load(dest/"bags"/f"{image_id}.npz") as bag:
         return str(bag["thumbnail_hash"]) if "thumbnail_hash" in bag else ""
-
-# %% ../../nbs/slides/60_tile_store.ipynb #2f4a3766
-def check_output_folder(src: Path,  # the input (a folder or file), never written to
-                        dest: Path,  # the output folder
-                        folders: tuple[str, ...],  # the subfolders written into
-                       ):
-    "Outputs are written only inside `dest`: not into the source, a file, or subfolders that link elsewhere."
-    if dest.resolve() == src.resolve(): raise ValueError(f"dest {dest}: the source folder itself; choose another")
-    check_no_links(dest, folders)
-
-# %% ../../nbs/slides/60_tile_store.ipynb #da657608
-def check_no_links(dest: Path,  # the output folder
-                   folders: tuple[str, ...],  # the subfolders written into
-                  ):
-    "Refuse an output folder that is a file, or whose subfolders link elsewhere (writes must stay inside `dest`)."
-    if dest.exists() and not dest.is_dir(): raise ValueError(f"dest {dest}: a file, not a folder")
-    for folder in folders:
-        if (dest/folder).is_symlink():
-            raise ValueError(f"{dest/folder}: a link; outputs are written only inside {dest}")
 
 # %% ../../nbs/slides/60_tile_store.ipynb #c7f21a57
 def tile_slides(src: str | os.PathLike,  # PANDA-layout folder (train.csv, train_images/) or a folder of slides

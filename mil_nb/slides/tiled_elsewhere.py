@@ -14,10 +14,11 @@ from pathlib import Path
 import pandas as pd
 from fastcore.script import call_parse
 
-from ..core.files import MAX_TABLE_BYTES, atomic_path, checked_file, read_json_object, write_json, write_table
+from ..core.files import (MAX_TABLE_BYTES, atomic_path, check_no_links, checked_file, read_json_object,
+                               write_json, write_table)
 from .packed import PACKED_DIR, pack_bags
 from .panda import check_table_ids
-from .tile_store import TileStore, _read_index, check_no_links, store_parts
+from .tile_store import TileStore, _read_index, store_parts
 
 # %% auto #0
 __all__ = ['TILE_COUNTS', 'pack_store', 'pack_cli', 'merge_tile_stores', 'ready_tile_store']
