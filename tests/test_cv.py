@@ -14,6 +14,7 @@ import pytest
 
 from conftest import REPO, ROLE, moto_session, run_job
 from mil_nb.cloud.cv import cv_cli, submit_folds
+from mil_nb.cloud.resources import JobResources
 
 SMALL_RUN = dict(epochs=3, tile_size=32, n_tiles=8, n_bootstrap=100)
 SMALL = [part for key, value in SMALL_RUN.items() for part in ("-p", key, str(value))]
@@ -132,7 +133,8 @@ def test_submit_folds_to_sagemaker(aws, monkeypatch):
     requests, session = [], moto_session()
     session.events.register("provide-client-params.sagemaker.CreateTrainingJob",
                             lambda params, **kwargs: requests.append(params))
-    names = submit_folds(3, ROLE, {"epochs": 20}, "cvtest", instance_type="ml.g5.2xlarge", boto_session=session)
+    names = submit_folds(3, ROLE, {"epochs": 20}, "cvtest", resources=JobResources("ml.g5.2xlarge"),
+                         boto_session=session)
     assert len(names) == 3 and all(name.startswith(f"cvtest-fold{k}") for k, name in enumerate(names))
     hyper = [r["HyperParameters"] for r in requests]
     assert [json.loads(h["fold"]) for h in hyper] == [0, 1, 2] and all(json.loads(h["folds"]) == 3 for h in hyper)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from mil_nb.cloud.deploy import deploy
+from mil_nb.cloud.resources import JobResources
 from mil_nb.serve.wire_formats import npy_body
 from mil_nb.models.model import AttentionMIL, MILConfig
 from mil_nb.models.saving import save_model
@@ -68,7 +69,8 @@ def test_deploy_creates_model_and_endpoint_that_serve(aws, tmp_path):
     s3.create_bucket(Bucket="models")
     s3.put_object(Bucket="models", Key="train-1/output/model.tar.gz", Body=model_tar_gz(tmp_path))
 
-    endpoint = deploy("s3://models/train-1/output/model.tar.gz", "ml.g4dn.xlarge", ROLE, name="mil-nb-test",
+    endpoint = deploy("s3://models/train-1/output/model.tar.gz", JobResources("ml.g4dn.xlarge"), ROLE,
+                      name="mil-nb-test",
                       boto_session=moto_session())
 
     sagemaker = boto3.client("sagemaker", region_name=REGION)
@@ -108,7 +110,8 @@ def test_deploy_creates_model_and_endpoint_that_serve(aws, tmp_path):
 
 
 def test_deploy_refuses_what_is_not_a_model_tar_gz(aws):
-    with pytest.raises(ValueError, match="model.tar.gz"): deploy("s3://models/model.pt", "ml.m5.xlarge", ROLE)
+    with pytest.raises(ValueError, match="model.tar.gz"):
+        deploy("s3://models/model.pt", JobResources("ml.m5.xlarge"), ROLE)
 
 
 def test_deploy_packs_a_two_stage_models_encoder_weights(aws, tmp_path):
@@ -125,8 +128,8 @@ def test_deploy_packs_a_two_stage_models_encoder_weights(aws, tmp_path):
     s3.create_bucket(Bucket="models")
     s3.put_object(Bucket="models", Key="two-stage/model.tar.gz", Body=buffer.getvalue())
 
-    deploy("s3://models/two-stage/model.tar.gz", "ml.m5.xlarge", ROLE, name="two-stage", boto_session=moto_session(),
-           encoder_weights=str(tmp_path/"resnet.safetensors"))
+    deploy("s3://models/two-stage/model.tar.gz", JobResources("ml.m5.xlarge"), ROLE, name="two-stage",
+           boto_session=moto_session(), encoder_weights=str(tmp_path/"resnet.safetensors"))
 
     environment = boto3.client("sagemaker", region_name=REGION).describe_model(
         ModelName="two-stage")["PrimaryContainer"]["Environment"]

@@ -8,6 +8,7 @@ import pytest
 
 from mil_nb.cloud.launch import METRIC_DEFINITIONS, launch
 from mil_nb.cloud.launch_commands import launch_cli
+from mil_nb.cloud.resources import JobResources
 from conftest import REGION, ROLE, moto_session
 
 
@@ -36,7 +37,7 @@ def s3_files(uri: str) -> dict[str, bytes]:
 
 def test_launch_submits_a_torchrun_job(sagemaker_aws):
     requests = []
-    job = launch(ROLE, "ml.g5.12xlarge", instance_count=2, processes_per_node=4,
+    job = launch(ROLE, JobResources("ml.g5.12xlarge", 2), processes_per_node=4,
                  hyperparameters={"epochs": 100, "task": "isup", "patience": None, "lr": 2e-4},
                  train_s3="s3://slides/panda/", output_s3="s3://runs/mil-nb/", checkpoint_s3="s3://runs/checkpoints/",
                  boto_session=recording_session(requests))
@@ -90,14 +91,15 @@ def test_launch_submits_a_torchrun_job(sagemaker_aws):
 
 def test_a_spot_job_asks_for_spot_capacity_and_keeps_checkpoints(sagemaker_aws):
     requests = []
-    launch(ROLE, "ml.g5.12xlarge", checkpoint_s3="s3://runs/checkpoints/", max_runtime_s=3600, spot=True,
-           boto_session=recording_session(requests))
+    launch(ROLE, JobResources("ml.g5.12xlarge", max_runtime_s=3600), checkpoint_s3="s3://runs/checkpoints/",
+           spot=True, boto_session=recording_session(requests))
     request, = requests
     assert request["EnableManagedSpotTraining"] is True
     assert request["StoppingCondition"] == {"MaxRuntimeInSeconds": 3600, "MaxWaitTimeInSeconds": 7200}
     assert request["CheckpointConfig"] == {"S3Uri": "s3://runs/checkpoints/", "LocalPath": "/opt/ml/checkpoints"}
     requests.clear()
-    launch(ROLE, "ml.g5.12xlarge", boto_session=recording_session(requests))  # on demand: no spot, no max wait
+    # on demand: no spot, no max wait
+    launch(ROLE, JobResources("ml.g5.12xlarge"), boto_session=recording_session(requests))
     assert "EnableManagedSpotTraining" not in requests[0] or requests[0]["EnableManagedSpotTraining"] is False
     assert "MaxWaitTimeInSeconds" not in requests[0]["StoppingCondition"]
     with pytest.raises(ValueError, match="spot=True needs checkpoint_s3"): launch(ROLE, spot=True)
@@ -107,7 +109,7 @@ def test_a_spot_job_asks_for_spot_capacity_and_keeps_checkpoints(sagemaker_aws):
 
 def test_a_job_from_a_tile_store_gets_a_tiles_channel(sagemaker_aws):
     requests = []
-    launch(ROLE, "ml.g5.12xlarge", tiles_s3="s3://runs/tiles/", train_s3="s3://slides/panda/",
+    launch(ROLE, JobResources("ml.g5.12xlarge"), tiles_s3="s3://runs/tiles/", train_s3="s3://slides/panda/",
            train_input_mode="FastFile", boto_session=recording_session(requests))
     request, = requests
     channels = {c["ChannelName"]: c for c in request["InputDataConfig"]}
@@ -116,14 +118,14 @@ def test_a_job_from_a_tile_store_gets_a_tiles_channel(sagemaker_aws):
     assert channels["train"]["DataSource"]["S3DataSource"]["S3Uri"] == "s3://slides/panda/"
     assert channels["train"]["InputMode"] == "FastFile"  # streamed: only train.csv and the report's slides are read
     requests.clear()
-    launch(ROLE, "ml.g5.12xlarge", tiles_s3="s3://runs/tiles/", boto_session=recording_session(requests))
+    launch(ROLE, JobResources("ml.g5.12xlarge"), tiles_s3="s3://runs/tiles/", boto_session=recording_session(requests))
     channels = {c["ChannelName"]: c for c in requests[0]["InputDataConfig"]}
     assert "train" not in channels and channels["tiles"]["InputMode"] == "File"  # labels: the store's train.csv
     with pytest.raises(ValueError, match="tiles_s3='runs/tiles/': expected an S3 URI"):
         launch(ROLE, tiles_s3="runs/tiles/")
     with pytest.raises(ValueError, match="train_input_mode='Pipe'"): launch(ROLE, train_input_mode="Pipe")
     requests.clear()
-    launch(ROLE, "ml.g5.12xlarge", encoder_s3="s3://weights/resnet-50/",
+    launch(ROLE, JobResources("ml.g5.12xlarge"), encoder_s3="s3://weights/resnet-50/",
            hyperparameters={"encoder": "resnet50-imagenet"}, boto_session=recording_session(requests))
     channels = {c["ChannelName"]: c for c in requests[0]["InputDataConfig"]}
     assert channels["encoder"]["DataSource"]["S3DataSource"]["S3Uri"] == "s3://weights/resnet-50/"  # encoder_weights
@@ -134,7 +136,7 @@ def test_a_job_from_a_tile_store_gets_a_tiles_channel(sagemaker_aws):
 
 def test_launch_defaults(sagemaker_aws):
     "No data: no train channel (the job uses the notebook's embedded data); one process per GPU; the default bucket."
-    job = launch(ROLE, "ml.g5.2xlarge", boto_session=moto_session())
+    job = launch(ROLE, JobResources("ml.g5.2xlarge"), boto_session=moto_session())
     described = boto3.client("sagemaker", region_name=REGION).describe_training_job(
         TrainingJobName=job.training_job_name
     )

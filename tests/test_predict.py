@@ -21,6 +21,7 @@ from mil_nb.serve.inference import load_served_model, predict_bag
 from mil_nb.models.model import AttentionMIL, MILConfig
 from mil_nb.models.saving import save_model
 from mil_nb.cloud.processing import launch_predict
+from mil_nb.cloud.resources import JobResources
 from mil_nb.slides.readers import open_slide
 from mil_nb.slides.tiling import TilingConfig, tile_side_level0, tile_slide
 from conftest import REGION, ROLE, moto_session
@@ -174,7 +175,7 @@ def test_the_processing_job_request(aws, monkeypatch):
                             lambda params, **kwargs: requests.append(params))
     job = launch_predict(ROLE, "s3://slides/cohort/", ["s3://runs/fold0/model.tar.gz", "s3://runs/fold1/model.tar.gz"],
                          "s3://runs/scored/", labels_s3="s3://slides/labels.csv", options=["--precision", "bf16"],
-                         instance_type="ml.m5.4xlarge", instance_count=4, boto_session=session)
+                         resources=JobResources("ml.m5.4xlarge", 4), boto_session=session)
     assert job.processing_job_name.startswith("mil-nb-predict-")
     request, = requests
     assert request["AppSpecification"]["ImageUri"] == \
@@ -210,8 +211,10 @@ def test_launch_predict_refuses_bad_input(aws, monkeypatch):
         (dict(model_s3="s3://runs/model.tar.gz"), "expected a list of URIs"),
         (dict(output_s3="runs/"), "output_s3='runs/'"),
         (dict(options=["--model_dir", "x"]), "the job sets these itself"),
-        (dict(instance_count=0), "instance_count=0"),
     ]:
         arguments = dict(slides_s3="s3://s/", model_s3=["s3://m/model.tar.gz"], output_s3="s3://o/") | kwargs
         with pytest.raises(ValueError, match=message):
             launch_predict(ROLE, **arguments, boto_session=moto_session())
+    with pytest.raises(ValueError, match="instance_count=0"):  # the resources are checked when made
+        launch_predict(ROLE, "s3://s/", ["s3://m/model.tar.gz"], "s3://o/",
+                       resources=JobResources("ml.m5.4xlarge", instance_count=0), boto_session=moto_session())

@@ -10,6 +10,7 @@ import torch
 
 from mil_nb.models.saving import load_model
 from mil_nb.cloud.processing import launch_tiling
+from mil_nb.cloud.resources import JobResources
 from mil_nb.slides.tile_store import TileStore
 from conftest import REPO, ROLE, moto_session
 
@@ -75,7 +76,8 @@ def test_the_tiling_job_request(aws, monkeypatch):
     session.events.register("provide-client-params.sagemaker.CreateProcessingJob",
                             lambda params, **kwargs: requests.append(params))
     job = launch_tiling(ROLE, "s3://data/panda/train_images/", "s3://data/tiles/", "s3://data/panda/train.csv",
-                        "s3://data/panda/train_label_masks/", ["--mode", "tissue", "--mpp", "2.0"], instance_count=8,
+                        "s3://data/panda/train_label_masks/", ["--mode", "tissue", "--mpp", "2.0"],
+                        resources=JobResources("ml.c5.4xlarge", 8),
                         boto_session=session)
     assert job.processing_job_name.startswith("mil-nb-tile-")
     request, = requests

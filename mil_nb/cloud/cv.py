@@ -20,6 +20,7 @@ from ..evaluate.evaluation import (ensemble, heldout_metrics, heldout_summary, p
                                task_metrics, youden_threshold)
 from ..core.files import atomic_path, project_path
 from .launch import launch
+from .resources import job_resources, resource_options
 from ..slides.panda import read_slide_table
 from ..core.parallel import die_with_parent
 from ..train.command_line import given_parameters, parameter_options
@@ -178,7 +179,7 @@ def submit_folds(folds: int,  # how many folds: one training job each
                  role: str,  # ARN of the SageMaker execution role
                  parameters: dict | None = None,  # other main-job parameters (`TrainConfig`): each job's hyperparams
                  base_job_name: str = "mil-nb-cv",  # job i is named <base_job_name>-fold<i>-<timestamp>
-                 **launch_options,  # the rest of `launch`'s arguments (instance_type, train_s3, dry_run, ...)
+                 **launch_options,  # the rest of `launch`'s arguments (resources, train_s3, dry_run, ...)
                 ) -> list[str]:
     "Submit fold 0 .. folds-1 as SageMaker training jobs; their names (none for a dry run)."
     parameters = dict(parameters or {})
@@ -191,13 +192,11 @@ def submit_folds(folds: int,  # how many folds: one training job each
 def cv_cli(argv: list[str] | None = None):
     "mil_nb_cv: k-fold cross-validation of nbs/train.ipynb, here (fold after fold) or as SageMaker jobs (--role)."
     parser = argparse.ArgumentParser(prog="mil_nb_cv", description=cv_cli.__doc__.split(": ", 1)[1],
-                                     parents=[parameter_options()])
+                                     parents=[parameter_options(), resource_options("ml.g5.2xlarge", "per fold's job")])
     parser.add_argument("--folds", type=int, required=True, help="folds of the non-test slides (>= 2)")
     parser.add_argument("--output_dir", required=True, help="fold_<i>/, tiles/ and the cv_* summary files go here")
     parser.add_argument("--summarize", action="store_true", help="only summarise the finished folds")
     parser.add_argument("--role", help="SageMaker: submit the folds as training jobs running as this role")
-    parser.add_argument("--instance_type", default="ml.g5.2xlarge")
-    parser.add_argument("--instance_count", type=int, default=1)
     parser.add_argument("--train", help="SageMaker: S3 URI of the PANDA-layout data (default: the embedded data)")
     parser.add_argument("--output", help="SageMaker: S3 URI for the jobs' outputs")
     parser.add_argument("--base_job_name", default="mil-nb-cv")
@@ -207,7 +206,7 @@ def cv_cli(argv: list[str] | None = None):
     try:
         if args.role:
             names = submit_folds(args.folds, args.role, parameters, args.base_job_name,
-                                 instance_type=args.instance_type, instance_count=args.instance_count,
+                                 resources=job_resources(parser, args),
                                  train_s3=args.train, output_s3=args.output, dry_run=args.dry_run)
             print("\n".join(names) if names else f"dry run: {args.folds} job requests valid")
         elif args.summarize:

@@ -19,6 +19,7 @@ from sagemaker.core.shapes import ContainerDefinition, ProductionVariant
 from ..core.devices import PRECISIONS
 from ..models.encoders import ENCODER_WEIGHTS_ENV, weights_file
 from .bundle import copy_package, imported_requirements
+from .resources import JobResources, check_job_resources
 
 # %% auto #0
 __all__ = ['ENTRY_SCRIPT', 'CONTAINER_CODE', 'write_entry_source', 'serving_environment', 'deploy']
@@ -52,10 +53,9 @@ def serving_environment(region: str, precision: str = "fp32",
 
 # %% ../../nbs/cloud/50_deploy.ipynb #42bafaea
 def deploy(model_data_s3: str,  # S3 URI of the model.tar.gz a training job wrote (model.pt at its root)
-           instance_type: str,  # the endpoint's instance type (ml.m5.* CPU, ml.g4dn.* / ml.g5.* GPU)
+           resources: JobResources,  # its instances (ml.m5.* CPU, ml.g4dn.* / ml.g5.* GPU) and their disk
            role: str,  # ARN of the execution role; it must read and write the model's S3 folder
            name: str | None = None,  # the Model, EndpointConfig and Endpoint's name (None: mil-nb-<timestamp>)
-           instance_count: int = 1,  # instances behind the endpoint
            precision: str = "fp32",  # answers in fp32 (the model's own), or bf16 / fp16
            framework_version: str = "2.6",  # AWS's PyTorch inference image version
            py_version: str = "py312",  # its Python
@@ -69,6 +69,7 @@ def deploy(model_data_s3: str,  # S3 URI of the model.tar.gz a training job wrot
             f"model_data_s3={model_data_s3!r}: expected the S3 URI of a model.tar.gz (s3://bucket/.../model.tar.gz)"
         )
     weights = weights_file(encoder_weights) if encoder_weights is not None else None  # checked before any work
+    resources = check_job_resources(resources, endpoint=True)
     boto_session = boto_session or boto3.Session()
     region = boto_session.region_name
     if not region:
@@ -76,7 +77,7 @@ def deploy(model_data_s3: str,  # S3 URI of the model.tar.gz a training job wrot
     name = name or name_from_base("mil-nb")
     environment = serving_environment(region, precision, weights and f"encoder/{weights.name}")
     image = image_uris.retrieve(framework="pytorch", region=region, version=framework_version, py_version=py_version,
-                                instance_type=instance_type, image_scope="inference")
+                                instance_type=resources.instance_type, image_scope="inference")
     model_data = f"{model_data_s3.rsplit('/', 1)[0]}/{name}/model.tar.gz"
     with tempfile.TemporaryDirectory() as tmp:
         code = write_entry_source(Path(tmp)/"code")
@@ -85,8 +86,8 @@ def deploy(model_data_s3: str,  # S3 URI of the model.tar.gz a training job wrot
     Model.create(model_name=name,
                  primary_container=ContainerDefinition(image=image, model_data_url=model_data, environment=environment),
                  execution_role_arn=role, session=boto_session, region=region)
-    variant = ProductionVariant(variant_name="AllTraffic", model_name=name, initial_instance_count=instance_count,
-                                instance_type=instance_type)
+    variant = ProductionVariant(variant_name="AllTraffic", model_name=name, instance_type=resources.instance_type,
+                                initial_instance_count=resources.instance_count, volume_size_in_gb=resources.volume_gb)
     EndpointConfig.create(endpoint_config_name=name, production_variants=[variant], session=boto_session, region=region)
     endpoint = Endpoint.create(endpoint_name=name, endpoint_config_name=name, session=boto_session, region=region)
     if wait: endpoint.wait_for_status("InService")

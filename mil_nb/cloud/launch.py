@@ -27,6 +27,8 @@ from sagemaker.train import ModelTrainer
 from sagemaker.train.distributed import Torchrun
 
 from .bundle import copy_package, imported_requirements, notebook_imports
+from .resources import (JobResources, check_job_resources, job_max_runtime_s, job_resources, job_volume_gb,
+                                    resource_options)
 from ..train.command_line import given_parameters, parameter_options
 from ..train.config import hyperparameter_text
 from ..train.main_job import TRAIN_NOTEBOOK
@@ -106,8 +108,7 @@ def _check_spot(spot: bool, max_wait_s: int | None, max_runtime_s: int, checkpoi
 
 # %% ../../nbs/cloud/30_launch.ipynb #66dea815
 def launch(role: str,  # ARN of the SageMaker execution role the job runs as
-           instance_type: str = "ml.g5.12xlarge",  # the instances' type (GPU types run one process per GPU)
-           instance_count: int = 1,  # instances; torchrun spans them all
+           resources: JobResources = JobResources("ml.g5.12xlarge"),  # the instances (torchrun spans them all)
            processes_per_node: int | None = None,  # torchrun processes per instance (None: one per GPU)
            hyperparameters: dict | None = None,  # train.ipynb's parameters, e.g. {"epochs": 100}
            train_s3: str | None = None,  # S3 prefix of the PANDA-layout data (None: the embedded synthetic data)
@@ -117,8 +118,6 @@ def launch(role: str,  # ARN of the SageMaker execution role the job runs as
            output_s3: str | None = None,  # S3 prefix for model.tar.gz and output.tar.gz (None: the default bucket)
            checkpoint_s3: str | None = None,  # S3 prefix SageMaker keeps checkpoint.pt in, restored when a job starts
            base_job_name: str = "mil-nb",  # the job's name, before its timestamp
-           volume_gb: int = 100,  # disk per instance; holds the train channel
-           max_runtime_s: int = 24 * 3600,  # the job (and its bill) is stopped after this long
            spot: bool = False,  # managed spot training: interrupted jobs restart and resume (needs checkpoint_s3)
            max_wait_s: int | None = None,  # spot: the most time waiting for capacity plus running (default 2 x runtime)
            framework_version: str = "2.5",  # AWS's PyTorch training image version
@@ -136,20 +135,23 @@ def launch(role: str,  # ARN of the SageMaker execution role the job runs as
             raise ValueError(f"{name}={uri!r}: expected an S3 URI (s3://bucket/prefix/)")
     if train_input_mode not in INPUT_MODES:
         raise ValueError(f"train_input_mode={train_input_mode!r}: expected one of {', '.join(INPUT_MODES)}")
-    max_wait_s = _check_spot(spot, max_wait_s, max_runtime_s, checkpoint_s3)
+    resources = check_job_resources(resources)
+    max_wait_s = _check_spot(spot, max_wait_s, job_max_runtime_s(resources), checkpoint_s3)
     boto_session = boto_session or boto3.Session()
     if not boto_session.region_name:
         raise ValueError("no AWS region: pass boto_session=boto3.Session(region_name=...) or set AWS_DEFAULT_REGION")
     with tempfile.TemporaryDirectory() as tmp:
         trainer = ModelTrainer(
             sagemaker_session=Session(boto_session=boto_session), role=role, base_job_name=base_job_name,
-            training_image=training_image(boto_session.region_name, instance_type, framework_version, py_version),
+            training_image=training_image(boto_session.region_name, resources.instance_type, framework_version,
+                                          py_version),
             source_code=SourceCode(source_dir=str(write_job_source(Path(tmp)/"code")), entry_script=JOB_ENTRY,
                                    requirements="requirements.txt"),
             distributed=Torchrun(process_count_per_node=processes_per_node),
-            compute=Compute(instance_type=instance_type, instance_count=instance_count, volume_size_in_gb=volume_gb,
+            compute=Compute(instance_type=resources.instance_type, instance_count=resources.instance_count,
+                            volume_size_in_gb=job_volume_gb(resources),
                             enable_managed_spot_training=spot or None),
-            stopping_condition=StoppingCondition(max_runtime_in_seconds=max_runtime_s,
+            stopping_condition=StoppingCondition(max_runtime_in_seconds=job_max_runtime_s(resources),
                                                  max_wait_time_in_seconds=max_wait_s),
             hyperparameters=hyperparameters or {}, output_data_config=OutputDataConfig(s3_output_path=output_s3),
         ).with_metric_definitions([MetricDefinition(name=d["Name"], regex=d["Regex"]) for d in METRIC_DEFINITIONS])
@@ -230,7 +232,8 @@ def run_local(
 def train_cli(argv: list[str] | None = None):
     "mil_nb_launch [train]: run nbs/train.ipynb under torchrun here (--local N) or as a SageMaker training job."
     parser = argparse.ArgumentParser(
-        prog="mil_nb_launch train", parents=[parameter_options()],
+        prog="mil_nb_launch train",
+        parents=[parameter_options(), resource_options("ml.g5.12xlarge", "instances; torchrun spans them")],
         description="Run nbs/train.ipynb under torchrun here (--local N) or as a SageMaker training job (--role ARN).",
     )
     parser.add_argument("--local", type=int, metavar="N", help="run here with N torchrun processes, not on SageMaker")
@@ -239,8 +242,6 @@ def train_cli(argv: list[str] | None = None):
         "--data_dir", help="local run: PANDA-layout folder for the train channel (default: the embedded data)"
     )
     parser.add_argument("--role", help="SageMaker: the execution role's ARN")
-    parser.add_argument("--instance_type", default="ml.g5.12xlarge")
-    parser.add_argument("--instance_count", type=int, default=1)
     parser.add_argument("--processes_per_node", type=int, help="default: one per GPU")
     parser.add_argument("--train", help="S3 URI of the PANDA-layout data (default: the embedded data)")
     parser.add_argument("--tiles", help="a tile store to train from, tiling nothing: S3 URI (--local: a folder)")
@@ -253,8 +254,6 @@ def train_cli(argv: list[str] | None = None):
         "--checkpoints", help="S3 URI to keep checkpoints in; a job started with them continues from the last epoch"
     )
     parser.add_argument("--base_job_name", default="mil-nb")
-    parser.add_argument("--volume_gb", type=int, default=100, help="disk per instance; holds the train channel")
-    parser.add_argument("--max_runtime_s", type=int, default=24 * 3600, help="the job is stopped after this long")
     parser.add_argument("--spot", action="store_true", help="managed spot training (needs --checkpoints)")
     parser.add_argument("--max_wait_s", type=int, help="spot: the most time waiting plus running (default 2 x runtime)")
     parser.add_argument("--wait", action="store_true", help="follow the job's log until it ends")
@@ -268,13 +267,13 @@ def train_cli(argv: list[str] | None = None):
     if not args.role: parser.error("--role ARN is needed to run on SageMaker (or --local N to run here)")
     if args.data_dir:
         parser.error("--data_dir is for --local runs: a SageMaker job reads its data from --train s3://...")
+    resources = job_resources(parser, args)
     try:
-        job = launch(args.role, args.instance_type, args.instance_count, args.processes_per_node, hyperparameters,
+        job = launch(args.role, resources, args.processes_per_node, hyperparameters,
                      train_s3=args.train, tiles_s3=args.tiles, encoder_s3=args.encoder_weights,
                      train_input_mode=args.train_input_mode,
                      output_s3=args.output, checkpoint_s3=args.checkpoints, base_job_name=args.base_job_name,
-                     volume_gb=args.volume_gb, max_runtime_s=args.max_runtime_s, spot=args.spot,
-                     max_wait_s=args.max_wait_s, wait=args.wait, dry_run=args.dry_run)
+                     spot=args.spot, max_wait_s=args.max_wait_s, wait=args.wait, dry_run=args.dry_run)
     except ValueError as error: parser.error(str(error))
     if job is None:
         print("dry run: the request is valid; no job submitted")

@@ -15,6 +15,7 @@ from ..train.config import parse_value
 from .launch import train_cli
 from .local_processing import run_predict_local, run_tiling_local
 from .processing import launch_predict, launch_tiling
+from .resources import job_resources, resource_options
 from .shards import merge_scores
 from ..slides.tiled_elsewhere import merge_tile_stores
 from .tuning import tune
@@ -32,7 +33,8 @@ def _split_options(argv: list[str]) -> tuple[list[str], list[str]]:
 def _job_parser(job: str, what: str, tool: str, instance_type: str) -> argparse.ArgumentParser:
     "The options every Processing-job sub-command takes."
     parser = argparse.ArgumentParser(prog=f"mil_nb_launch {job}", description=f"{what} as a SageMaker Processing job "
-                                     f"(--role ARN), or here with --local N. Options after -- go to {tool}.")
+                                     f"(--role ARN), or here with --local N. Options after -- go to {tool}.",
+                                     parents=[resource_options(instance_type, "the slides are sharded across them")])
     parser.add_argument("--slides", help="S3 prefix (or, with --local, a folder) of the slides")
     parser.add_argument("--output", help="S3 prefix (or, with --local, a folder) for the outputs (algo-<i>/ each)")
     parser.add_argument("--merge", metavar="DIR", help="only join the shard outputs in DIR (algo-<i>/) into DIR")
@@ -40,10 +42,6 @@ def _job_parser(job: str, what: str, tool: str, instance_type: str) -> argparse.
     parser.add_argument("--local", type=int, metavar="N", help="run here with N shard processes, not on SageMaker")
     parser.add_argument("--local_dir", default="runs/processing", help="local run: the shards' /opt/ml folders")
     parser.add_argument("--role", help="SageMaker: the execution role's ARN")
-    parser.add_argument("--instance_type", default=instance_type, help="CPU instances: tiling bounds the job")
-    parser.add_argument("--instance_count", type=int, default=1, help="the slides are sharded across them")
-    parser.add_argument("--volume_gb", type=int, default=100, help="disk per instance; holds its shard of the slides")
-    parser.add_argument("--max_runtime_s", type=int, default=24 * 3600, help="the job is stopped after this long")
     parser.add_argument("--base_job_name", default=f"mil-nb-{job}")
     parser.add_argument("--wait", action="store_true", help="follow the job's log until it ends")
     return parser
@@ -61,9 +59,7 @@ def _run_job(parser, args, needed: tuple[str, ...], merge, run_local, launch_job
     try:
         if args.local: sys.exit(run_local())
         if not args.role: parser.error("--role ARN is needed to run on SageMaker (or --local N to run here)")
-        job = launch_job(instance_type=args.instance_type, instance_count=args.instance_count,
-                         volume_gb=args.volume_gb, max_runtime_s=args.max_runtime_s,
-                         base_job_name=args.base_job_name, wait=args.wait)
+        job = launch_job(resources=job_resources(parser, args), base_job_name=args.base_job_name, wait=args.wait)
     except (ValueError, OSError) as error: parser.error(str(error))
     print(f"{job.processing_job_name}: {job.processing_job_status}; outputs: {args.output.rstrip('/')}/algo-<i>/ "
           f"(then: aws s3 sync {args.output} DIR && {parser.prog} --merge DIR)")
@@ -100,7 +96,8 @@ def tune_cli(argv: list[str]):
     "mil_nb_launch tune: a SageMaker hyperparameter tuning job over the training job, on the kept epoch's metric."
     parser = argparse.ArgumentParser(prog="mil_nb_launch tune", description="A SageMaker hyperparameter tuning job "
                                      "over nbs/train.ipynb: ranges of its parameters, the kept epoch's metric.",
-                                     parents=[parameter_options("a fixed notebook parameter (repeatable)")])
+                                     parents=[parameter_options("a fixed notebook parameter (repeatable)"),
+                                              resource_options("ml.g5.xlarge", "instances per training job")])
     parser.add_argument("--role", required=True, help="the execution role's ARN")
     parser.add_argument("--range", nargs=3, action="append", default=[], metavar=("NAME", "LOW", "HIGH"),
                         help="a numeric range (repeatable; integers give an integer range)")
@@ -110,7 +107,6 @@ def tune_cli(argv: list[str]):
     parser.add_argument("--max_jobs", type=int, default=20)
     parser.add_argument("--max_parallel_jobs", type=int, default=2)
     parser.add_argument("--early_stopping", default="Auto", help="Auto or Off")
-    parser.add_argument("--instance_type", default="ml.g5.xlarge")
     parser.add_argument("--train", help="S3 URI of the PANDA-layout data (default: the embedded data)")
     parser.add_argument("--tiles", help="S3 URI of a tile store (or its parts) to train from, tiling nothing")
     parser.add_argument("--output", help="S3 URI for each job's model.tar.gz")
@@ -121,7 +117,7 @@ def tune_cli(argv: list[str]):
     ranges |= {name: [parse_value(v) for v in choices] for name, *choices in args.choices}
     try:
         job = tune(args.role, ranges or None, args.objective, args.max_jobs, args.max_parallel_jobs,
-                   args.early_stopping, given_parameters(args), args.instance_type,
+                   args.early_stopping, given_parameters(args), job_resources(parser, args),
                    train_s3=args.train, tiles_s3=args.tiles, output_s3=args.output,
                    base_job_name=args.base_job_name, wait=args.wait)
     except (ValueError, OSError) as error: parser.error(str(error))

@@ -16,6 +16,7 @@ import pandas as pd
 from fastcore.script import anno_parser
 
 from .bundle import copy_package, imported_requirements
+from .resources import JobResources, check_job_resources, job_max_runtime_s, job_volume_gb
 from ..score.cohort import predict_cli, predict_parser
 from ..core.files import atomic_path
 from ..slides.tile_store import tile_cli
@@ -165,10 +166,7 @@ def launch_processing(role: str,  # ARN of the SageMaker execution role the job 
                       arguments: list[str],  # the entry's arguments, e.g. ["predict", "--precision", "bf16"]
                       inputs: list,  # SageMaker `ProcessingInput`s (`s3_input`)
                       output_s3: str,  # S3 prefix the instances' outputs go to (each in its own algo-<i>/ folder)
-                      instance_type: str = "ml.m5.4xlarge",  # the instances' type
-                      instance_count: int = 1,  # instances; sharded inputs are split among them
-                      volume_gb: int = 100,  # disk per instance: holds its shard of the slides
-                      max_runtime_s: int = 24 * 3600,  # the job (and its bill) is stopped after this long
+                      resources: JobResources = JobResources("ml.m5.4xlarge"),  # sharded inputs split among them
                       base_job_name: str = "mil-nb-predict",  # the job's name, before its timestamp
                       framework_version: str = "2.5",  # AWS's PyTorch image version
                       py_version: str = "py311",  # its Python
@@ -183,15 +181,15 @@ def launch_processing(role: str,  # ARN of the SageMaker execution role the job 
 
     from mil_nb.cloud.launch import training_image
     if not str(output_s3).startswith("s3://"): raise ValueError(f"output_s3={output_s3!r}: expected an S3 URI")
-    if not (isinstance(instance_count, int) and instance_count >= 1):
-        raise ValueError(f"instance_count={instance_count!r}: expected an integer >= 1")
+    resources = check_job_resources(resources)
     boto_session = boto_session or boto3.Session()
     if not boto_session.region_name:
         raise ValueError("no AWS region: pass boto_session=boto3.Session(region_name=...) or set AWS_DEFAULT_REGION")
     processor = FrameworkProcessor(
-        image_uri=training_image(boto_session.region_name, instance_type, framework_version, py_version), role=role,
-        instance_count=instance_count, instance_type=instance_type, command=["python3"], volume_size_in_gb=volume_gb,
-        max_runtime_in_seconds=max_runtime_s, base_job_name=base_job_name,
+        image_uri=training_image(boto_session.region_name, resources.instance_type, framework_version, py_version),
+        role=role, instance_count=resources.instance_count, instance_type=resources.instance_type, command=["python3"],
+        volume_size_in_gb=job_volume_gb(resources), max_runtime_in_seconds=job_max_runtime_s(resources),
+        base_job_name=base_job_name,
         sagemaker_session=Session(boto_session=boto_session))
     if not arguments or arguments[0] not in JOBS: raise ValueError(f"arguments={arguments!r}: start with one of {JOBS}")
     name = OUTPUTS[arguments[0]]
@@ -210,10 +208,7 @@ def launch_predict(role: str,  # ARN of the SageMaker execution role
                    output_s3: str,  # S3 prefix for the outputs: algo-<i>/predictions.csv, geojson/, ... per instance
                    labels_s3: str | None = None,  # a CSV of image_id, isup_grade (adds metrics.json)
                    options: list[str] = (),  # mil_nb_predict options, e.g. ["--precision", "bf16", "--no_heatmaps"]
-                   instance_type: str = "ml.m5.4xlarge",  # the instances' type (CPU: tiling bounds the job)
-                   instance_count: int = 1,  # instances; the slides are sharded among them
-                   volume_gb: int = 100,  # disk per instance: holds its shard of the slides
-                   max_runtime_s: int = 24 * 3600,  # the job (and its bill) is stopped after this long
+                   resources: JobResources = JobResources("ml.m5.4xlarge"),  # CPU: tiling bounds it; slides sharded
                    base_job_name: str = "mil-nb-predict",  # the job's name, before its timestamp
                    wait: bool = False,  # follow the job's log until it ends
                    boto_session=None,  # a boto3.Session: region and credentials (None: the default session)
@@ -224,8 +219,8 @@ def launch_predict(role: str,  # ARN of the SageMaker execution role
     inputs = [s3_input("slides", slides_s3, sharded=True)]
     inputs += [s3_input(f"model{m + 1}", uri) for m, uri in enumerate(model_s3)]
     if labels_s3: inputs.append(s3_input("labels", labels_s3))
-    return launch_processing(role, ["predict", *map(str, options)], inputs, output_s3, instance_type, instance_count,
-                             volume_gb, max_runtime_s, base_job_name, wait=wait, boto_session=boto_session)
+    return launch_processing(role, ["predict", *map(str, options)], inputs, output_s3, resources, base_job_name,
+                             wait=wait, boto_session=boto_session)
 
 # %% ../../nbs/cloud/70_processing.ipynb #d0500041
 def launch_tiling(role: str,  # ARN of the SageMaker execution role
@@ -234,10 +229,7 @@ def launch_tiling(role: str,  # ARN of the SageMaker execution role
                   labels_s3: str | None = None,  # PANDA's train.csv (providers and grades; masks need it)
                   masks_s3: str | None = None,  # PANDA's train_label_masks/ prefix (each tile's malignant fraction)
                   options: list[str] = (),  # mil_nb_tile options, e.g. ["--mode", "tissue", "--mpp", "0.5"]
-                  instance_type: str = "ml.c5.4xlarge",  # CPU instances: every core tiles
-                  instance_count: int = 1,  # instances; the slides are sharded among them
-                  volume_gb: int = 100,  # disk per instance: holds its shard of the slides and the masks
-                  max_runtime_s: int = 24 * 3600,  # the job (and its bill) is stopped after this long
+                  resources: JobResources = JobResources("ml.c5.4xlarge"),  # CPU: every core tiles; slides sharded
                   base_job_name: str = "mil-nb-tile",  # the job's name, before its timestamp
                   wait: bool = False,  # follow the job's log until it ends
                   boto_session=None,  # a boto3.Session: region and credentials (None: the default session)
@@ -247,5 +239,5 @@ def launch_tiling(role: str,  # ARN of the SageMaker execution role
     if masks_s3 and not labels_s3: raise ValueError("masks_s3 needs labels_s3: train.csv says each mask's convention")
     inputs = [s3_input("slides", slides_s3, sharded=True)]
     inputs += [s3_input(name, uri) for name, uri in (("labels", labels_s3), ("masks", masks_s3)) if uri]
-    return launch_processing(role, ["tile", *map(str, options)], inputs, output_s3, instance_type, instance_count,
-                             volume_gb, max_runtime_s, base_job_name, wait=wait, boto_session=boto_session)
+    return launch_processing(role, ["tile", *map(str, options)], inputs, output_s3, resources, base_job_name,
+                             wait=wait, boto_session=boto_session)

@@ -13,6 +13,7 @@ from sagemaker.train.tuner import HyperparameterTuner
 
 from ..train.config import TrainConfig
 from .launch import METRIC_DEFINITIONS, launch
+from .resources import JobResources
 
 # %% auto #0
 __all__ = ['DEFAULT_RANGES', 'OBJECTIVES', 'parameter_ranges', 'tune']
@@ -59,13 +60,11 @@ def tune(role: str,  # ARN of the SageMaker execution role the training jobs run
          max_parallel_jobs: int = 2,  # training jobs at once
          early_stopping: str = "Auto",  # Auto: SageMaker stops jobs unlikely to beat the best; Off
          hyperparameters: dict | None = None,  # train.ipynb's parameters that stay fixed, e.g. {"epochs": 30}
-         instance_type: str = "ml.g5.xlarge",  # each training job's instance type
-         instance_count: int = 1,  # instances per training job
+         resources: JobResources = JobResources("ml.g5.xlarge"),  # each training job's instances and run time
          train_s3: str | None = None,  # S3 prefix of the PANDA-layout data (None: the embedded synthetic data)
          tiles_s3: str | None = None,  # S3 prefix of a tile store (or its parts) to train from, tiling nothing
          output_s3: str | None = None,  # S3 prefix for each job's model.tar.gz (None: the default bucket)
          base_job_name: str = "mil-nb-tune",  # the tuning job's name, before its timestamp (at most 32 characters)
-         max_runtime_s: int = 24 * 3600,  # each training job is stopped after this long
          wait: bool = False,  # wait until the tuning job ends
          boto_session=None,  # a boto3.Session: region and credentials (None: the default session)
         ):
@@ -81,6 +80,5 @@ def tune(role: str,  # ARN of the SageMaker execution role the training jobs run
     if early_stopping not in ("Auto", "Off"):
         raise ValueError(f"early_stopping={early_stopping!r}: expected Auto or Off")
     start = functools.partial(_start_tuning, converted, objective, max_jobs, max_parallel_jobs, early_stopping)
-    return launch(role, instance_type, instance_count, hyperparameters=hyperparameters, train_s3=train_s3,
-                  tiles_s3=tiles_s3, output_s3=output_s3, base_job_name=base_job_name, max_runtime_s=max_runtime_s,
-                  wait=wait, boto_session=boto_session, start=start)
+    return launch(role, resources, hyperparameters=hyperparameters, train_s3=train_s3, tiles_s3=tiles_s3,
+                  output_s3=output_s3, base_job_name=base_job_name, wait=wait, boto_session=boto_session, start=start)
