@@ -13,7 +13,8 @@ from pathlib import Path
 import pandas as pd
 
 from ..bags.tasks import TASKS, get_task
-from ..core.files import atomic_path, check_no_links, checked_file, read_json_object, write_json, write_table
+from ..core.files import atomic_path, checked_file, read_json_object, write_json, write_table
+from ..core.outputs import check_no_links
 from ..evaluate.geojson import geojson_max_bytes
 from ..score.cohort import CohortResult
 from ..score.cohort_report import cohort_metrics, cohort_predictions

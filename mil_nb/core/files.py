@@ -16,8 +16,7 @@ import numpy as np
 
 # %% auto #0
 __all__ = ['FORMULA_STARTS', 'MAX_TABLE_BYTES', 'MAX_JSON_BYTES', 'atomic_path', 'spreadsheet_safe', 'write_table', 'write_json',
-           'cache_dir', 'project_root', 'project_path', 'checked_file', 'read_json_object', 'npz_header',
-           'check_output_folder', 'check_no_links']
+           'cache_dir', 'project_root', 'project_path', 'checked_file', 'read_json_object', 'npz_header']
 
 # %% ../../nbs/core/10_files.ipynb #859535bf
 @contextlib.contextmanager
@@ -118,22 +117,3 @@ def npz_header(path: str | os.PathLike,  # an .npz file
         if version not in ((1, 0), (2, 0)): raise ValueError(f"{path}: {name} is in .npy format {version}")
         shape, _, dtype = getattr(np.lib.format, f"read_array_header_{version[0]}_0")(member)
     return shape, dtype
-
-# %% ../../nbs/core/10_files.ipynb #d09565b9
-def check_output_folder(src: Path,  # the input (a folder or file), never written to
-                        dest: Path,  # the output folder
-                        folders: tuple[str, ...],  # the subfolders written into
-                       ):
-    "Outputs are written only inside `dest`: not into the source, a file, or subfolders that link elsewhere."
-    if dest.resolve() == src.resolve(): raise ValueError(f"dest {dest}: the source folder itself; choose another")
-    check_no_links(dest, folders)
-
-# %% ../../nbs/core/10_files.ipynb #fb69170d
-def check_no_links(dest: Path,  # the output folder
-                   folders: tuple[str, ...],  # the subfolders written into
-                  ):
-    "Refuse an output folder that is a file, or whose subfolders link elsewhere (writes must stay inside `dest`)."
-    if dest.exists() and not dest.is_dir(): raise ValueError(f"dest {dest}: a file, not a folder")
-    for folder in folders:
-        if (dest/folder).is_symlink():
-            raise ValueError(f"{dest/folder}: a link; outputs are written only inside {dest}")

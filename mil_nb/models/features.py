@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 
 from ..core.devices import autocast, matmul_peak_gflops, resolve_device, resolve_precision
 from .encoders import PRETRAINED_ENCODERS, encoder_from_name
-from ..core.files import atomic_path, check_output_folder, npz_header, write_json, write_table
+from ..core.files import atomic_path, npz_header, write_json, write_table
+from ..core.outputs import check_output_folder, claim_output_folder, report_failures
 from ..slides.readers import open_slide
 from ..slides.tiled_elsewhere import pack_store
 from ..slides.tile_store import MAX_TILES, TileStore, tiling_settings
@@ -81,13 +82,7 @@ def extract_features(
     if "features" in store.meta: raise ValueError(f"{store.path}: a store of features, not of tiles")
     check_output_folder(store.path, dest, ("bags",))
     made_by = _made_by(encoder, store, precision)
-    if (dest/"meta.json").exists():
-        old = json.loads((dest/"meta.json").read_text())
-        if {k: old.get(k) for k in made_by} != made_by:
-            raise ValueError(f"{dest}: holds features made by {({k: old.get(k) for k in made_by})}, not {made_by}; "
-                             "choose another folder")
-    else: write_json(store.meta | made_by, dest/"meta.json")
-    for stale in (dest/"bags").glob(".*.part"): stale.unlink()  # temporaries of a killed run
+    claim_output_folder(dest, store.meta | made_by, "features made by", compared=made_by)
     encoder, failed = encoder.to(device).eval(), {}
     for image_id in tqdm(store.image_ids, desc="extracting features", disable=not progress):
         out = dest/"bags"/store.bag_file(image_id).name  # the store's file name for it (the id checked)
@@ -110,11 +105,9 @@ def _finish_features(store: TileStore, dest: Path, meta: dict, failed: dict[str,
     write_json(meta | {"features": int(npz_header(first, "features")[0][1]) if first else 0}, dest/"meta.json")
     listed = pd.DataFrame([(image_id, str(store.bag_file(image_id)), error) for image_id, error in failed.items()],
                           columns=["image_id", "file", "error"])
-    write_table(pd.concat([store.failures, listed], ignore_index=True), dest/"failures.csv")
+    report_failures(pd.concat([store.failures, listed], ignore_index=True), dest, len(store.image_ids),
+                    "features: {n} of {total} bags could not be encoded", shown=listed)
     write_table(index, dest/"index.csv")  # last: a store is complete once it has one
-    if failed:
-        print(f"features: {len(failed)} of {len(store.image_ids)} bags could not be encoded (listed in "
-              f"{dest/'failures.csv'}):", *[f"  {error}" for error in failed.values()], sep="\n")
     return pack_store(dest)
 
 # %% ../../nbs/models/30_features.ipynb #f0e1a011

@@ -20,7 +20,8 @@ import numpy as np
 import pandas as pd
 
 from ..bags.data import Bag
-from ..core.files import atomic_path, check_output_folder, write_json, write_table
+from ..core.files import atomic_path, write_json, write_table
+from ..core.outputs import check_output_folder, claim_output_folder, report_failures
 from ..evaluate.geojson import tile_geojson, write_geojson
 from ..evaluate.heatmaps import plot_slide_attention
 from ..slides.panda import check_image_id, read_csv_table, read_slide_table, shown_name
@@ -99,17 +100,6 @@ def _check_options(batch_size, num_workers, max_tiles, n_bootstrap, seed):
     if num_workers is not None and not whole(num_workers, 0):
         raise ValueError(f"num_workers={num_workers!r}: expected None or an integer >= 0")
 
-# %% ../../nbs/score/20_cohort.ipynb #d7ab40d6
-def _check_meta(dest: Path, meta: dict):
-    "Write `dest/meta.json`, or check that the one there was written by the same models and settings."
-    path = dest/"meta.json"
-    if path.exists():
-        old = json.loads(path.read_text())
-        if old != meta:
-            raise ValueError(f"{dest}: holds predictions made with {old}, not {meta}; choose another folder")
-    else:
-        write_json(meta, path)
-
 # %% ../../nbs/score/20_cohort.ipynb #6baaf194
 def _probability(task: str, logits: list) -> float:
     "P(malignant) of one bag: the mean over the models of each one's."
@@ -186,9 +176,9 @@ def predict_cohort(model_dirs: list,  # folders with model.pt or model.tar.gz fi
     table = cohort_sources(src, labels)
     check_output_folder(src, dest, OUTPUT_FOLDERS)
     _check_inputs_survive(dest, [src] + ([Path(labels)] if labels is not None else []))
-    _check_meta(dest, {"models": models.digests, "task": models.task, "tiling": dataclasses.asdict(models.tiling),
-                       "precision": models.members[0].precision, "max_tiles": max_tiles, "threshold": models.threshold})
-    for stale in dest.rglob(".*.part"): stale.unlink()  # temporaries of a killed run
+    made_with = {"models": models.digests, "task": models.task, "tiling": dataclasses.asdict(models.tiling),
+                 "precision": models.members[0].precision, "max_tiles": max_tiles, "threshold": models.threshold}
+    claim_output_folder(dest, made_with, "predictions made with")
     done = [_record(dest, row) is not None for row in table.itertuples()]
     # fixed batches of the table: a slide's answer comes from the same batch in a resumed run as in a whole one
     batches = [table[k:k + batch_size] for k in range(0, len(table), batch_size) if not all(done[k:k + batch_size])]
@@ -242,7 +232,7 @@ def _finish(dest: Path, table: pd.DataFrame, models: CohortModels, errors: dict,
     write_table(predictions, dest/"predictions.csv")
     failures = pd.DataFrame([(shown_name(i), shown_name(str(path)), shown_name(error))
                              for i, (path, error) in errors.items()], columns=["image_id", "file", "error"])
-    write_table(failures, dest/"failures.csv")
+    report_failures(failures, dest, len(table), "scoring: {n} of {total} slides could not be scored")
     metrics = cohort_metrics(predictions, models.task, models.threshold, n_bootstrap, seed) if n_bootstrap else None
     if metrics is not None: write_json(json_safe(metrics), dest/"metrics.json")
     else: (dest/"metrics.json").unlink(missing_ok=True)  # a previous run's, with labels: no longer these slides'
@@ -251,10 +241,6 @@ def _finish(dest: Path, table: pd.DataFrame, models: CohortModels, errors: dict,
                "precision": models.members[0].precision, "device": str(models.members[0].device),
                "n_bootstrap": n_bootstrap, "seed": seed}
     write_json(summary, dest/"summary.json")
-    if len(failures):
-        print(f"scoring: {len(failures)} of {len(table)} slides could not be scored "
-              f"(listed in {dest/'failures.csv'}):")
-        for r in failures.itertuples(): print(f"  {r.file}: {r.error}")
     return CohortResult(dest, predictions, failures, summary, metrics)
 
 # %% ../../nbs/score/20_cohort.ipynb #c0400026

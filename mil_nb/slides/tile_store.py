@@ -22,7 +22,8 @@ from fastcore.basics import patch
 from fastcore.script import call_parse
 from PIL import Image
 
-from ..core.files import atomic_path, check_output_folder, npz_header, write_table
+from ..core.files import atomic_path, npz_header, write_json, write_table
+from ..core.outputs import check_output_folder, claim_output_folder, report_failures
 from .panda import check_image_id, image_path, mask_path, read_slide_table, shown_name
 from ..core.parallel import parallel_map
 from .packed import open_packed, pack_bags
@@ -217,15 +218,9 @@ def tile_slides(src: str | os.PathLike,  # PANDA-layout folder (train.csv, train
     if level is None and mpp is None:
         level = choose_level(list(slides.image_file), n_tiles or 16, tile_size, limits=limits)
     config = TilingConfig(mode, n_tiles, tile_size, level, mpp, min_tissue)
-    meta = {**dataclasses.asdict(config), "src": str(src.resolve())}
-    if (dest/"meta.json").exists():
-        old = json.loads((dest/"meta.json").read_text())
-        if old != meta: raise ValueError(f"{dest}: holds tiles made with {old}, not {meta}; choose another folder")
-    else:
-        with atomic_path(dest/"meta.json") as tmp: tmp.write_text(json.dumps(meta, indent=1))
+    claim_output_folder(dest, {**dataclasses.asdict(config), "src": str(src.resolve())}, "tiles made with")
     if (src/"train.csv").is_file():
         with atomic_path(dest/"train.csv") as tmp: shutil.copyfile(src/"train.csv", tmp)
-    for stale in dest.rglob(".*.part"): stale.unlink()  # temporaries of a killed run
     done_before = sum(_tiled(dest, i) for i in slides.image_id)
     jobs = [(dest, r.image_id, r.image_file, r.mask_file, r.data_provider, config, png, limits)
             for r in slides.itertuples()]
@@ -233,16 +228,13 @@ def tile_slides(src: str | os.PathLike,  # PANDA-layout folder (train.csv, train
     failed = pd.DataFrame([(shown_name(i), shown_name(str(f)), shown_name(e))
                            for i, f, e in zip(slides.image_id, slides.image_file, errors) if e],
                           columns=["image_id", "file", "error"])
-    write_table(failed, dest/"failures.csv")
+    report_failures(failed, dest, len(slides), "tiling: {n} of {total} slides could not be tiled")
     tiled = slides.image_id[[e is None for e in errors]]
     hashes = [_stored_hash(dest, image_id) for image_id in tiled]
     write_table(pd.DataFrame({"image_id": tiled, "n_tiles": n_tiles, "thumbnail_hash": hashes}), dest/"index.csv")
     summary = {"slides": len(slides), "tiled": len(slides) - len(failed), "already_tiled": done_before,
                "failed": len(failed), "seconds": round(time.time() - start, 2)}
-    with atomic_path(dest/"summary.json") as tmp: tmp.write_text(json.dumps(summary, indent=1))
-    if len(failed):
-        print(f"tiling: {len(failed)} of {len(slides)} slides could not be tiled (listed in {dest/'failures.csv'}):")
-        for r in failed.itertuples(): print(f"  {r.file}: {r.error}")
+    write_json(summary, dest/"summary.json")
     store = TileStore(dest, packed=False)
     pack_bags(dest, store.image_ids, store.bag_files)  # last: the form training reads
     return TileStore(dest)

@@ -14,8 +14,8 @@ from pathlib import Path
 import pandas as pd
 from fastcore.script import call_parse
 
-from ..core.files import (MAX_TABLE_BYTES, atomic_path, check_no_links, checked_file, read_json_object,
-                               write_json, write_table)
+from ..core.files import MAX_TABLE_BYTES, atomic_path, checked_file, read_json_object, write_json, write_table
+from ..core.outputs import check_no_links
 from .packed import PACKED_DIR, pack_bags
 from .panda import check_table_ids
 from .tile_store import TileStore, _read_index, store_parts
