@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import shutil
 import subprocess
@@ -19,24 +20,23 @@ from packaging.utils import canonicalize_name
 import mil_nb
 
 # %% auto #0
-__all__ = ['imported_requirements', 'notebook_imports', 'copy_package']
+__all__ = ['imported_modules', 'imported_requirements', 'notebook_imports', 'copy_package']
 
 # %% ../../nbs/cloud/10_bundle.ipynb #777585be
+@functools.cache  # once per process: the installed code does not change under it
+def imported_modules(modules: tuple[str, ...]) -> tuple[str, ...]:
+    "Every module that importing `modules` loads, in a fresh interpreter."
+    code = "import importlib, sys\nfor m in sys.argv[1:]: importlib.import_module(m)\nprint(*sys.modules)"
+    run = subprocess.run([sys.executable, "-c", code, *modules], capture_output=True, text=True)
+    if run.returncode: raise ImportError(f"importing {list(modules)}: {run.stderr.strip().splitlines()[-1]}")
+    return tuple(run.stdout.split())
+
+# %% ../../nbs/cloud/10_bundle.ipynb #504a4bca
 def imported_requirements(modules: list[str], extra=()) -> list[str]:
     "The requirements of `mil_nb` that importing `modules` loads, plus those named in `extra`; torch excepted."
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "import importlib, sys\nfor m in sys.argv[1:]: importlib.import_module(m)\nprint(*sys.modules)",
-            *modules,
-        ],
-        capture_output=True,
-        text=True,
-    )
-    if run.returncode: raise ImportError(f"importing {modules}: {run.stderr.strip().splitlines()[-1]}")
     distributions = packages_distributions()
-    used = {canonicalize_name(d) for module in run.stdout.split() for d in distributions.get(module.split(".")[0], [])}
+    used = {canonicalize_name(d) for module in imported_modules(tuple(modules))
+            for d in distributions.get(module.split(".")[0], [])}
     needed = [Requirement(r) for r in requires("mil_nb") if Requirement(r).marker is None]
     unknown = {canonicalize_name(e) for e in extra} - {canonicalize_name(r.name) for r in needed}
     if unknown: raise ValueError(f"extra: {sorted(unknown)} are not requirements of mil_nb")

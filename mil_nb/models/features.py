@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
-from ..core.devices import autocast, matmul_peak_gflops, resolve_device, resolve_precision
+from ..core.devices import autocast, matmul_peak_gflops, resolve_device, resolve_precision, reuse_freed_memory
 from .encoders import PRETRAINED_ENCODERS, encoder_from_name
 from ..core.files import atomic_path, npz_header, write_json, write_table
 from ..core.outputs import check_output_folder, claim_output_folder, report_failures
@@ -84,6 +84,7 @@ def extract_features(
     made_by = _made_by(encoder, store, precision)
     claim_output_folder(dest, store.meta | made_by, "features made by", compared=made_by)
     encoder, failed = encoder.to(device).eval(), {}
+    reuse_freed_memory()  # each batch's activations reused, not mapped and zero-filled anew
     for image_id in tqdm(store.image_ids, desc="extracting features", disable=not progress):
         out = dest/"bags"/store.bag_file(image_id).name  # the store's file name for it (the id checked)
         if out.exists(): continue

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from ..bags.data import Bag
+from ..core.devices import reuse_freed_memory
 from ..core.files import atomic_path, write_json, write_table
 from ..core.outputs import check_output_folder, claim_output_folder, report_failures
 from ..evaluate.geojson import tile_geojson, write_geojson
@@ -173,6 +174,7 @@ def predict_cohort(model_dirs: list,  # folders with model.pt or model.tar.gz fi
     _check_options(batch_size, num_workers, max_tiles, n_bootstrap, seed)
     limits = limits or SlideLimits.from_env()
     models = load_models(list(model_dirs), device, precision)
+    reuse_freed_memory()  # each batch's activations reused, not mapped and zero-filled anew
     table = cohort_sources(src, labels)
     check_output_folder(src, dest, OUTPUT_FOLDERS)
     _check_inputs_survive(dest, [src] + ([Path(labels)] if labels is not None else []))

@@ -163,13 +163,13 @@ def serve_cli(model_dir: str = "/opt/ml/model",  # folder holding model.pt (Sage
               max_thumbnail_pixels: int = None,  # a slide's coarsest level ($MIL_NB_MAX_THUMBNAIL_PIXELS or 2**24)
               max_slide_pixels: int = None):  # px a slide's pyramid declares ($MIL_NB_MAX_SLIDE_PIXELS or 2**34)
     "Serve the model in MODEL_DIR over HTTP: GET /ping, POST /invocations (x-npy, JSON or TIFF bodies)."
-    with_bounded_heap()  # first: one heap for the request threads, large blocks mapped (restarts the process once)
     try:
         options = server_options(port, dict(max_concurrency=max_concurrency, max_queue=max_queue,
                                             max_uploads=max_uploads, body_timeout_s=body_timeout_s,
                                             min_body_kib_s=min_body_kib_s, header_timeout_s=header_timeout_s))
         limits = RequestLimits.from_env(max_body_mb, max_tiles, max_json_mb, level_pixels=max_level_pixels,
                                         thumbnail_pixels=max_thumbnail_pixels, slide_pixels=max_slide_pixels)
+        with_bounded_heap()  # options checked: one heap for the request threads, large blocks mapped (restarts once)
         served = load_served_model(model_dir, device, precision, limits)
     except (OSError, ValueError) as error: raise SystemExit(f"mil_nb_serve: {error}") from None
     config = hypercorn_config(host, port, options.pop("header_timeout_s"))

