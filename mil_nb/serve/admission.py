@@ -93,7 +93,8 @@ def release_memory():
 
 # %% ../../nbs/serve/18_admission.ipynb #47777db9
 BOUNDED_HEAP = {"MALLOC_ARENA_MAX": "1",  # glibc: one heap for all threads
-                "MALLOC_MMAP_THRESHOLD_": str(2**20)}  # blocks of 1 MiB or more mapped on their own
+                "MALLOC_MMAP_MAX_": "0",  # no block mapped on its own: freed memory is reused, not mapped anew
+                "MALLOC_TRIM_THRESHOLD_": str(64 * 2**20)}  # the heap's free top given back beyond 64 MiB
 
 def with_bounded_heap():
     "Restart this process (its pid, arguments, environment) with glibc's `BOUNDED_HEAP` settings unless it has them."
