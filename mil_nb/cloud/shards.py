@@ -14,7 +14,7 @@ import pandas as pd
 
 from ..bags.tasks import TASKS, get_task
 from ..core.files import atomic_path, checked_file, read_json_object, write_json, write_table
-from ..core.outputs import check_no_links
+from ..core.outputs import check_no_links, finished_parts
 from ..evaluate.geojson import geojson_max_bytes
 from ..score.cohort import CohortResult
 from ..score.cohort_report import cohort_metrics, cohort_predictions
@@ -80,12 +80,7 @@ def merge_scores(shards: str | os.PathLike,  # a folder of shard outputs (each a
                 ) -> CohortResult:
     "One cohort output from the shard outputs in the subfolders of `shards` (each shard must have finished)."
     shards, dest = Path(shards), Path(dest)
-    parts = sorted(p for p in shards.iterdir() if (p/"meta.json").is_file()) if shards.is_dir() else []
-    if not parts: raise FileNotFoundError(f"{shards}: no shard outputs (subfolders with meta.json)")
-    for part in parts:
-        if part.is_symlink(): raise ValueError(f"{part}: a link; shards are read only inside {shards}")
-        if not (part/"summary.json").is_file():
-            raise ValueError(f"{part}: a shard that did not finish (no summary.json); score it again, then merge")
+    parts = finished_parts(shards, "shard", "no shard outputs (subfolders with meta.json)")
     check_no_links(dest, ("geojson", "heatmaps"))
     metas = [shard_meta(p, shards) for p in parts]
     for part, meta in zip(parts[1:], metas[1:]):

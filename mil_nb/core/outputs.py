@@ -14,7 +14,7 @@ import pandas as pd
 from .files import write_json, write_table
 
 # %% auto #0
-__all__ = ['check_output_folder', 'check_no_links', 'claim_output_folder', 'report_failures']
+__all__ = ['check_output_folder', 'check_no_links', 'claim_output_folder', 'report_failures', 'finished_parts']
 
 # %% ../../nbs/core/15_outputs.ipynb #33944aad
 def check_output_folder(src: Path,  # the input (a folder or file), never written to
@@ -66,3 +66,17 @@ def report_failures(failures: pd.DataFrame,  # image_id, file, error: every fail
     print(f"{message.format(n=len(shown), total=total)} (listed in {dest/'failures.csv'}):")
     for r in shown.itertuples():  # an error that names its file already is printed as it is
         print(f"  {r.error}" if str(r.error).startswith(str(r.file)) else f"  {r.file}: {r.error}")
+
+# %% ../../nbs/core/15_outputs.ipynb #422c3004
+def finished_parts(folder: Path,  # the folder of the parts (a Processing job's algo-<i>/ outputs)
+                   noun: str,  # what a part is, for the errors: "part", "shard"
+                   absent: str,  # the error when there is none, after the folder's name
+                  ) -> list[Path]:
+    "The subfolders of `folder` with a meta.json, each checked to be a plain folder that finished (summary.json)."
+    parts = sorted(p for p in folder.iterdir() if (p/"meta.json").is_file()) if folder.is_dir() else []
+    if not parts: raise FileNotFoundError(f"{folder}: {absent}")
+    for part in parts:
+        if part.is_symlink(): raise ValueError(f"{part}: a link; {noun}s are read only inside {folder}")
+        if not (part/"summary.json").is_file():
+            raise ValueError(f"{part}: a {noun} that did not finish (no summary.json); run it again, then merge")
+    return parts

@@ -23,7 +23,7 @@ from fastcore.script import call_parse
 from PIL import Image
 
 from ..core.files import atomic_path, npz_header, write_json, write_table
-from ..core.outputs import check_output_folder, claim_output_folder, report_failures
+from ..core.outputs import check_output_folder, claim_output_folder, finished_parts, report_failures
 from .panda import check_image_id, image_path, mask_path, read_slide_table, shown_name
 from ..core.parallel import parallel_map
 from .packed import open_packed, pack_bags
@@ -81,18 +81,11 @@ def _read_meta(path: Path) -> dict:
 # %% ../../nbs/slides/60_tile_store.ipynb #87ad7c87
 def store_parts(path: Path) -> list[Path]:
     "The parts of a store made in parts (a Processing job's `algo-<i>/`): the subfolders of `path` with a meta.json."
-    folders = sorted(p for p in path.iterdir() if p.is_dir()) if path.is_dir() else []
-    parts = [p for p in folders if (p/"meta.json").is_file()]
-    if not parts: raise FileNotFoundError(f"{path}: not a tile store (no index.csv), nor the parts of one "
-                                          "(subfolders with meta.json)")
-    for folder in folders:
-        if folder not in parts and ((folder/"bags").exists() or (folder/"index.csv").exists()):
+    for folder in (p for p in path.iterdir() if p.is_dir()) if path.is_dir() else ():
+        if not (folder/"meta.json").is_file() and ((folder/"bags").exists() or (folder/"index.csv").exists()):
             raise ValueError(f"{folder}: a part without meta.json (its tiling settings); tile it again")
-    for part in parts:
-        if part.is_symlink(): raise ValueError(f"{part}: a link; parts are read only inside {path}")
-        if not (part/"summary.json").is_file():
-            raise ValueError(f"{part}: a part that did not finish (no summary.json)")
-    return parts
+    return finished_parts(path, "part", "not a tile store (no index.csv), nor the parts of one (subfolders with "
+                                        "meta.json)")
 
 # %% ../../nbs/slides/60_tile_store.ipynb #aa8cd3df
 MAX_TILES = 2048  # the most tiles of a bag the batch entry points take (mil_nb_predict, mil_nb_features)
