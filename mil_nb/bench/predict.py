@@ -13,7 +13,7 @@ import pandas as pd
 from ..score.cohort import predict_cohort
 from ..core.devices import set_seed
 from ..models.model import AttentionMIL, MILConfig
-from ..models.saving import save_model
+from ..models.saving import MODEL_FILE, save_model
 from ..core.parallel import in_fresh_process, parallel_map
 from ..score.scorer import load_models, tile_for_scoring
 from ..slides.slide_reader import SlideLimits
@@ -48,7 +48,7 @@ def scoring_against_tiling(slides: list,  # slide files
     "Seconds of tiling alone and of scoring (bf16, fp32) the same slides, each in a fresh process."
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        set_seed(0); save_model(AttentionMIL(MILConfig()), tmp/"model.pt", TilingConfig(level=level))
+        set_seed(0); save_model(AttentionMIL(MILConfig()), tmp/MODEL_FILE, TilingConfig(level=level))
         pd.DataFrame({"path": [str(p) for p in slides]}).to_csv(tmp/"slides.csv", index=False)
         tile_s, _, n = in_fresh_process(_tile_only, slides, tmp, workers)
         figures = {"slides": n, "tile_s": round(tile_s, 2), "tile_slides_per_s": round(n / tile_s, 2)}

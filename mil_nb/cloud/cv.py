@@ -96,7 +96,7 @@ def run_fold(fold: int, folds: int, output_dir: str | os.PathLike, parameters: d
     folder = fold_folder(output_dir, fold)
     if fold_finished(folder): print(f"fold {fold}: finished before, skipped"); return False
     folder.mkdir(parents=True, exist_ok=True)
-    resume = (folder/"checkpoint.pt").exists()
+    resume = RunFolder(folder).checkpoint_file.exists()
     state = "resuming" if resume else "training"
     print(f"fold {fold} of {folds}: {state} (report: {folder/'train.ipynb'})", flush=True)
     run = {"tiles_dir": str(Path(output_dir)/"tiles"), "features_dir": str(Path(output_dir)/"features"),

@@ -21,6 +21,7 @@ from papermill.exceptions import PapermillExecutionError
 from ..core.files import atomic_path
 from ..core.parallel import die_with_parent
 from ..models.encoders import MODEL_FILES
+from ..models.saving import METRICS_FILE
 from ..train.config import TrainConfig, parse_value
 from ..train.main_job import TRAIN_NOTEBOOK
 
@@ -67,7 +68,7 @@ def job_parameters(hyperparameters: dict, env: dict) -> dict:
     return parameters | hyperparameters
 
 # %% ../../nbs/cloud/20_job.ipynb #8b94cc07
-REPORT_FILES = ("metrics.json", "*.csv", "*.png")  # history, splits and predictions too
+REPORT_FILES = (METRICS_FILE, "*.csv", "*.png")  # history, splits and predictions too
 
 def run_rank(parameters: dict, env: dict, notebook: str | os.PathLike = TRAIN_NOTEBOOK) -> int:
     "Execute `notebook` with `parameters` as rank RANK of the job; 0 on success, 1 (the error named) if it failed."

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from ..core.parallel import die_with_parent
+from ..models.saving import METRICS_FILE, MODEL_FILE
 from .processing import (OUTPUTS, PROCESSING_ENTRY, check_predict_options, check_tile_options,
                                      write_processing_source)
 from .shards import merge_scores
@@ -40,7 +41,7 @@ def _stage_input(source: Path, target: Path, shard: int | None = None, shards: i
 def _stage_model(model: Path, target: Path):
     "A model as the job gets it: a model.tar.gz, or a folder's model.pt and metrics.json."
     if model.is_file(): return _link(model, target/model.name)
-    for name in ("model.pt", "metrics.json"):
+    for name in (MODEL_FILE, METRICS_FILE):
         if (model/name).is_file(): _link(model/name, target/name)
 
 # %% ../../nbs/cloud/80_local_processing.ipynb #ff961c95

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..core.files import atomic_path
 from .model import AttentionMIL
+from .saving import METRICS_FILE, MODEL_FILE
 
 # %% auto #0
 __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'PRETRAINED_ENCODERS', 'WEIGHT_FILES', 'OPTIONAL_KEYS', 'ENCODER_WEIGHTS_FILE',
@@ -186,7 +187,7 @@ def encoder_from_name(name: str,  # a registry name: resnet50-imagenet, phikon, 
 
 # %% ../../nbs/models/20_encoders.ipynb #e0c0d016
 ENCODER_WEIGHTS_FILE = "encoder.safetensors"  # a two-stage model's encoder weights, next to its model.pt
-MODEL_FILES = ("model.pt", "metrics.json", ENCODER_WEIGHTS_FILE)  # a model folder (what a model.tar.gz holds)
+MODEL_FILES = (MODEL_FILE, METRICS_FILE, ENCODER_WEIGHTS_FILE)  # a model folder (what a model.tar.gz holds)
 ENCODER_WEIGHTS_ENV = "MIL_NB_ENCODER_WEIGHTS"  # else: the checkpoint file or folder this variable names
 
 def weights_fingerprint(encoder: PretrainedEncoder) -> str:

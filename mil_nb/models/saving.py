@@ -15,9 +15,11 @@ from .model import ATTENTION_POOLINGS, SIZE_LIMITS, AttentionMIL, MILConfig
 from ..slides.tiling import TilingConfig
 
 # %% auto #0
-__all__ = ['save_model', 'load_model']
+__all__ = ['MODEL_FILE', 'METRICS_FILE', 'save_model', 'load_model']
 
 # %% ../../nbs/models/15_saving.ipynb #6251c2fd
+MODEL_FILE, METRICS_FILE = "model.pt", "metrics.json"  # a model folder's files (a training run's, a model.tar.gz's)
+
 def save_model(model: AttentionMIL, path: str | os.PathLike, tiling: TilingConfig | None = None):
     "Write the model's config, weights and tiling settings (`tiling`, else `model.tiling`) to `path` (atomically)."
     state = {k: v.detach().cpu() for k, v in model.state_dict().items() if not k.startswith("tile_encoder.")}

@@ -21,6 +21,7 @@ import torch
 from ..bags.data import Bag, collate_bags
 from ..core.devices import autocast
 from ..models.encoders import MODEL_FILES
+from ..models.saving import METRICS_FILE, MODEL_FILE
 from ..serve.inference import ServedModel, load_served_model
 from ..slides.panda import check_image_id
 from ..slides.readers import open_slide
@@ -98,10 +99,10 @@ def load_models(model_dirs: list,  # folders with model.pt, or model.tar.gz file
             folder = model_folder(model_dir, Path(scratch))
             try:
                 members.append(load_served_model(folder, device, precision))
-                thresholds.append(_threshold(folder/"metrics.json"))
+                thresholds.append(_threshold(folder/METRICS_FILE))
             except (ValueError, FileNotFoundError) as error:  # name the model.tar.gz, not its scratch folder
                 raise type(error)(str(error).replace(str(folder), f"{model_dir}:")) from None
-            digests.append(_sha256(folder/"model.pt"))
+            digests.append(_sha256(folder/MODEL_FILE))
     first = members[0]
     for source, member in zip(model_dirs[1:], members[1:]):
         for what, mine, theirs in [("task", member.model.config.task, first.model.config.task),

@@ -20,7 +20,7 @@ from ..bags.data import Bag, collate_bags
 from ..core.devices import autocast, resolve_device, resolve_precision
 from ..models.encoders import attach_tile_encoder
 from ..models.model import AttentionMIL, MILConfig
-from ..models.saving import load_model
+from ..models.saving import MODEL_FILE, load_model
 from ..slides.slide_reader import SlideLimits
 from ..bags.tasks import get_task
 from ..slides.tiling import TilingConfig, tile_slide
@@ -110,7 +110,7 @@ def load_served_model(model_dir: str | os.PathLike,  # the folder holding model.
                       limits: RequestLimits | None = None,  # the limits on one request (default: from the environment)
                      ) -> ServedModel:
     "The model saved as `model_dir/model.pt`, ready to serve on `device` in `precision` within `limits`."
-    path = Path(model_dir)/"model.pt"
+    path = Path(model_dir)/MODEL_FILE
     try: device = resolve_device(device)
     except RuntimeError: raise ValueError(f"device={device!r}: expected cpu, cuda, cuda:N or auto") from None
     precision = resolve_precision(precision, device)

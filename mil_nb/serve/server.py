@@ -39,7 +39,7 @@ from .admission import Admission, release_memory, spool_body, with_bounded_heap
 from .inference import BadRequest, RequestLimits, ServedModel, load_served_model, predict, setting
 from .wire_formats import accepts_json, decode_request, encode_answer, media_type, npy_body
 from ..models.model import AttentionMIL, MILConfig
-from ..models.saving import save_model
+from ..models.saving import MODEL_FILE, save_model
 from ..core.net import free_port
 from ..core.parallel import die_with_parent
 
@@ -249,7 +249,7 @@ def bench_serve(clients: int = 8, requests: int = 25, n_tiles: int = 16, tile_si
     body = npy_body(rng.integers(0, 256, (n_tiles, tile_size, tile_size, 3), dtype=np.uint8))
     with tempfile.TemporaryDirectory() as model_dir:
         torch.manual_seed(seed)
-        save_model(AttentionMIL(MILConfig(tile_size=tile_size)), Path(model_dir)/"model.pt")
+        save_model(AttentionMIL(MILConfig(tile_size=tile_size)), Path(model_dir)/MODEL_FILE)
         with running_server(model_dir, "--precision", precision, log=subprocess.DEVNULL) as url:
             status, reply = post(url, body)
             if status != 200: raise RuntimeError(f"the warm-up request failed: {status} {reply}")

@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 
 from ..core.files import atomic_path
-from ..models.saving import save_model
+from ..models.saving import METRICS_FILE, MODEL_FILE, save_model
 from ..slides.tiling import TilingConfig
 
 # %% auto #0
@@ -34,26 +34,31 @@ class RunFolder:
 
     @property
     def checkpoint_file(self) -> Path: return self.path/"checkpoint.pt"
+    @property
+    def history_file(self) -> Path: return self.path/"history.csv"
+    @property
+    def model_file(self) -> Path: return self.path/MODEL_FILE
+    @property
+    def metrics_file(self) -> Path: return self.path/METRICS_FILE
 
     def write_epoch(self, history: list[dict], checkpoint: dict):
         "Write the history so far and the checkpoint to resume from."
         columns = [k for k in history[0] if k != "val_confusion_matrix"]
-        with atomic_path(self.path/"history.csv") as tmp: pd.DataFrame(history)[columns].to_csv(tmp, index=False)
+        with atomic_path(self.history_file) as tmp: pd.DataFrame(history)[columns].to_csv(tmp, index=False)
         with atomic_path(self.checkpoint_file) as tmp: torch.save(checkpoint, tmp)
 
     def write_result(self, model: torch.nn.Module, metrics: dict, tiling: TilingConfig | None = None):
         "Write the kept model (with its tiling settings) and its metrics."
-        save_model(model, self.path/"model.pt", tiling)
+        save_model(model, self.model_file, tiling)
         self.write_metrics(metrics)
 
     def write_metrics(self, metrics: dict):
         "Write metrics.json (NaN as null)."
-        with atomic_path(self.path/"metrics.json") as tmp: tmp.write_text(json.dumps(json_safe(metrics), indent=1))
+        with atomic_path(self.metrics_file) as tmp: tmp.write_text(json.dumps(json_safe(metrics), indent=1))
 
     def read_metrics(self) -> dict | None:
         "The metrics.json of the run (None if it has none yet)."
-        file = self.path/"metrics.json"
-        return json.loads(file.read_text()) if file.exists() else None
+        return json.loads(self.metrics_file.read_text()) if self.metrics_file.exists() else None
 
     def write_figure(self, fig, name: str):
         "Write a matplotlib figure as NAME.png (confusion_matrix.png, roc_and_learning_curves.png, attention_*.png)."
