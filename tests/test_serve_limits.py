@@ -19,7 +19,7 @@ from mil_nb.serve.wire_formats import npy_body
 from mil_nb.models.model import AttentionMIL, MILConfig
 from mil_nb.models.saving import save_model
 from mil_nb.core.net import free_port
-from mil_nb.serve.server import post, running_server
+from mil_nb.serve.server import SERVE_COMMAND, post, running_server
 from mil_nb.slides.readers import write_bomb
 
 RSS_BOUND_MB = 1500  # the server's peak resident memory serving 2 maximal requests at once (issue 24)
@@ -172,7 +172,7 @@ def test_a_stalled_upload_is_closed_while_a_good_request_is_answered(small_serve
 
 def serve_error(*options, model_dir="/nowhere") -> tuple[int, str]:
     "The exit status and stderr of `mil_nb_serve` that fails to start."
-    run = subprocess.run([sys.executable, "-m", "mil_nb.serve.server", "--model_dir", str(model_dir), "--host", "127.0.0.1",
+    run = subprocess.run([*SERVE_COMMAND, "--model_dir", str(model_dir), "--host", "127.0.0.1",
                           "--port", str(free_port()), *options], capture_output=True, text=True, timeout=60)
     return run.returncode, run.stderr
 

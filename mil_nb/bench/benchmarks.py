@@ -5,6 +5,7 @@
 # %% ../../nbs/bench/20_benchmarks.ipynb #00b3167f
 from __future__ import annotations
 
+import argparse
 import inspect
 import json
 import os
@@ -12,7 +13,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from fastcore.script import call_parse
 
 import numpy as np
 import torch
@@ -36,7 +36,7 @@ from ..train.training import FitConfig, fit
 
 # %% auto #0
 __all__ = ['MNIST_CONFIG', 'BENCHMARKS', 'training_flops_per_bag', 'one_bag_per_step', 'random_tile_bags', 'bench_train',
-           'bench_infer', 'bench_ddp', 'bench_cli']
+           'bench_infer', 'bench_ddp', 'bench_parser', 'bench_cli']
 
 # %% ../../nbs/bench/20_benchmarks.ipynb #4f2a8c3d
 def training_flops_per_bag(model: torch.nn.Module, bags: list[Bag]) -> float:
@@ -248,31 +248,32 @@ def bench_ddp(bags: int = 48, batch_size: int = 8, epochs: int = 4) -> dict:
         "precision": resolve_precision("auto", torch.device("cpu")),
     }
 
-# %% ../../nbs/bench/20_benchmarks.ipynb #f9a4c840
+# %% ../../nbs/bench/20_benchmarks.ipynb #30ac5f98
 BENCHMARKS = {"tile": bench_tile, "predict": bench_predict, "train": bench_train, "infer": bench_infer,
               "ddp": bench_ddp, "serve": bench_serve, "features": bench_features,
               "bootstrap": bench_bootstrap, "loader": bench_loader}
 
-@call_parse
-def bench_cli(what: str,  # which benchmark: tile, predict, train, infer, ddp, serve, features, bootstrap, loader
-              n_slides: int = 16,  # tile, predict: generated slides
-              size: int = 16384,  # tile, predict: level-0 width and height of each slide, px
-              level: int = 1,  # tile, predict: pyramid level to tile
-              workers: int = 2,  # tile, predict, loader: worker processes
-              clients: int = 8,  # serve: concurrent clients
-              requests: int = 25,  # serve: requests per client
-              device: str = "auto"):  # features: auto (cuda when present), cpu, cuda
-    "Run a benchmark and print its figures as one JSON object."
+# %% ../../nbs/bench/20_benchmarks.ipynb #f66d76e5
+def bench_parser() -> argparse.ArgumentParser:
+    "mil_nb_bench's options."
+    parser = argparse.ArgumentParser(prog="mil_nb_bench", description="Run a benchmark and print its figures as one "
+                                     "JSON object.")
+    parser.add_argument("what", help=f"which benchmark: {', '.join(BENCHMARKS)}")
+    parser.add_argument("--n_slides", type=int, default=16, help="tile, predict: generated slides")
+    parser.add_argument("--size", type=int, default=16384, help="tile, predict: level-0 side of a slide, px")
+    parser.add_argument("--level", type=int, default=1, help="tile, predict: pyramid level to tile")
+    parser.add_argument("--workers", type=int, default=2, help="tile, predict, loader: worker processes")
+    parser.add_argument("--clients", type=int, default=8, help="serve: concurrent clients")
+    parser.add_argument("--requests", type=int, default=25, help="serve: requests per client")
+    parser.add_argument("--device", default="auto", help="features: auto (cuda when present), cpu, cuda")
+    return parser
+
+# %% ../../nbs/bench/20_benchmarks.ipynb #a5c2c6e7
+def bench_cli(argv: list[str] | None = None):
+    "mil_nb_bench WHAT [options]: run a benchmark and print its figures as one JSON object."
+    args = vars(bench_parser().parse_args(argv))
+    what = args.pop("what")
     if what not in BENCHMARKS:
         raise SystemExit(f"mil_nb_bench: unknown benchmark {what!r}; known: {', '.join(BENCHMARKS)}")
     benchmark = BENCHMARKS[what]
-    options = {
-        "n_slides": n_slides,
-        "size": size,
-        "level": level,
-        "workers": workers,
-        "clients": clients,
-        "requests": requests,
-        "device": device,
-    }
-    print(json.dumps(benchmark(**{k: v for k, v in options.items() if k in inspect.signature(benchmark).parameters})))
+    print(json.dumps(benchmark(**{k: v for k, v in args.items() if k in inspect.signature(benchmark).parameters})))

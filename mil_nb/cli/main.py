@@ -8,10 +8,8 @@ from __future__ import annotations
 import sys
 from importlib.metadata import EntryPoint, entry_points
 
-from fastcore.script import anno_parser
-
 # %% auto #0
-__all__ = ['PREFIX', 'commands', 'usage', 'run_call_parse', 'main']
+__all__ = ['PREFIX', 'commands', 'usage', 'main']
 
 # %% ../../nbs/cli/10_main.ipynb #5f2dc804
 PREFIX = "mil_nb_"  # a console script named mil_nb_<command> is `mil_nb <command>`
@@ -29,16 +27,6 @@ def usage() -> str:
     return "\n".join(["usage: mil_nb <command> [options]   (mil_nb <command> --help: its options)", "",
                       "commands:", *lines])
 
-# %% ../../nbs/cli/10_main.ipynb #4390f64b
-def run_call_parse(function,  # the function a `call_parse` decorates (its `__wrapped__`)
-                   prog: str,  # the command's name in its help and errors
-                   args: list[str],  # its arguments
-                  ):
-    "Run a fastcore `call_parse` command on `args`, as its console script would run it on its own arguments."
-    values = vars(anno_parser(function, prog=prog).parse_args(args))
-    for option in ("pdb", "xtra"): values.pop(option, None)  # fastcore's own options
-    return function(**values)
-
 # %% ../../nbs/cli/10_main.ipynb #8d812eeb
 def main(argv: list[str] | None = None,  # the arguments after `mil_nb` (None: this process's)
         ):
@@ -51,6 +39,4 @@ def main(argv: list[str] | None = None,  # the arguments after `mil_nb` (None: t
     if argv[0] not in found:
         print(f"mil_nb: unknown command {argv[0]!r}; the commands: {', '.join(sorted(found))}", file=sys.stderr)
         sys.exit(2)
-    command = found[argv[0]].load()
-    if hasattr(command, "__wrapped__"): return run_call_parse(command.__wrapped__, f"mil_nb {argv[0]}", argv[1:])
-    return command(argv[1:])  # an argparse command: it takes its arguments
+    return found[argv[0]].load()(argv[1:])  # every command takes its arguments

@@ -13,13 +13,12 @@ import tempfile
 from pathlib import Path
 
 import pandas as pd
-from fastcore.script import anno_parser
 
 from .bundle import copy_package, imported_requirements
 from .resources import JobResources, check_job_resources, job_max_runtime_s, job_volume_gb
 from ..score.cohort import predict_cli, predict_parser
 from ..core.files import atomic_path
-from ..slides.tile_store import tile_cli
+from ..slides.tile_store import tile_cli, tile_parser
 
 # %% auto #0
 __all__ = ['PROCESSING_ENTRY', 'PROCESSING_ENTRY_SCRIPT', 'CONTAINER_ROOT', 'OUTPUTS', 'WHOLE_LABELS', 'JOBS', 'JOB_SETS',
@@ -103,9 +102,9 @@ def tile_arguments(root: Path,  # the container's /opt/ml
 # %% ../../nbs/cloud/70_processing.ipynb #581fae3c
 def _tile_command(arguments: list[str]):
     "mil_nb_tile's command line with `arguments` (it exits); the part then keeps the whole train.csv, as given."
-    options = vars(anno_parser(tile_cli.__wrapped__, "mil_nb_tile").parse_args(arguments))
-    src, dest = Path(options["src"]), Path(options["dest"])
-    try: tile_cli.__wrapped__(**{k: v for k, v in options.items() if k not in ("pdb", "xtra")})  # fastcore's own
+    options = tile_parser().parse_args(arguments)
+    src, dest = Path(options.src), Path(options.dest)
+    try: tile_cli(arguments)
     finally:  # so that the parts share one train.csv, in its order: the store's labels (`TileStore.labels_dir`)
         if (src/WHOLE_LABELS).is_file() and (dest/"meta.json").is_file():
             with atomic_path(dest/"train.csv") as tmp: shutil.copyfile(src/WHOLE_LABELS, tmp)
@@ -145,7 +144,7 @@ def check_predict_options(options: list[str]):
 def check_tile_options(options: list[str]):
     "Raise a ValueError unless `options` are mil_nb_tile options (the job gives SRC and DEST)."
     options = [str(option) for option in options]
-    parser = anno_parser(tile_cli.__wrapped__)
+    parser = tile_parser()
     parser.error = lambda message: (_ for _ in ()).throw(ValueError(f"mil_nb_tile options {options}: {message}"))
     parser.parse_args([*options, "src", "dest"])
 

@@ -5,6 +5,7 @@
 # %% ../../nbs/models/30_features.ipynb #d6803fb9
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -15,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from fastcore.script import call_parse
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
@@ -29,8 +29,8 @@ from ..slides.tiled_elsewhere import pack_store
 from ..slides.tile_store import MAX_TILES, TileStore, tiling_settings
 
 # %% auto #0
-__all__ = ['encode_tiles', 'FloatInput', 'extract_features', 'cached_features', 'encoder_mpp', 'tiling_warnings', 'features_cli',
-           'bench_features']
+__all__ = ['encode_tiles', 'FloatInput', 'extract_features', 'cached_features', 'encoder_mpp', 'tiling_warnings',
+           'features_parser', 'features_cli', 'bench_features']
 
 # %% ../../nbs/models/30_features.ipynb #c0444b3a
 @torch.no_grad()
@@ -157,31 +157,41 @@ def tiling_warnings(tiling: dict,  # a tile store's meta.json
         warnings.append(f"tiles at {tiling['mpp']} um/px; {name} was trained at {spec.mpp} um/px; {advice}")
     return warnings
 
-# %% ../../nbs/models/30_features.ipynb #df7e33df
-@call_parse
-def features_cli(tiles: str,  # a tile store (or the folder of its parts)
-                 dest: str,  # the feature store to write (a rerun resumes it)
-                 encoder: str = "resnet50-imagenet",  # a registry encoder (nbs/models/20_encoders.ipynb)
-                 weights: str = None,  # its checkpoint file or folder
-                 random_weights: bool = False,  # random weights instead (tests, benchmarks)
-                 batch_size: int = 64,  # tiles per forward pass
-                 device: str = "auto",  # auto (cuda when present), cpu, cuda, cuda:1, ...
-                 precision: str = "auto",  # fp32 or bf16 (auto: bf16 where native)
-                 max_tiles: int = MAX_TILES):  # the most tiles of a bag (more: a listed failure, as in mil_nb_predict)
-    "Encode the tile store TILES with a registry encoder into the feature store DEST."
+# %% ../../nbs/models/30_features.ipynb #4286d4d6
+def features_parser() -> argparse.ArgumentParser:
+    "mil_nb_features' options."
+    parser = argparse.ArgumentParser(prog="mil_nb_features", description="Encode the tile store TILES with a registry "
+                                     "encoder into the feature store DEST.")
+    parser.add_argument("tiles", help="a tile store (or the folder of its parts)")
+    parser.add_argument("dest", help="the feature store to write (a rerun resumes it)")
+    parser.add_argument("--encoder", default="resnet50-imagenet", help="a registry encoder (nbs/models/20_encoders)")
+    parser.add_argument("--weights", help="its checkpoint file or folder")
+    parser.add_argument("--random_weights", action="store_true", help="random weights instead (tests, benchmarks)")
+    parser.add_argument("--batch_size", type=int, default=64, help="tiles per forward pass")
+    parser.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--precision", default="auto", help="fp32 or bf16 (auto: bf16 where native)")
+    parser.add_argument("--max_tiles", type=int, default=MAX_TILES,
+                        help="the most tiles of a bag (more: a listed failure, as in mil_nb_predict)")
+    return parser
+
+# %% ../../nbs/models/30_features.ipynb #92b57cf6
+def features_cli(argv: list[str] | None = None):
+    "mil_nb_features TILES DEST [options]: encode the tile store TILES into the feature store DEST."
+    args = features_parser().parse_args(argv)
     try:
-        for name, value in (("batch_size", batch_size), ("max_tiles", max_tiles)):
-            if value < 1: raise ValueError(f"--{name}={value}: expected an integer >= 1")
-        resolve_precision(precision, resolve_device(device))  # checked before any work
-        store = TileStore(tiles)
-        module = encoder_from_name(encoder, weights, random_weights)
-        for warning in tiling_warnings(store.meta, encoder):
+        for name in ("batch_size", "max_tiles"):
+            if getattr(args, name) < 1: raise ValueError(f"--{name}={getattr(args, name)}: expected an integer >= 1")
+        resolve_precision(args.precision, resolve_device(args.device))  # checked before any work
+        store = TileStore(args.tiles)
+        module = encoder_from_name(args.encoder, args.weights, args.random_weights)
+        for warning in tiling_warnings(store.meta, args.encoder):
             print(f"mil_nb_features: warning: {warning}", file=sys.stderr)
-        features = extract_features(module, store, dest, batch_size, device, precision, max_tiles=max_tiles)
+        features = extract_features(module, store, args.dest, args.batch_size, args.device, args.precision,
+                                    max_tiles=args.max_tiles)
     except (ValueError, OSError, ImportError) as error:
         print(f"mil_nb_features: {error}", file=sys.stderr)
         sys.exit(2)
-    print(json.dumps({"bags": len(features.image_ids), "features": features.meta["features"], "encoder": encoder,
+    print(json.dumps({"bags": len(features.image_ids), "features": features.meta["features"], "encoder": args.encoder,
                       "dest": str(features.path)}))
     sys.exit(1 if len(features.failures) > len(store.failures) else 0)  # 1: some bags failed, listed
 

@@ -5,6 +5,7 @@
 # %% ../../nbs/serve/20_server.ipynb #746f6666
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import functools
@@ -25,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from fastcore.script import call_parse
 from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config as HypercornConfig
 from starlette.applications import Starlette
@@ -44,8 +44,9 @@ from ..core.net import free_port
 from ..core.parallel import die_with_parent
 
 # %% auto #0
-__all__ = ['SERVER_OPTIONS', 'BACKLOG', 'answer', 'create_app', 'server_options', 'hypercorn_config', 'raise_open_files_limit',
-           'serve_cli', 'wait_for_ping', 'ServerURL', 'running_server', 'post', 'bench_serve']
+__all__ = ['SERVER_OPTIONS', 'BACKLOG', 'SERVE_LIMITS', 'ADMISSION_OPTIONS', 'SERVE_COMMAND', 'answer', 'create_app',
+           'server_options', 'hypercorn_config', 'raise_open_files_limit', 'serve_parser', 'serve_cli', 'wait_for_ping',
+           'ServerURL', 'running_server', 'post', 'bench_serve']
 
 # %% ../../nbs/serve/20_server.ipynb #af1db72b
 def answer(served: ServedModel, body: typing.BinaryIO, content_type: str | None, accept: str | None) -> str:
@@ -143,36 +144,50 @@ def raise_open_files_limit():
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     with contextlib.suppress(ValueError, OSError): resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
-# %% ../../nbs/serve/20_server.ipynb #6e3878b3
-@call_parse
-def serve_cli(model_dir: str = "/opt/ml/model",  # folder holding model.pt (SageMaker puts it in /opt/ml/model)
-              port: int = 8080,  # port to listen on (SageMaker: 8080)
-              host: str = "0.0.0.0",  # interface to listen on (0.0.0.0: all, as a container needs)
-              device: str = "auto",  # cpu, cuda, cuda:N, or auto (CUDA when present)
-              precision: str = "fp32",  # fp32 (answers match the model's to float precision), bf16, or fp16 (CUDA)
-              max_body_mb: float = None,  # largest request body in MiB (default: $MIL_NB_MAX_BODY_MB or 64)
-              max_tiles: int = None,  # most tiles in a bag (default: $MIL_NB_MAX_TILES or 512)
-              max_json_mb: float = None,  # largest JSON body in MiB (default: $MIL_NB_MAX_JSON_MB or 16)
-              max_concurrency: int = None,  # requests answered at once (default: $MIL_NB_MAX_CONCURRENCY or 2)
-              max_queue: int = None,  # bodies waiting their turn, more get 503 (default: $MIL_NB_MAX_QUEUE or 16)
-              max_uploads: int = None,  # bodies arriving at once, more get 503 (default: $MIL_NB_MAX_UPLOADS or 32)
-              body_timeout_s: float = None,  # longest wait for a body's next chunk, s ($MIL_NB_BODY_TIMEOUT_S or 30)
-              min_body_kib_s: float = None,  # a body's least rate after body_timeout_s ($MIL_NB_MIN_BODY_KIB_S or 64)
-              header_timeout_s: float = None,  # to send headers, or idle, s ($MIL_NB_HEADER_TIMEOUT_S or 10)
-              max_level_pixels: int = None,  # slide px decoded at once (default: $MIL_NB_MAX_LEVEL_PIXELS or 2**26)
-              max_thumbnail_pixels: int = None,  # a slide's coarsest level ($MIL_NB_MAX_THUMBNAIL_PIXELS or 2**24)
-              max_slide_pixels: int = None):  # px a slide's pyramid declares ($MIL_NB_MAX_SLIDE_PIXELS or 2**34)
-    "Serve the model in MODEL_DIR over HTTP: GET /ping, POST /invocations (x-npy, JSON or TIFF bodies)."
+# %% ../../nbs/serve/20_server.ipynb #c59f4e11
+SERVE_LIMITS = [  # mil_nb_serve's limits: option, type, help (default None: its environment variable, else as said)
+    ("max_body_mb", float, "largest request body in MiB (default: $MIL_NB_MAX_BODY_MB or 64)"),
+    ("max_tiles", int, "most tiles in a bag (default: $MIL_NB_MAX_TILES or 512)"),
+    ("max_json_mb", float, "largest JSON body in MiB (default: $MIL_NB_MAX_JSON_MB or 16)"),
+    ("max_concurrency", int, "requests answered at once (default: $MIL_NB_MAX_CONCURRENCY or 2)"),
+    ("max_queue", int, "bodies waiting their turn, more get 503 (default: $MIL_NB_MAX_QUEUE or 16)"),
+    ("max_uploads", int, "bodies arriving at once, more get 503 (default: $MIL_NB_MAX_UPLOADS or 32)"),
+    ("body_timeout_s", float, "longest wait for a body's next chunk, s ($MIL_NB_BODY_TIMEOUT_S or 30)"),
+    ("min_body_kib_s", float, "a body's least rate after body_timeout_s ($MIL_NB_MIN_BODY_KIB_S or 64)"),
+    ("header_timeout_s", float, "to send headers, or idle, s ($MIL_NB_HEADER_TIMEOUT_S or 10)"),
+    ("max_level_pixels", int, "slide px decoded at once (default: $MIL_NB_MAX_LEVEL_PIXELS or 2**26)"),
+    ("max_thumbnail_pixels", int, "a slide's coarsest level ($MIL_NB_MAX_THUMBNAIL_PIXELS or 2**24)"),
+    ("max_slide_pixels", int, "px a slide's pyramid declares ($MIL_NB_MAX_SLIDE_PIXELS or 2**34)"),
+]
+ADMISSION_OPTIONS = ("max_concurrency", "max_queue", "max_uploads", "body_timeout_s", "min_body_kib_s",
+                     "header_timeout_s")  # those `server_options` checks
+
+# %% ../../nbs/serve/20_server.ipynb #511b857f
+def serve_parser() -> argparse.ArgumentParser:
+    "mil_nb_serve's options: where, what, and the limits (each defaulting to its environment variable)."
+    parser = argparse.ArgumentParser(prog="mil_nb_serve", description="Serve the model in MODEL_DIR over HTTP: GET "
+                                     "/ping, POST /invocations (x-npy, JSON or TIFF bodies).")
+    parser.add_argument("--model_dir", default="/opt/ml/model", help="folder holding model.pt (SageMaker's default)")
+    parser.add_argument("--port", type=int, default=8080, help="port to listen on (SageMaker: 8080)")
+    parser.add_argument("--host", default="0.0.0.0", help="interface to listen on (0.0.0.0: all, as a container needs)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (CUDA when present)")
+    parser.add_argument("--precision", default="fp32", help="fp32 (the model's own answers), bf16, or fp16 (CUDA)")
+    for name, kind, what in SERVE_LIMITS: parser.add_argument(f"--{name}", type=kind, help=what)
+    return parser
+
+# %% ../../nbs/serve/20_server.ipynb #0b66bf8f
+def serve_cli(argv: list[str] | None = None):
+    "mil_nb_serve [options]: serve the model in MODEL_DIR over HTTP (GET /ping, POST /invocations)."
+    args = serve_parser().parse_args(argv)
     try:
-        options = server_options(port, dict(max_concurrency=max_concurrency, max_queue=max_queue,
-                                            max_uploads=max_uploads, body_timeout_s=body_timeout_s,
-                                            min_body_kib_s=min_body_kib_s, header_timeout_s=header_timeout_s))
-        limits = RequestLimits.from_env(max_body_mb, max_tiles, max_json_mb, level_pixels=max_level_pixels,
-                                        thumbnail_pixels=max_thumbnail_pixels, slide_pixels=max_slide_pixels)
-        with_bounded_heap()  # options checked: one heap for the request threads, large blocks mapped (restarts once)
-        served = load_served_model(model_dir, device, precision, limits)
+        options = server_options(args.port, {name: getattr(args, name) for name in ADMISSION_OPTIONS})
+        limits = RequestLimits.from_env(args.max_body_mb, args.max_tiles, args.max_json_mb,
+                                        level_pixels=args.max_level_pixels,
+                                        thumbnail_pixels=args.max_thumbnail_pixels, slide_pixels=args.max_slide_pixels)
+        with_bounded_heap()  # options checked: one heap for the request threads, freed memory reused (restarts once)
+        served = load_served_model(args.model_dir, args.device, args.precision, limits)
     except (OSError, ValueError) as error: raise SystemExit(f"mil_nb_serve: {error}") from None
-    config = hypercorn_config(host, port, options.pop("header_timeout_s"))
+    config = hypercorn_config(args.host, args.port, options.pop("header_timeout_s"))
     raise_open_files_limit()
     asyncio.run(hypercorn_serve(create_app(served, **options), config))
 
@@ -195,11 +210,13 @@ class ServerURL(str):
     process: subprocess.Popen
 
 # %% ../../nbs/serve/20_server.ipynb #d774ac94
+SERVE_COMMAND = (sys.executable, "-c", "from mil_nb.serve.server import serve_cli; serve_cli()")  # mil_nb_serve
+
 @contextlib.contextmanager
 def running_server(
-    model_dir, *options: str, command=(sys.executable, "-m", "mil_nb.serve.server"), log=None, timeout: float = 60
+    model_dir, *options: str, command=SERVE_COMMAND, log=None, timeout: float = 60
 ):
-    "Run `command` (default: this Python's `mil_nb.serve.server`) on `model_dir` at a free local port; yield its URL."
+    "Run `command` (default: `serve_cli` in this Python) on `model_dir` at a free local port; yield its URL."
     port = free_port()
     process = subprocess.Popen(
         [*command, "--model_dir", str(model_dir), "--host", "127.0.0.1", "--port", str(port), *options],

@@ -5,6 +5,7 @@
 # %% ../../nbs/slides/10_synth.ipynb #dc0af2a4
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import tempfile
@@ -13,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import tifffile
-from fastcore.script import call_parse
 from PIL import Image
 from scipy import ndimage
 
@@ -24,7 +24,8 @@ from ..core.parallel import parallel_map
 __all__ = ['GLEASON_BY_ISUP', 'PROVIDERS', 'TEXTURE_SIGMA', 'RAMP_Z', 'RAMP_RGB', 'PEN_COLOURS', 'DEFAULT_TUMOUR_SHARE',
            'HARD_TUMOUR_SHARE', 'LEVEL_DOWNSAMPLE', 'LEVEL0_MPP', 'TIFF_TILE', 'gleason_score', 'smooth_field',
            'colour', 'coarse_field', 'region', 'draw_artefacts', 'check_tumour_share', 'render_slide',
-           'provider_labels', 'write_pyramid', 'slide_plan', 'make_synthetic_panda', 'embedded_dataset', 'synth_cli']
+           'provider_labels', 'write_pyramid', 'slide_plan', 'make_synthetic_panda', 'embedded_dataset', 'synth_parser',
+           'synth_cli']
 
 # %% ../../nbs/slides/10_synth.ipynb #b6c9e659
 GLEASON_BY_ISUP = {1: [(3, 3)], 2: [(3, 4)], 3: [(4, 3)], 4: [(4, 4), (3, 5), (5, 3)], 5: [(4, 5), (5, 4), (5, 5)]}
@@ -237,14 +238,23 @@ def embedded_dataset(n_slides: int = 192, seed: int = 0, size: int = 4096, num_w
         shutil.rmtree(building, ignore_errors=True)
     return dest
 
-# %% ../../nbs/slides/10_synth.ipynb #98f961b1
-@call_parse
-def synth_cli(dest: str,  # Folder to write train.csv, train_images/ and train_label_masks/ to
-              n_slides: int = 64,  # Number of slides
-              seed: int = 0,  # Random seed: the same seed gives the same files
-              size: int = 4096,  # Width and height of level 0 in px (a multiple of 1024)
-              num_workers: int = None,  # Worker processes (default: one per CPU)
-              tumour_min: float = DEFAULT_TUMOUR_SHARE[0],  # Low end of the share of malignant tissue that is tumour
-              tumour_max: float = DEFAULT_TUMOUR_SHARE[1]):  # High end of it (hard benchmark: 0.05 to 0.1)
-    "Make a synthetic PANDA-format data set in DEST."
-    print(make_synthetic_panda(dest, n_slides, seed, size, num_workers, tumour_share=(tumour_min, tumour_max)))
+# %% ../../nbs/slides/10_synth.ipynb #427b4755
+def synth_parser() -> argparse.ArgumentParser:
+    "mil_nb_synth's options."
+    parser = argparse.ArgumentParser(prog="mil_nb_synth", description="Make a synthetic PANDA-format data set in DEST.")
+    parser.add_argument("dest", help="folder to write train.csv, train_images/ and train_label_masks/ to")
+    parser.add_argument("--n_slides", type=int, default=64, help="number of slides")
+    parser.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same files")
+    parser.add_argument("--size", type=int, default=4096, help="width and height of level 0 in px (a multiple of 1024)")
+    parser.add_argument("--num_workers", type=int, help="worker processes (default: one per CPU)")
+    parser.add_argument("--tumour_min", type=float, default=DEFAULT_TUMOUR_SHARE[0],
+                        help="low end of the share of malignant tissue that is tumour")
+    parser.add_argument("--tumour_max", type=float, default=DEFAULT_TUMOUR_SHARE[1],
+                        help="high end of it (hard benchmark: 0.05 to 0.1)")
+    return parser
+
+def synth_cli(argv: list[str] | None = None):
+    "mil_nb_synth DEST [options]: make a synthetic PANDA-format data set in DEST."
+    args = synth_parser().parse_args(argv)
+    print(make_synthetic_panda(args.dest, args.n_slides, args.seed, args.size, args.num_workers,
+                               tumour_share=(args.tumour_min, args.tumour_max)))

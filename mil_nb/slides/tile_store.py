@@ -5,6 +5,7 @@
 # %% ../../nbs/slides/60_tile_store.ipynb #7a8b9c03
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -19,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from fastcore.basics import patch
-from fastcore.script import call_parse
 from PIL import Image
 
 from ..core.files import atomic_path, npz_header, write_json, write_table
@@ -32,7 +32,7 @@ from .slide_reader import SlideLimits
 from .tiling import TilingConfig, choose_level, tile_slide
 
 # %% auto #0
-__all__ = ['MAX_TILES', 'slide_sources', 'tiling_settings', 'store_parts', 'TileStore', 'tile_slides', 'tile_cli']
+__all__ = ['MAX_TILES', 'slide_sources', 'tiling_settings', 'store_parts', 'TileStore', 'tile_slides', 'tile_parser', 'tile_cli']
 
 # %% ../../nbs/slides/60_tile_store.ipynb #df5e176f
 def slide_sources(src: str | os.PathLike) -> pd.DataFrame:
@@ -239,28 +239,41 @@ def _pixels(option: str, value) -> int:
         raise ValueError(f"--{option}={value!r}: expected a number of pixels >= 1")
     return int(value)
 
-# %% ../../nbs/slides/60_tile_store.ipynb #b8cd5bfa
-@call_parse
-def tile_cli(src: str,  # PANDA-layout folder (train.csv, train_images/) or a folder of slides
-             dest: str,  # tile store to write (resumes if it exists)
-             mode: str = "kaggle",  # kaggle: the 16x128x128 rule; tissue: a grid over detected tissue
-             n_tiles: int = 16,  # tiles per slide (tissue mode: at most; 0 = all above min_tissue)
-             tile_size: int = 128,  # tile side in px
-             level: int = None,  # pyramid level (default: chosen from the data, unless mpp is given)
-             mpp: float = None,  # tissue mode: microns per pixel of the tiles, instead of a level
-             min_tissue: float = 0.1,  # tissue mode: least tissue fraction of a kept tile
-             workers: int = None,  # worker processes (default: one per CPU)
-             png: bool = False,  # also write the tiles as PNG files (DEST/png/<image_id>_<k>.png)
-             max_level_pixels: float = None,  # most px decoded at once (default: $MIL_NB_MAX_LEVEL_PIXELS, 2**28)
-             max_thumbnail_pixels: float = None,  # most px of the coarsest level ($MIL_NB_MAX_THUMBNAIL_PIXELS, 2**26)
-             max_slide_pixels: float = None):  # most px of all levels together ($MIL_NB_MAX_SLIDE_PIXELS, 2**36)
-    "Tile the slides of SRC into the tile store DEST."
-    flags = dict(level_pixels=max_level_pixels, thumbnail_pixels=max_thumbnail_pixels, slide_pixels=max_slide_pixels)
+# %% ../../nbs/slides/60_tile_store.ipynb #bef3df41
+def tile_parser() -> argparse.ArgumentParser:
+    "mil_nb_tile's options."
+    parser = argparse.ArgumentParser(prog="mil_nb_tile", description="Tile the slides of SRC into the tile store DEST.")
+    parser.add_argument("src", help="PANDA-layout folder (train.csv, train_images/) or a folder of slides")
+    parser.add_argument("dest", help="tile store to write (resumes if it exists)")
+    parser.add_argument("--mode", default="kaggle",
+                        help="kaggle: the 16x128x128 rule; tissue: a grid over detected tissue")
+    parser.add_argument("--n_tiles", type=int, default=16,
+                        help="tiles per slide (tissue mode: at most; 0 = all above min_tissue)")
+    parser.add_argument("--tile_size", type=int, default=128, help="tile side in px")
+    parser.add_argument("--level", type=int, help="pyramid level (default: chosen from the data, unless mpp is given)")
+    parser.add_argument("--mpp", type=float, help="tissue mode: microns per pixel of the tiles, instead of a level")
+    parser.add_argument("--min_tissue", type=float, default=0.1,
+                        help="tissue mode: least tissue fraction of a kept tile")
+    parser.add_argument("--workers", type=int, help="worker processes (default: one per CPU)")
+    parser.add_argument("--png", action="store_true", help="also write the tiles as PNG files (DEST/png/<id>_<k>.png)")
+    parser.add_argument("--max_level_pixels", type=float,
+                        help="most px decoded at once (default: $MIL_NB_MAX_LEVEL_PIXELS, 2**28)")
+    parser.add_argument("--max_thumbnail_pixels", type=float,
+                        help="most px of the coarsest level ($MIL_NB_MAX_THUMBNAIL_PIXELS, 2**26)")
+    parser.add_argument("--max_slide_pixels", type=float,
+                        help="most px of all levels together ($MIL_NB_MAX_SLIDE_PIXELS, 2**36)")
+    return parser
+
+# %% ../../nbs/slides/60_tile_store.ipynb #36ef014d
+def tile_cli(argv: list[str] | None = None):
+    "mil_nb_tile SRC DEST [options]: tile the slides of SRC into the tile store DEST."
+    args = tile_parser().parse_args(argv)
+    flags = {k: getattr(args, f"max_{k}") for k in ("level_pixels", "thumbnail_pixels", "slide_pixels")}
     try:
         limits = dataclasses.replace(SlideLimits.from_env(),
                                      **{k: _pixels(f"max_{k}", v) for k, v in flags.items() if v is not None})
-        store = tile_slides(src, dest, mode, n_tiles or None, tile_size, level, mpp, min_tissue, workers, png,
-                            limits=limits)
+        store = tile_slides(args.src, args.dest, args.mode, args.n_tiles or None, args.tile_size, args.level, args.mpp,
+                            args.min_tissue, args.workers, args.png, limits=limits)
     except (ValueError, OSError) as error:
         print(f"mil_nb_tile: {error}", file=sys.stderr)
         sys.exit(2)

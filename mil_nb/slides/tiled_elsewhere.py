@@ -5,6 +5,7 @@
 # %% ../../nbs/slides/65_tiled_elsewhere.ipynb #259ae548
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import sys
@@ -12,7 +13,6 @@ import warnings
 from pathlib import Path
 
 import pandas as pd
-from fastcore.script import call_parse
 
 from ..core.files import MAX_TABLE_BYTES, atomic_path, checked_file, read_json_object, write_json, write_table
 from ..core.outputs import check_no_links
@@ -31,11 +31,14 @@ def pack_store(store: TileStore | str | os.PathLike,  # a tile or feature store 
     pack_bags(store.path, store.image_ids, store.bag_files)
     return TileStore(store.path, store.parts)
 
-# %% ../../nbs/slides/65_tiled_elsewhere.ipynb #6427e95b
-@call_parse
-def pack_cli(store: str):  # a tile or feature store (or the folder of its parts)
-    "Pack the bags of STORE (after copying, resuming or tiling it in parts), so that training reads them as slices."
-    try: packed = pack_store(store)
+# %% ../../nbs/slides/65_tiled_elsewhere.ipynb #7813d20e
+def pack_cli(argv: list[str] | None = None):
+    "mil_nb_pack STORE: pack the bags of STORE (after copying, resuming or tiling it in parts) for training to read."
+    parser = argparse.ArgumentParser(prog="mil_nb_pack", description="Pack the bags of STORE (after copying, resuming "
+                                     "or tiling it in parts), so that training reads them as slices.")
+    parser.add_argument("store", help="a tile or feature store (or the folder of its parts)")
+    args = parser.parse_args(argv)
+    try: packed = pack_store(args.store)
     except (ValueError, OSError) as error:
         print(f"mil_nb_pack: {error}", file=sys.stderr)
         sys.exit(2)
