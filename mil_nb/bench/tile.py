@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import shutil
+import statistics
 import tempfile
 from pathlib import Path
 
@@ -37,13 +38,18 @@ def _tile_all(src: Path, mode: str, level: int, workers: int) -> int:
         shutil.rmtree(dest, ignore_errors=True)
 
 # %% ../../nbs/bench/15_tile.ipynb #c1bdeb2c
-def bench_tile(n_slides: int = 16, size: int = 16384, level: int = 1, workers: int = 2) -> dict:
+def bench_tile(n_slides: int = 16, size: int = 16384, level: int = 1, workers: int = 2,
+               repeats: int = 3,  # rounds of decode, kaggle, tissue (alternated); each time is the median of its rounds
+              ) -> dict:
     "Tiling speed per mode next to the decode-only floor, on `n_slides` generated slides of `size` px."
     src = embedded_dataset(n_slides=n_slides, seed=1, size=size, num_workers=workers, masks=False)
-    decode_s, decode_rss, nbytes = in_fresh_process(_decode_all, src, level, workers)
+    rounds = [{"decode": in_fresh_process(_decode_all, src, level, workers)} |
+              {mode: in_fresh_process(_tile_all, src, mode, level, workers) for mode in ("kaggle", "tissue")}
+              for _ in range(repeats)]
+    decode_s, decode_rss, nbytes = (statistics.median(r["decode"][k] for r in rounds) for k in range(3))
     results = {}
     for mode in ("kaggle", "tissue"):
-        tile_s, rss, tiled = in_fresh_process(_tile_all, src, mode, level, workers)
+        tile_s, rss, tiled = (statistics.median(r[mode][k] for r in rounds) for k in range(3))
         results[mode] = {
             "slides": tiled,
             "tile_s": round(tile_s, 3),
@@ -57,5 +63,7 @@ def bench_tile(n_slides: int = 16, size: int = 16384, level: int = 1, workers: i
             "level": level,
             "level0_px": size,
             "workers": workers,
+            "repeats": repeats,
+            "ratio_each_round": [round(r[mode][0] / r["decode"][0], 3) for r in rounds],
         }
     return results

@@ -22,6 +22,7 @@ import pandas as pd
 from fastcore.basics import patch
 from PIL import Image
 
+from ..core.devices import reuse_freed_memory
 from ..core.files import atomic_path, npz_header, write_json, write_table
 from ..core.outputs import check_output_folder, claim_output_folder, finished_parts, report_failures
 from .panda import check_image_id, image_path, mask_path, read_slide_table, shown_name
@@ -160,6 +161,7 @@ def load(self: TileStore, image_id: str,  # a slide of the store
 def _tile_into_store(dest: Path, image_id: str, image_file, mask_file, provider: str, config: TilingConfig, png: bool,
                      limits: SlideLimits) -> str | None:
     "Tile one slide into the store unless it is there; the error message if it failed."
+    reuse_freed_memory()  # the decoded level and its tiles reused slide after slide, not mapped anew (about 7%)
     try:
         out = dest/"bags"/f"{check_image_id(image_id)}.npz"
         if out.exists(): return None
