@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import random
 import time
 
@@ -72,6 +73,7 @@ def matmul_peak_gflops(dtype: torch.dtype,  # torch.float32 or torch.bfloat16
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters
 KEPT_FREE_BYTES = 2**30  # free memory a process keeps for reuse before it returns any to the kernel
 
+@functools.cache  # once per process (a forked worker inherits it): callers in hot paths pay nothing more
 def reuse_freed_memory() -> bool:
     "Have glibc keep freed memory for reuse (large blocks too); whether it could (False: not glibc)."
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
