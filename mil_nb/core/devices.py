@@ -50,7 +50,8 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 # %% ../../nbs/core/20_devices.ipynb #433c40f8
 def autocast(device: torch.device, precision: str):
-    "The autocast context for a resolved `precision` on `device` (a no-op for fp32)."
+    "The autocast context for `precision` resolved on `device` (`resolve_precision`; a no-op for fp32)."
+    precision = resolve_precision(precision, device)
     if precision == "fp32": return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 

@@ -57,7 +57,7 @@ def model_task(model: torch.nn.Module) -> Task:
 def predict(model: torch.nn.Module,  # an `AttentionMIL` (or any module taking instances and mask)
             loader,  # a `bag_loader` over the bags to predict
             device: torch.device = torch.device("cpu"),  # where `model` is
-            precision: str = "fp32",  # "fp32", "bf16" or "fp16" (autocast)
+            precision: str = "fp32",  # "fp32", "bf16", "fp16" or "auto" (autocast, resolved on `device`)
            ) -> Predictions:
     "Logits, labels and attention of `model` over every batch of `loader` (gathered over ranks if sharded)."
     model.eval()
@@ -209,7 +209,7 @@ def score_heldout(model: torch.nn.Module,  # the kept model
                   valid: Predictions,  # the kept model's validation predictions (they choose the threshold)
                   providers: pd.Series,  # data_provider by image_id
                   device: torch.device = torch.device("cpu"),  # where `model` is
-                  precision: str = "fp32",  # "fp32", "bf16" or "fp16" (autocast)
+                  precision: str = "fp32",  # "fp32", "bf16", "fp16" or "auto" (autocast, resolved on `device`)
                   n_resamples: int = 1000,  # bootstrap resamples for the confidence intervals
                   seed: int = 0,  # fixes the resamples
                   instance_threshold: float = INSTANCE_THRESHOLD,  # a tile is tumour from this malignant fraction on
