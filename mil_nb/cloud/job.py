@@ -22,11 +22,12 @@ from ..core.files import atomic_path
 from ..core.parallel import die_with_parent
 from ..models.encoders import MODEL_FILES
 from ..models.saving import METRICS_FILE
-from ..train.config import TrainConfig, parse_value
+from ..train.command_line import parse_value
+from ..train.config import TrainConfig
 from ..train.main_job import TRAIN_NOTEBOOK
 
 # %% auto #0
-__all__ = ['REPORT_FILES', 'job_hyperparameters', 'job_parameters', 'run_rank', 'failing_copy', 'main']
+__all__ = ['DATA_CHANNEL', 'REPORT_FILES', 'job_hyperparameters', 'job_parameters', 'run_rank', 'failing_copy', 'main']
 
 # %% ../../nbs/cloud/20_job.ipynb #a5d660d3
 def job_hyperparameters(argv: list[str], env: dict) -> dict:
@@ -45,15 +46,17 @@ def job_hyperparameters(argv: list[str], env: dict) -> dict:
     return hyperparameters
 
 # %% ../../nbs/cloud/20_job.ipynb #d10a8734
+DATA_CHANNEL = "data_channel"  # the job's own hyperparameter (not the main job's): the input channel to read
+
 def job_parameters(hyperparameters: dict, env: dict) -> dict:
     "The main job's parameters in a SageMaker container whose environment is `env`, the hyperparameters checked."
     hyperparameters = dict(hyperparameters)
     for name in ("SM_MODEL_DIR", "SM_OUTPUT_DATA_DIR"):
         if name not in env: raise ValueError(f"{name} is not set: this is a SageMaker training job's entry; "
                                              "run it with mil_nb_launch (--local N runs it on this machine)")
-    channel = hyperparameters.pop("data_channel", None)
+    channel = hyperparameters.pop(DATA_CHANNEL, None)
     if env.get("SM_CHANNEL_ENCODER"): hyperparameters.setdefault("encoder_weights", env["SM_CHANNEL_ENCODER"])
-    TrainConfig.from_parameters(hyperparameters, "hyperparameter")  # names each unknown or bad one
+    TrainConfig.from_parameters(hyperparameters, "hyperparameter")  # names each unknown or bad one, on this machine
     container = Path(env["SM_MODEL_DIR"]).parent  # /opt/ml
     parameters = {"output_dir": str(container/"checkpoints"), "tiles_dir": env.get("SM_CHANNEL_TILES") or
                   str(container/"tiles"), "resume": True}  # resume: from a checkpoint SageMaker restored (spot)
@@ -62,7 +65,7 @@ def job_parameters(hyperparameters: dict, env: dict) -> dict:
         parameters["data_dir"] = channel_dir
     elif channel:
         raise ValueError(
-            f"data_channel={channel!r}: the job has no input channel of that name "
+            f"{DATA_CHANNEL}={channel!r}: the job has no input channel of that name "
             f"(its channels: {env.get('SM_CHANNELS', '[]')})"
         )
     return parameters | hyperparameters

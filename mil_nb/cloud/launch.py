@@ -27,10 +27,11 @@ from sagemaker.train import ModelTrainer
 from sagemaker.train.distributed import Torchrun
 
 from .bundle import copy_package, imported_requirements, notebook_imports
+from .job import DATA_CHANNEL
 from .resources import (JobResources, check_job_resources, job_max_runtime_s, job_resources, job_volume_gb,
                                     resource_options)
-from ..train.command_line import given_parameters, parameter_options
-from ..train.config import hyperparameter_text
+from ..train.command_line import given_parameters, hyperparameter_text, parameter_options
+from ..train.config import check_hyperparameters
 from ..train.main_job import TRAIN_NOTEBOOK
 from ..core.net import free_port
 from ..core.parallel import die_with_parent
@@ -135,6 +136,7 @@ def launch(role: str,  # ARN of the SageMaker execution role the job runs as
             raise ValueError(f"{name}={uri!r}: expected an S3 URI (s3://bucket/prefix/)")
     if train_input_mode not in INPUT_MODES:
         raise ValueError(f"train_input_mode={train_input_mode!r}: expected one of {', '.join(INPUT_MODES)}")
+    check_hyperparameters(hyperparameters or {}, [DATA_CHANNEL])  # before an instance is paid for
     resources = check_job_resources(resources)
     max_wait_s = _check_spot(spot, max_wait_s, job_max_runtime_s(resources), checkpoint_s3)
     boto_session = boto_session or boto3.Session()
@@ -208,7 +210,8 @@ def run_local(
     for name, folder in folders.items():
         if folder is not None and not Path(folder).is_dir():
             raise FileNotFoundError(f"{'data' if name == 'train' else name}_dir={str(folder)!r}: no such folder")
-    local_dir, hyperparameters = Path(local_dir).absolute(), hyperparameters or {}
+    hyperparameters = check_hyperparameters(hyperparameters or {}, [DATA_CHANNEL])  # before torchrun starts
+    local_dir = Path(local_dir).absolute()
     data = local_dir/"input"/"data"
     shutil.rmtree(data/"code", ignore_errors=True)
     code = write_job_source(data/"code")
@@ -263,7 +266,7 @@ def train_cli(argv: list[str] | None = None):
     if args.local:
         try: sys.exit(run_local(args.local, args.local_dir, hyperparameters, args.data_dir, args.tiles,
                                 args.encoder_weights))
-        except FileNotFoundError as error: parser.error(str(error))
+        except (FileNotFoundError, ValueError) as error: parser.error(str(error))
     if not args.role: parser.error("--role ARN is needed to run on SageMaker (or --local N to run here)")
     if args.data_dir:
         parser.error("--data_dir is for --local runs: a SageMaker job reads its data from --train s3://...")

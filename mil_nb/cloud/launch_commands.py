@@ -10,8 +10,7 @@ import sys
 
 from pathlib import Path
 
-from ..train.command_line import given_parameters, parameter_options
-from ..train.config import parse_value
+from ..train.command_line import given_parameters, parameter_options, parse_value
 from .launch import train_cli
 from .local_processing import run_predict_local, run_tiling_local
 from .processing import launch_predict, launch_tiling

@@ -6,11 +6,30 @@
 from __future__ import annotations
 
 import argparse
-
-from .config import parse_value
+import json
 
 # %% auto #0
-__all__ = ['parameter_options', 'given_parameters']
+__all__ = ['parse_value', 'hyperparameter_text', 'parameter_options', 'given_parameters']
+
+# %% ../../nbs/train/35_command_line.ipynb #c40cd3b5
+_WORDS = {"none": None, "null": None, "true": True, "false": False}
+
+def parse_value(value):
+    "A hyperparameter's text as None, bool, int, float, a JSON list or str (non-text values are returned as they are)."
+    if not isinstance(value, str): return value
+    if value.lower() in _WORDS: return _WORDS[value.lower()]
+    for number in (int, float):
+        try: return number(value)
+        except ValueError: pass
+    if value.startswith("["):
+        try: return json.loads(value)
+        except ValueError: pass
+    return value
+
+# %% ../../nbs/train/35_command_line.ipynb #654faaf7
+def hyperparameter_text(value) -> str:
+    "A hyperparameter as SageMaker hands it to the job: a string as it is, anything else as JSON."
+    return value if isinstance(value, str) else json.dumps(value)
 
 # %% ../../nbs/train/35_command_line.ipynb #d7fb2bf3
 def parameter_options(help: str = "a train.ipynb parameter, typed as papermill's -p types it (repeatable)",

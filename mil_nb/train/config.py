@@ -5,8 +5,8 @@
 # %% ../../nbs/train/30_config.ipynb #f6578a11
 from __future__ import annotations
 
-import json
 import os
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -27,8 +27,8 @@ from .training import OPTIMIZERS, SCHEDULES
 
 # %% auto #0
 __all__ = ['END_TO_END_DEFAULTS', 'TWO_STAGE_DEFAULTS', 'TWO_STAGE_HEAD', 'MAX_INSTANCE_LOSS', 'ATTENTION_DROPOUT',
-           'DEFAULT_EPOCHS', 'tumour_share_range', 'param', 'TrainConfig', 'check_train_config', 'parameter_defaults',
-           'parse_value', 'hyperparameter_text', 'parameters_cell']
+           'DEFAULT_EPOCHS', 'tumour_share_range', 'param', 'TrainConfig', 'check_hyperparameters',
+           'check_train_config', 'parameter_defaults', 'parameters_cell']
 
 # %% ../../nbs/train/30_config.ipynb #30d16704
 def tumour_share_range(value) -> tuple[float, float] | None:
@@ -112,6 +112,13 @@ def _checks() -> dict:
     "Each parameter's check."
     return {f.name: f.metadata["check"] for f in fields(TrainConfig)}
 
+# %% ../../nbs/train/30_config.ipynb #85531350
+def _unknown_names(parameters: dict, what: str, others: Iterable[str] = ()) -> str | None:
+    "The problem with the names in `parameters` that are neither the main job's parameters nor `others`."
+    unknown = sorted(set(parameters) - set(_checks()) - set(others))
+    if unknown: return (f"{what}(s) {', '.join(unknown)}: not parameters of the main job "
+                        f"(its parameters: {', '.join(_checks())})")
+
 # %% ../../nbs/train/30_config.ipynb #7e4e70c0
 @patch(cls_method=True)
 def from_parameters(cls: TrainConfig,
@@ -119,9 +126,7 @@ def from_parameters(cls: TrainConfig,
                     what: str = "parameter",  # what to call them in the error (a job's "hyperparameter")
                    ) -> TrainConfig:
     "A config from `parameters`; a `ValueError` names each that is not a parameter (`what`: how to call them)."
-    unknown = sorted(set(parameters) - {f.name for f in fields(cls)})
-    if unknown: raise ValueError(f"{what}(s) {', '.join(unknown)}: not parameters of the main job "
-                                 f"(its parameters: {', '.join(f.name for f in fields(cls))})")
+    if unknown := _unknown_names(parameters, what): raise ValueError(unknown)
     return cls(**parameters)
 
 # %% ../../nbs/train/30_config.ipynb #0c98a83d
@@ -131,6 +136,17 @@ def from_namespace(cls: TrainConfig,
                   ) -> TrainConfig:
     "A config from the parameters among `namespace`'s names (a notebook's `globals()`)."
     return cls(**{f.name: namespace[f.name] for f in fields(cls) if f.name in namespace})
+
+# %% ../../nbs/train/30_config.ipynb #2544ca82
+def check_hyperparameters(hyperparameters: dict,  # name: value, for a main job that runs on another machine
+                          others: Iterable[str] = (),  # names the job takes besides the main job's parameters
+                         ) -> dict:
+    "`hyperparameters`, or one `ValueError` naming each unknown name and each value its parameter's check refuses."
+    bad = [problem] if (problem := _unknown_names(hyperparameters, "hyperparameter", others)) else []
+    checks = _checks()
+    bad += [f"{k}={v!r}: {problem}" for k, v in hyperparameters.items() if k in checks and (problem := checks[k](v))]
+    if bad: raise ValueError("bad hyperparameter(s): " + "; ".join(bad))
+    return hyperparameters
 
 # %% ../../nbs/train/30_config.ipynb #f1783dd9
 def check_train_config(config: TrainConfig):
@@ -260,26 +276,6 @@ def parameter_defaults(parameters: dict,  # the main job's parameters (a `TrainC
 def with_defaults(self: TrainConfig) -> TrainConfig:
     "This config with every parameter left None that has a default set to it (`parameter_defaults`)."
     return replace(self, **parameter_defaults(asdict(self)))
-
-# %% ../../nbs/train/30_config.ipynb #c40cd3b5
-_WORDS = {"none": None, "null": None, "true": True, "false": False}
-
-def parse_value(value):
-    "A hyperparameter's text as None, bool, int, float, a JSON list or str (non-text values are returned as they are)."
-    if not isinstance(value, str): return value
-    if value.lower() in _WORDS: return _WORDS[value.lower()]
-    for number in (int, float):
-        try: return number(value)
-        except ValueError: pass
-    if value.startswith("["):
-        try: return json.loads(value)
-        except ValueError: pass
-    return value
-
-# %% ../../nbs/train/30_config.ipynb #654faaf7
-def hyperparameter_text(value) -> str:
-    "A hyperparameter as SageMaker hands it to the job: a string as it is, anything else as JSON."
-    return value if isinstance(value, str) else json.dumps(value)
 
 # %% ../../nbs/train/30_config.ipynb #4ba5c4d2
 def parameters_cell() -> str:
