@@ -25,9 +25,10 @@ from ..models.saving import METRICS_FILE
 from ..train.command_line import parse_value
 from ..train.config import TrainConfig
 from ..train.main_job import TRAIN_NOTEBOOK
+from .resources import DATA_CHANNEL
 
 # %% auto #0
-__all__ = ['DATA_CHANNEL', 'REPORT_FILES', 'job_hyperparameters', 'job_parameters', 'run_rank', 'failing_copy', 'main']
+__all__ = ['REPORT_FILES', 'job_hyperparameters', 'job_parameters', 'run_rank', 'failing_copy', 'main']
 
 # %% ../../nbs/cloud/20_job.ipynb #a5d660d3
 def job_hyperparameters(argv: list[str], env: dict) -> dict:
@@ -46,8 +47,6 @@ def job_hyperparameters(argv: list[str], env: dict) -> dict:
     return hyperparameters
 
 # %% ../../nbs/cloud/20_job.ipynb #d10a8734
-DATA_CHANNEL = "data_channel"  # the job's own hyperparameter (not the main job's): the input channel to read
-
 def job_parameters(hyperparameters: dict, env: dict) -> dict:
     "The main job's parameters in a SageMaker container whose environment is `env`, the hyperparameters checked."
     hyperparameters = dict(hyperparameters)

@@ -18,18 +18,9 @@ from pathlib import Path
 
 import boto3
 import torch
-from sagemaker.core import image_uris
-from sagemaker.core.helper.session_helper import Session
-from sagemaker.core.resources import TrainingJob
-from sagemaker.core.shapes import Channel, CheckpointConfig, DataSource, S3DataSource
-from sagemaker.core.training.configs import Compute, MetricDefinition, OutputDataConfig, SourceCode, StoppingCondition
-from sagemaker.train import ModelTrainer
-from sagemaker.train.distributed import Torchrun
-
 from .bundle import copy_package, imported_requirements, notebook_imports
-from .job import DATA_CHANNEL
-from .resources import (JobResources, check_job_resources, job_max_runtime_s, job_resources, job_volume_gb,
-                                    resource_options)
+from .resources import (DATA_CHANNEL, JobResources, check_job_resources, job_max_runtime_s,
+                                    job_resources, job_volume_gb, resource_options)
 from ..train.command_line import given_parameters, hyperparameter_text, parameter_options
 from ..train.config import check_hyperparameters
 from ..train.main_job import TRAIN_NOTEBOOK
@@ -66,6 +57,7 @@ def write_job_source(dest: str | Path) -> Path:
 # %% ../../nbs/cloud/30_launch.ipynb #9dc9e074
 def training_image(region: str, instance_type: str, framework_version: str = "2.5", py_version: str = "py311") -> str:
     "The URI of AWS's PyTorch training image for `region` and `instance_type`."
+    from sagemaker.core import image_uris
     return image_uris.retrieve(framework="pytorch", region=region, version=framework_version, py_version=py_version,
                                instance_type=instance_type, image_scope="training")
 
@@ -89,8 +81,9 @@ METRIC_DEFINITIONS = [
 # %% ../../nbs/cloud/30_launch.ipynb #ca0bf5be
 INPUT_MODES = ("File", "FastFile")
 
-def _channel(name: str, uri: str, input_mode: str) -> Channel:
-    "An input channel: the S3 prefix `uri`, in every instance, copied first (File) or streamed (FastFile)."
+def _channel(name: str, uri: str, input_mode: str):
+    "An input `Channel`: the S3 prefix `uri`, in every instance, copied first (File) or streamed (FastFile)."
+    from sagemaker.core.shapes import Channel, DataSource, S3DataSource
     source = S3DataSource(s3_data_type="S3Prefix", s3_uri=uri, s3_data_distribution_type="FullyReplicated")
     return Channel(channel_name=name, data_source=DataSource(s3_data_source=source), input_mode=input_mode)
 
@@ -108,6 +101,16 @@ def _check_spot(spot: bool, max_wait_s: int | None, max_runtime_s: int, checkpoi
     return max_wait_s
 
 # %% ../../nbs/cloud/30_launch.ipynb #66dea815
+def _check_request(uris: dict, train_input_mode: str, hyperparameters: dict | None):
+    "Refuse a URI that is not S3's, an unknown input mode and hyperparameters the job would refuse: before any cost."
+    for name, uri in uris.items():
+        if uri is not None and not uri.startswith("s3://"):
+            raise ValueError(f"{name}={uri!r}: expected an S3 URI (s3://bucket/prefix/)")
+    if train_input_mode not in INPUT_MODES:
+        raise ValueError(f"train_input_mode={train_input_mode!r}: expected one of {', '.join(INPUT_MODES)}")
+    check_hyperparameters(hyperparameters or {}, [DATA_CHANNEL])
+
+# %% ../../nbs/cloud/30_launch.ipynb #4d3819c7
 def launch(role: str,  # ARN of the SageMaker execution role the job runs as
            resources: JobResources = JobResources("ml.g5.12xlarge"),  # the instances (torchrun spans them all)
            processes_per_node: int | None = None,  # torchrun processes per instance (None: one per GPU)
@@ -127,16 +130,16 @@ def launch(role: str,  # ARN of the SageMaker execution role the job runs as
            dry_run: bool = False,  # validate the request, submit nothing
            boto_session: boto3.Session | None = None,  # region and credentials (None: the default session)
            start=None,  # `start(trainer, channels, wait)` starts another job instead (`mil_nb.cloud.tuning`)
-          ) -> TrainingJob | None:
-    "Run `nbs/train.ipynb` as a SageMaker training job under torchrun; the job (None for a dry run)."
-    uris = {"train_s3": train_s3, "tiles_s3": tiles_s3, "encoder_s3": encoder_s3, "output_s3": output_s3,
-            "checkpoint_s3": checkpoint_s3}
-    for name, uri in uris.items():
-        if uri is not None and not uri.startswith("s3://"):
-            raise ValueError(f"{name}={uri!r}: expected an S3 URI (s3://bucket/prefix/)")
-    if train_input_mode not in INPUT_MODES:
-        raise ValueError(f"train_input_mode={train_input_mode!r}: expected one of {', '.join(INPUT_MODES)}")
-    check_hyperparameters(hyperparameters or {}, [DATA_CHANNEL])  # before an instance is paid for
+          ):
+    "Run `nbs/train.ipynb` as a SageMaker training job under torchrun; its `TrainingJob` (None for a dry run)."
+    from sagemaker.core.helper.session_helper import Session
+    from sagemaker.core.shapes import CheckpointConfig
+    from sagemaker.core.training.configs import (Compute, MetricDefinition, OutputDataConfig, SourceCode,
+                                                 StoppingCondition)
+    from sagemaker.train import ModelTrainer
+    from sagemaker.train.distributed import Torchrun
+    _check_request({"train_s3": train_s3, "tiles_s3": tiles_s3, "encoder_s3": encoder_s3, "output_s3": output_s3,
+                    "checkpoint_s3": checkpoint_s3}, train_input_mode, hyperparameters)
     resources = check_job_resources(resources)
     max_wait_s = _check_spot(spot, max_wait_s, job_max_runtime_s(resources), checkpoint_s3)
     boto_session = boto_session or boto3.Session()

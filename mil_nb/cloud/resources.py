@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from ..core.checks import integer
 
 # %% auto #0
-__all__ = ['JOB_VOLUME_GB', 'JOB_MAX_RUNTIME_S', 'JobResources', 'check_resources', 'check_job_resources', 'job_volume_gb',
-           'job_max_runtime_s', 'resource_options', 'job_resources']
+__all__ = ['JOB_VOLUME_GB', 'JOB_MAX_RUNTIME_S', 'DATA_CHANNEL', 'JobResources', 'check_resources', 'check_job_resources',
+           'job_volume_gb', 'job_max_runtime_s', 'resource_options', 'job_resources']
 
 # %% ../../nbs/cloud/05_resources.ipynb #ff249cff
 JOB_VOLUME_GB = 100  # disk per instance when none is given
@@ -78,3 +78,6 @@ def job_resources(parser: argparse.ArgumentParser,  # the command's parser, to r
     "The `JobResources` the options name; a usage error (exit 2) naming the option if one is bad."
     try: return JobResources(args.instance_type, args.instance_count, args.volume_gb, args.max_runtime_s)
     except ValueError as error: parser.error(f"{error} (the options of the same names)")
+
+# %% ../../nbs/cloud/05_resources.ipynb #e95f2c5d
+DATA_CHANNEL = "data_channel"  # the training job's hyperparameter naming its input channel (not a main-job parameter)

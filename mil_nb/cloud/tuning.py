@@ -8,9 +8,6 @@ from __future__ import annotations
 import functools
 from dataclasses import fields
 
-from sagemaker.core.parameter import CategoricalParameter, ContinuousParameter, IntegerParameter
-from sagemaker.train.tuner import HyperparameterTuner
-
 from ..train.config import TrainConfig
 from .launch import METRIC_DEFINITIONS, launch
 from .resources import JobResources
@@ -25,6 +22,7 @@ OBJECTIVES = {d["Name"]: d for d in METRIC_DEFINITIONS if d["Name"].startswith("
 
 def parameter_ranges(ranges: dict) -> dict:
     "SageMaker parameter ranges from `{name: (low, high)}` or `{name: [choices]}`, each checked as the job checks it."
+    from sagemaker.core.parameter import CategoricalParameter, ContinuousParameter, IntegerParameter  # the SDK: 3 s
     known, converted = {f.name for f in fields(TrainConfig)}, {}
     for name, spec in ranges.items():
         if name not in known: raise ValueError(f"ranges: {name!r} is not a parameter of the main job (TrainConfig)")
@@ -45,6 +43,7 @@ def parameter_ranges(ranges: dict) -> dict:
 def _start_tuning(ranges: dict, objective: str, max_jobs: int, max_parallel_jobs: int, early_stopping: str,
                   trainer, channels, wait: bool):
     "Start the tuning job over `trainer` (what `launch` builds); the tuning job."
+    from sagemaker.train.tuner import HyperparameterTuner
     goal = "Minimize" if objective.endswith("loss") else "Maximize"
     tuner = HyperparameterTuner(trainer, objective, ranges, metric_definitions=METRIC_DEFINITIONS,
                                 objective_type=goal, max_jobs=max_jobs, max_parallel_jobs=max_parallel_jobs,
