@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import openslide
 import tifffile
-import zarr
 from fastcore.basics import patch
 from PIL import Image
 
@@ -83,7 +82,7 @@ class TiffReader(SlideReader):
             self.mpp = _tiff_mpp(self._levels[0].keyframe)
         except Exception:
             self._tif.close(); raise
-        self._zarr, self._checked_tiles = {}, {}
+        self._checked_tiles = {}
 
     def bytes_per_pixel(self, level: int) -> int: return self._bytes[level]
 
@@ -93,13 +92,11 @@ class TiffReader(SlideReader):
             page = series.keyframe
             if page.photometric.name not in PHOTOMETRICS:
                 raise ValueError(f"{self.path}: level {level} is {page.photometric.name}, expected grey or RGB")
+            if page.planarconfig == tifffile.PLANARCONFIG.SEPARATE:
+                raise ValueError(f"{self.path}: level {level} keeps each sample in its own plane; expected interleaved")
             chunk_h, chunk_w = page.chunks[:2]  # a tile, or a strip, is decoded whole by any read that touches it
             self.limits.check(self.path, f"a {chunk_w} x {chunk_h} px {'tile' if page.is_tiled else 'strip'} of "
                               f"level {level}", chunk_w * chunk_h, "level_pixels", self._bytes[level])
-
-    def _array(self, level: int):
-        if level not in self._zarr: self._zarr[level] = zarr.open(self._tif.aszarr(level=level), mode="r")
-        return self._zarr[level]
 
     def close(self): self._tif.close()
 
@@ -124,6 +121,23 @@ def _check_jpeg_tiles(self: TiffReader, level: int, x0: int, y0: int, x1: int, y
                                  f"larger than its {tile_w} x {tile_h} px tile")
             checked.add(index)
 
+# %% ../../nbs/slides/30_readers.ipynb #8315af40
+@patch
+def _decode_chunks(self: TiffReader, level: int, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+    "Level `level`'s samples [y0:y1, x0:x1], decoding each TIFF tile (or strip) they touch, and only those, once."
+    page = self._levels[level].keyframe
+    chunk_h, chunk_w = page.chunks[:2]  # a tile, or a strip as wide as the image
+    across = -(-page.imagewidth // chunk_w)
+    rows, cols = range(y0 // chunk_h, (y1 - 1) // chunk_h + 1), range(x0 // chunk_w, (x1 - 1) // chunk_w + 1)
+    top, left = rows[0] * chunk_h, cols[0] * chunk_w
+    out = np.zeros((len(rows) * chunk_h, len(cols) * chunk_w, page.samplesperpixel), page.dtype)
+    indices = [row * across + col for row in rows for col in cols]
+    for data, index in self._tif.filehandle.read_segments([page.dataoffsets[i] for i in indices],
+                                                         [page.databytecounts[i] for i in indices], indices):
+        chunk, (_, _, y, x, _), _ = page.decode(data, index, jpegtables=page.jpegtables, jpegheader=page.jpegheader)
+        if chunk is not None: out[y - top:y - top + chunk.shape[1], x - left:x - left + chunk.shape[2]] = chunk[0]
+    return out[y0 - top:y1 - top, x0 - left:x1 - left]
+
 # %% ../../nbs/slides/30_readers.ipynb #24c648b7
 @patch
 def read_level(self: TiffReader, level: int) -> np.ndarray:
@@ -141,7 +155,7 @@ def read_region(self: TiffReader, level, x, y, width, height, fill=255):
     x0, y0, x1, y1 = max(left, 0), max(top, 0), min(left + width, level_w), min(top + height, level_h)
     if x0 < x1 and y0 < y1:
         self._check_jpeg_tiles(level, x0, y0, x1, y1)
-        region = np.asarray(self._array(level)[y0:y1, x0:x1])
+        region = self._decode_chunks(level, x0, y0, x1, y1)
         out[y0 - top:y1 - top, x0 - left:x1 - left] = _rgb(region, self.path, fill)
     return out
 
