@@ -20,7 +20,7 @@ from ..slides.tile_store import TileStore
 
 # %% auto #0
 __all__ = ['RGB_FROM_HED', 'HED_FROM_RGB', 'Bag', 'BagDataset', 'Batch', 'collate_bags', 'dihedral_transform',
-           'jitter_hed_stains', 'augment_tiles', 'EpochSampler', 'TrainingDraws', 'bag_loader']
+           'jitter_hed_stains', 'augment_tiles', 'EpochSampler', 'TrainingDraws', 'bag_loader', 'loader_workers']
 
 # %% ../../nbs/bags/30_data.ipynb #341cf587
 @dataclass
@@ -214,8 +214,8 @@ def bag_loader(dataset: Dataset,  # a `BagDataset`, or any data set of `Bag`s
                batch_size: int = 8,  # bags per batch (per process under torchrun)
                shuffle: bool = False,  # shuffle every epoch (training); False keeps the data set's order (evaluation)
                seed: int = 0,  # the shuffle's seed: an epoch's order depends only on `seed` and the epoch
-               num_workers: int = 0,  # processes that read bags (0: read them in this process)
-               pin_memory: bool = False,  # page-locked batches, for faster copies to a GPU
+               num_workers: int = 0,  # processes that read bags (0: read them in this process; `loader_workers`)
+               pin_memory: bool = False,  # page-locked batches, for faster copies to a GPU (workers keep 4 ahead)
                num_replicas: int = 1,  # data-parallel processes sharing the data (torchrun's WORLD_SIZE)
                rank: int = 0,  # this process's place among them (RANK)
                max_instances: int | None = None,  # training: at most this many instances of a bag per step (None: all)
@@ -230,9 +230,21 @@ def bag_loader(dataset: Dataset,  # a `BagDataset`, or any data set of `Bag`s
             sampler, dataset = EpochSampler(sampler), TrainingDraws(dataset, max_instances, augment, stain_jitter, seed)
     else: sampler = ShardSampler(len(dataset), num_replicas, rank) if num_replicas > 1 else None
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_bags, num_workers=num_workers,
-                      pin_memory=pin_memory, persistent_workers=num_workers > 0, worker_init_fn=_die_with_parent)
+                      pin_memory=pin_memory, persistent_workers=num_workers > 0, worker_init_fn=_die_with_parent,
+                      prefetch_factor=(4 if pin_memory else 2) if num_workers > 0 else None,
+                      generator=torch.Generator().manual_seed(seed))  # not torch's global one: see below
 
 # %% ../../nbs/bags/30_data.ipynb #90d3bf16
 def _die_with_parent(worker_id: int):
     "In a loader's worker process: end with the process that started it (no orphans if it is killed)."
     die_with_parent(os.getppid())
+
+# %% ../../nbs/bags/30_data.ipynb #70c09642
+def loader_workers(dataset: Dataset,  # the bags to load: a `BagDataset` (any other: read by workers)
+                   processes: int | None = None,  # processes sharing this machine (None: torchrun's LOCAL_WORLD_SIZE)
+                  ) -> int:
+    "Loader processes for `dataset` sized from the machine: none for memory-mapped bags, else 1-4 per process's CPUs."
+    store = getattr(dataset, "store", None)
+    if getattr(store, "packed", None) is not None: return 0  # read here faster than workers can pickle them
+    processes = processes or int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return max(1, min(4, len(os.sched_getaffinity(0)) // processes - 1))

@@ -99,7 +99,7 @@ class TrainConfig:
     weight_decay: float | None = param(None, number(0, none=True))  # None: 5e-4 ("tile"), 1e-5 (pretrained)
     seed: int = param(0, integer(0))  # the embedded data set and the split
     model_seed: int | None = param(None, integer(0, none=True))  # initial weights, training draws; None: seed
-    num_workers: int = param(2, integer(0))  # processes for tiling and for loading batches
+    num_workers: int | None = param(None, integer(0, none=True))  # processes for tiling and loading (None: by machine)
     device: str = param("auto", _device)  # "auto" (cuda if present), "cpu", "cuda", "cuda:1", ...
     precision: str = param("auto", one_of(PRECISIONS))  # "auto" (bf16 where native), "fp32", "bf16", "fp16"
     backend: str = param("auto", one_of(BACKENDS))  # torch.distributed backend under torchrun
@@ -208,8 +208,9 @@ def _run_problems(given: dict, problems: dict) -> list[str]:
     bad, warmup, epochs = [], given["warmup_epochs"], given["epochs"]
     if epochs is not None and not problems["warmup_epochs"] and not problems["epochs"] and warmup >= epochs:
         bad.append(f"warmup_epochs={warmup}: expected fewer than epochs={epochs}")
-    if not problems["num_workers"] and given["num_workers"] > 4 * (os.cpu_count() or 1):
-        bad.append(f"num_workers={given['num_workers']}: more than 4 per CPU ({os.cpu_count()} here)")
+    workers = given["num_workers"]
+    if not problems["num_workers"] and workers is not None and workers > 4 * (os.cpu_count() or 1):
+        bad.append(f"num_workers={workers}: more than 4 per CPU ({os.cpu_count()} here)")
     return bad
 
 # %% ../../nbs/train/30_config.ipynb #57debf08

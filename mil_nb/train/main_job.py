@@ -20,7 +20,7 @@ from ..slides.panda import image_path, read_slide_table
 from ..slides.synth import DEFAULT_TUMOUR_SHARE, embedded_dataset
 from ..slides.tile_store import TileStore, tile_slides
 from ..slides.tiled_elsewhere import ready_tile_store
-from ..bags.data import BagDataset, bag_loader
+from ..bags.data import BagDataset, bag_loader, loader_workers
 from ..bags.splits import check_split_inputs, make_splits
 from ..models.encoders import ENCODER_WEIGHTS_FILE, encoder_from_name, save_encoder_weights, weights_fingerprint
 from ..models.features import cached_features, encoder_mpp, tiling_warnings
@@ -150,7 +150,8 @@ def make_bags(run: Run, store: TileStore, slides: Slides, bags_store: TileStore)
 def _loaders(run: Run, datasets: dict[str, BagDataset]) -> dict:
     "The training loader (shuffled, tiles drawn and augmented as configured) and the others'."
     c = run.config
-    share = dict(num_workers=c.num_workers, pin_memory=run.device.type == "cuda", num_replicas=run.world.size,
+    workers = loader_workers(datasets["train"]) if c.num_workers is None else c.num_workers  # None: by machine
+    share = dict(num_workers=workers, pin_memory=run.device.type == "cuda", num_replicas=run.world.size,
                  rank=run.world.rank)
     loaders = {name: bag_loader(datasets[name], c.batch_size, **share) for name in ("valid", "test")}
     loaders["train"] = bag_loader(datasets["train"], c.batch_size, shuffle=True, seed=c.model_seed,
@@ -158,6 +159,7 @@ def _loaders(run: Run, datasets: dict[str, BagDataset]) -> dict:
                                   **share)
     for name, label in (("train", "train"), ("valid", "validation"), ("test", "test")):
         print(f"{label}: {len(datasets[name])} bags ({(datasets[name].labels > 0).mean():.0%} malignant)")
+    print(f"loader workers: {workers}" + (" (num_workers=None: sized from the machine)" * (c.num_workers is None)))
     return loaders
 
 # %% ../../nbs/train/60_main_job.ipynb #607b9fe4
