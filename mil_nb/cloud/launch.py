@@ -132,14 +132,14 @@ def launch(role: str,  # ARN of the SageMaker execution role the job runs as
            start=None,  # `start(trainer, channels, wait)` starts another job instead (`mil_nb.cloud.tuning`)
           ):
     "Run `nbs/train.ipynb` as a SageMaker training job under torchrun; its `TrainingJob` (None for a dry run)."
-    from sagemaker.core.helper.session_helper import Session
+    _check_request({"train_s3": train_s3, "tiles_s3": tiles_s3, "encoder_s3": encoder_s3, "output_s3": output_s3,
+                    "checkpoint_s3": checkpoint_s3}, train_input_mode, hyperparameters)
+    from sagemaker.core.helper.session_helper import Session  # the SDK (3 s to import), once the request is checked
     from sagemaker.core.shapes import CheckpointConfig
     from sagemaker.core.training.configs import (Compute, MetricDefinition, OutputDataConfig, SourceCode,
                                                  StoppingCondition)
     from sagemaker.train import ModelTrainer
     from sagemaker.train.distributed import Torchrun
-    _check_request({"train_s3": train_s3, "tiles_s3": tiles_s3, "encoder_s3": encoder_s3, "output_s3": output_s3,
-                    "checkpoint_s3": checkpoint_s3}, train_input_mode, hyperparameters)
     resources = check_job_resources(resources)
     max_wait_s = _check_spot(spot, max_wait_s, job_max_runtime_s(resources), checkpoint_s3)
     boto_session = boto_session or boto3.Session()
