@@ -19,7 +19,8 @@ from mil_nb.serve.wire_formats import npy_body
 from mil_nb.models.model import AttentionMIL, MILConfig
 from mil_nb.models.saving import save_model
 from mil_nb.core.net import free_port
-from mil_nb.serve.server import SERVE_COMMAND, post, running_server
+from mil_nb.serve.heap import BOUNDED_HEAP
+from mil_nb.serve.server import SERVE_COMMAND, post, running_server, serve_cli
 from mil_nb.slides.readers import write_bomb
 
 RSS_BOUND_MB = 1500  # the server's peak resident memory serving 2 maximal requests at once (issue 24)
@@ -170,22 +171,53 @@ def test_a_stalled_upload_is_closed_while_a_good_request_is_answered(small_serve
         assert stalled.recv(1) == b""  # and closed
 
 
-def serve_error(*options, model_dir="/nowhere") -> tuple[int, str]:
+def serve_error(*options, model_dir="/nowhere", command=SERVE_COMMAND) -> tuple[int, str]:
     "The exit status and stderr of `mil_nb_serve` that fails to start."
-    run = subprocess.run([*SERVE_COMMAND, "--model_dir", str(model_dir), "--host", "127.0.0.1",
+    run = subprocess.run([*command, "--model_dir", str(model_dir), "--host", "127.0.0.1",
                           "--port", str(free_port()), *options], capture_output=True, text=True, timeout=60)
     return run.returncode, run.stderr
 
 
-@pytest.mark.parametrize("option, value", [("port", "0"), ("port", "70000"), ("max_body_mb", "0"), ("max_tiles", "0"),
-                                           ("precision", "fp8"), ("device", "gpu"), ("max_concurrency", "0"),
-                                           ("max_queue", "-1"), ("body_timeout_s", "0"), ("max_level_pixels", "0"),
-                                           ("max_uploads", "0"), ("min_body_kib_s", "0"), ("header_timeout_s", "-1"),
-                                           ("body_timeout_s", "nan")])
-def test_options_are_checked_before_the_model_is_loaded(option, value):
-    status, stderr = serve_error(*([] if option == "port" else ["--port", "8080"]), f"--{option}", value)
+def serve_error_here(capsys, monkeypatch, *options, model_dir="/nowhere") -> tuple[int, str]:
+    """`serve_cli` in this process, as `mil_nb_serve` runs it once restarted: the exit status and stderr the process
+    would end with (Python prints a `SystemExit` message on a line of its own and exits with 1). The heap's settings
+    are in the environment, as after the restart, so this process is never replaced: an option checked only after
+    the restart reaches the model (`/nowhere`) and is reported as the missing model.pt."""
+    for name, value in BOUNDED_HEAP.items(): monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as stopped:
+        serve_cli(["--model_dir", str(model_dir), "--host", "127.0.0.1", "--port", str(free_port()), *options])
+    printed, code = capsys.readouterr().err, stopped.value.code
+    return (1, f"{printed}{code}\n") if isinstance(code, str) else (code or 0, printed)
+
+
+BAD_OPTIONS = [("port", "0"), ("port", "70000"), ("max_body_mb", "0"), ("max_tiles", "0"), ("precision", "fp8"),
+               ("device", "gpu"), ("max_concurrency", "0"), ("max_queue", "-1"), ("body_timeout_s", "0"),
+               ("max_level_pixels", "0"), ("max_uploads", "0"), ("min_body_kib_s", "0"), ("header_timeout_s", "-1"),
+               ("body_timeout_s", "nan")]
+
+
+@pytest.mark.parametrize("option, value", BAD_OPTIONS)
+def test_options_are_checked_before_the_model_is_loaded(option, value, capsys, monkeypatch):
+    "In this process (a server process would import the same modules again for each): see the console script below."
+    port = [] if option == "port" else ["--port", "8080"]
+    status, stderr = serve_error_here(capsys, monkeypatch, *port, f"--{option}", value)
     assert status != 0 and stderr.startswith("mil_nb_serve: ") and stderr.count("\n") == 1, stderr
     assert option in stderr and "no model.pt" not in stderr, stderr
+
+
+def test_the_console_script_refuses_a_bad_option_in_one_line():
+    "`mil_nb_serve` itself (restarted with a bounded heap, then `serve_cli`): exit status 1, one line, no traceback."
+    for command in (("mil_nb_serve",), ("mil_nb", "serve")):
+        status, stderr = serve_error("--max_queue", "-1", command=command)
+        assert status == 1 and stderr.startswith("mil_nb_serve: ") and stderr.count("\n") == 1, (command, stderr)
+        assert "max_queue" in stderr and "no model.pt" not in stderr, (command, stderr)
+
+
+def test_the_server_runs_with_a_bounded_heap(small_server):
+    "`mil_nb_serve` restarted itself (same pid) with glibc's settings before it imported the server."
+    environment = dict(line.split("=", 1) for line in
+                       open(f"/proc/{small_server.process.pid}/environ").read().split("\0") if "=" in line)
+    assert {name: environment.get(name) for name in BOUNDED_HEAP} == BOUNDED_HEAP
 
 
 def test_a_model_pt_that_cannot_be_loaded_is_one_line(small_model_dir, tmp_path):

@@ -8,8 +8,10 @@ from __future__ import annotations
 import sys
 from importlib.metadata import EntryPoint, entry_points
 
+from ..serve.heap import with_bounded_heap
+
 # %% auto #0
-__all__ = ['PREFIX', 'commands', 'usage', 'main']
+__all__ = ['PREFIX', 'commands', 'usage', 'main', 'serve_main']
 
 # %% ../../nbs/cli/10_main.ipynb #5f2dc804
 PREFIX = "mil_nb_"  # a console script named mil_nb_<command> is `mil_nb <command>`
@@ -40,3 +42,11 @@ def main(argv: list[str] | None = None,  # the arguments after `mil_nb` (None: t
         print(f"mil_nb: unknown command {argv[0]!r}; the commands: {', '.join(sorted(found))}", file=sys.stderr)
         sys.exit(2)
     return found[argv[0]].load()(argv[1:])  # every command takes its arguments
+
+# %% ../../nbs/cli/10_main.ipynb #cda9e462
+def serve_main(argv: list[str] | None = None,  # the options (None: this process's own, restarted first)
+              ):
+    "The `mil_nb_serve` console script: the process restarted with a bounded heap, then the server's `serve_cli`."
+    if argv is None: with_bounded_heap()  # before the server's heavy imports: they would be imported twice
+    from mil_nb.serve.server import serve_cli  # after the restart
+    serve_cli(argv)

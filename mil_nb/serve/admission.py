@@ -8,8 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import os
-import sys
 import tempfile
 
 from starlette.requests import Request
@@ -18,7 +16,7 @@ from .inference import BadRequest
 from .wire_formats import too_large
 
 # %% auto #0
-__all__ = ['SPOOL_BYTES', 'STAGE_OPTIONS', 'BOUNDED_HEAP', 'spool_body', 'Admission', 'release_memory', 'with_bounded_heap']
+__all__ = ['SPOOL_BYTES', 'STAGE_OPTIONS', 'spool_body', 'Admission', 'release_memory']
 
 # %% ../../nbs/serve/18_admission.ipynb #11863b37
 SPOOL_BYTES = 2**20  # a body arriving is held in memory up to this size, then in a temporary file
@@ -90,13 +88,3 @@ _malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc's; None 
 def release_memory():
     "Hand the memory Python freed back to the system (glibc keeps freed heap pages otherwise)."
     if _malloc_trim is not None: _malloc_trim(0)
-
-# %% ../../nbs/serve/18_admission.ipynb #47777db9
-BOUNDED_HEAP = {"MALLOC_ARENA_MAX": "1",  # glibc: one heap for all threads
-                "MALLOC_MMAP_MAX_": "0",  # no block mapped on its own: freed memory is reused, not mapped anew
-                "MALLOC_TRIM_THRESHOLD_": str(64 * 2**20)}  # the heap's free top given back beyond 64 MiB
-
-def with_bounded_heap():
-    "Restart this process (its pid, arguments, environment) with glibc's `BOUNDED_HEAP` settings unless it has them."
-    if os.environ.get("MALLOC_ARENA_MAX") or not hasattr(ctypes.CDLL(None), "mallopt"): return
-    os.execve(sys.executable, sys.orig_argv, {**os.environ, **BOUNDED_HEAP})

@@ -26,8 +26,8 @@ from ..bags.tasks import get_task
 from ..slides.tiling import TilingConfig, tile_slide
 
 # %% auto #0
-__all__ = ['ENCODE_CHUNK', 'BadRequest', 'setting', 'RequestLimits', 'ServedModel', 'load_served_model', 'check_tiles',
-           'predict_bag', 'Slide', 'too_many_tiles', 'slide_bag', 'predict']
+__all__ = ['ENCODE_CHUNK', 'BadRequest', 'setting', 'RequestLimits', 'ServedModel', 'serving_device', 'load_served_model',
+           'check_tiles', 'predict_bag', 'Slide', 'too_many_tiles', 'slide_bag', 'predict']
 
 # %% ../../nbs/serve/10_inference.ipynb #1aa25a27
 # only in AWS's serving containers
@@ -104,6 +104,14 @@ def _load_reason(error: Exception) -> str:
     return f"{type(error).__name__}: {reason[:300]}" if reason else type(error).__name__
 
 # %% ../../nbs/serve/10_inference.ipynb #83821b67
+def serving_device(device: str = "auto",  # cpu, cuda, cuda:N, or auto (CUDA when present)
+                   precision: str = "fp32",  # fp32, bf16, fp16 (CUDA) or auto
+                  ) -> tuple[torch.device, str]:
+    "The device and precision to serve on, or `ValueError` naming the one this machine cannot serve with."
+    try: served_on = resolve_device(device)
+    except RuntimeError: raise ValueError(f"device={device!r}: expected cpu, cuda, cuda:N or auto") from None
+    return served_on, resolve_precision(precision, served_on)
+
 def load_served_model(model_dir: str | os.PathLike,  # the folder holding model.pt
                       device: str = "auto",  # cpu, cuda, cuda:N, or auto (CUDA when present)
                       precision: str = "fp32",  # fp32, bf16, fp16 (CUDA) or auto
@@ -111,9 +119,7 @@ def load_served_model(model_dir: str | os.PathLike,  # the folder holding model.
                      ) -> ServedModel:
     "The model saved as `model_dir/model.pt`, ready to serve on `device` in `precision` within `limits`."
     path = Path(model_dir)/MODEL_FILE
-    try: device = resolve_device(device)
-    except RuntimeError: raise ValueError(f"device={device!r}: expected cpu, cuda, cuda:N or auto") from None
-    precision = resolve_precision(precision, device)
+    device, precision = serving_device(device, precision)
     if not path.is_file(): raise FileNotFoundError(f"{path}: no model.pt in model_dir (the main job writes one)")
     try: model = load_model(path, map_location=device)
     except Exception as error:

@@ -35,8 +35,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .admission import Admission, release_memory, spool_body, with_bounded_heap
-from .inference import BadRequest, RequestLimits, ServedModel, load_served_model, predict, setting
+from .admission import Admission, release_memory, spool_body
+from .heap import with_bounded_heap
+from .inference import (BadRequest, RequestLimits, ServedModel, load_served_model, predict,
+                                    serving_device, setting)
 from .wire_formats import accepts_json, decode_request, encode_answer, media_type, npy_body
 from ..models.model import AttentionMIL, MILConfig
 from ..models.saving import MODEL_FILE, save_model
@@ -177,13 +179,14 @@ def serve_parser() -> argparse.ArgumentParser:
 
 # %% ../../nbs/serve/20_server.ipynb #0b66bf8f
 def serve_cli(argv: list[str] | None = None):
-    "mil_nb_serve [options]: serve the model in MODEL_DIR over HTTP (GET /ping, POST /invocations)."
+    "Serve the model in MODEL_DIR over HTTP (GET /ping, POST /invocations): what `mil_nb_serve` runs."
     args = serve_parser().parse_args(argv)
     try:
         options = server_options(args.port, {name: getattr(args, name) for name in ADMISSION_OPTIONS})
         limits = RequestLimits.from_env(args.max_body_mb, args.max_tiles, args.max_json_mb,
                                         level_pixels=args.max_level_pixels,
                                         thumbnail_pixels=args.max_thumbnail_pixels, slide_pixels=args.max_slide_pixels)
+        serving_device(args.device, args.precision)
         with_bounded_heap()  # options checked: one heap for the request threads, freed memory reused (restarts once)
         served = load_served_model(args.model_dir, args.device, args.precision, limits)
     except (OSError, ValueError) as error: raise SystemExit(f"mil_nb_serve: {error}") from None
@@ -210,13 +213,13 @@ class ServerURL(str):
     process: subprocess.Popen
 
 # %% ../../nbs/serve/20_server.ipynb #d774ac94
-SERVE_COMMAND = (sys.executable, "-c", "from mil_nb.serve.server import serve_cli; serve_cli()")  # mil_nb_serve
+SERVE_COMMAND = (sys.executable, "-c", "from mil_nb.cli.main import serve_main; serve_main()")  # mil_nb_serve
 
 @contextlib.contextmanager
 def running_server(
     model_dir, *options: str, command=SERVE_COMMAND, log=None, timeout: float = 60
 ):
-    "Run `command` (default: `serve_cli` in this Python) on `model_dir` at a free local port; yield its URL."
+    "Run `command` (default: `mil_nb_serve` in this Python) on `model_dir` at a free local port; yield its URL."
     port = free_port()
     process = subprocess.Popen(
         [*command, "--model_dir", str(model_dir), "--host", "127.0.0.1", "--port", str(port), *options],
