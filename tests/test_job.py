@@ -23,12 +23,19 @@ def launch_local(local_dir, *args, env=None) -> subprocess.CompletedProcess:
 
 
 SMALL = ("-p", "epochs", "1", "-p", "n_tiles", "8", "-p", "tile_size", "64", "-p", "num_workers", "0")
+WHOLE = ("-p", "epochs", "3", *SMALL[3:])  # three epochs: the spot test interrupts this job in its second
 
 
-def test_two_ranks_write_the_model_and_rank_0s_report(small_panda, tmp_path):
-    run = launch_local(tmp_path/"job", "--data_dir", small_panda, *SMALL)
+@pytest.fixture(scope="module")
+def whole_job(small_panda, tmp_path_factory):
+    "A 2-rank job of 3 epochs run to the end (the spot test's reference): its folder and the finished run."
+    job = tmp_path_factory.mktemp("whole")/"job"
+    return job, launch_local(job, "--data_dir", small_panda, *WHOLE)
+
+
+def test_two_ranks_write_the_model_and_rank_0s_report(whole_job):
+    job, run = whole_job
     assert run.returncode == 0, run.stderr[-3000:]
-    job = tmp_path/"job"
     assert (job/"model"/"model.pt").exists() and (job/"model"/"metrics.json").exists()
     report = job/"output"/"data"
     assert {"train.ipynb", "metrics.json", "history.csv", "confusion_matrix.png", "roc_and_learning_curves.png"} <= {
@@ -42,12 +49,12 @@ def test_two_ranks_write_the_model_and_rank_0s_report(small_panda, tmp_path):
     )
     # rank 0's notebook output is the job's log, where SageMaker's metric definitions find one value per epoch
     charted = {d["Name"]: len(re.findall(d["Regex"], run.stdout + run.stderr)) for d in METRIC_DEFINITIONS}
-    assert charted == {
-        "train:loss": 1,
-        "validation:loss": 1,
-        "validation:auc": 1,
+    assert charted == {  # one value per epoch (3)
+        "train:loss": 3,
+        "validation:loss": 3,
+        "validation:auc": 3,
         "validation:qwk": 0,
-        "validation:accuracy": 1,
+        "validation:accuracy": 3,
         "final:validation:loss": 1,  # the kept epoch's, once: a tuning job's objective
         "final:validation:auc": 1,
         "final:validation:qwk": 0,
@@ -94,12 +101,11 @@ def test_local_job_on_the_embedded_data(embedded_cache, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_killed_spot_job_resumes_by_itself_to_the_same_weights(small_panda, tmp_path):
+def test_a_killed_spot_job_resumes_by_itself_to_the_same_weights(whole_job, small_panda, tmp_path):
     "A spot interruption: SIGKILL the whole job mid-epoch, start it again with the same folders and no resume flag."
-    args = ["--data_dir", str(small_panda), "-p", "epochs", "3", "-p", "n_tiles", "8", "-p", "tile_size", "64",
-            "-p", "num_workers", "0"]
-    whole = launch_local(tmp_path/"whole", *args)
-    assert whole.returncode == 0, whole.stderr[-3000:]
+    args = ["--data_dir", str(small_panda), *WHOLE]
+    whole, run = whole_job
+    assert run.returncode == 0, run.stderr[-3000:]
     command = ["mil_nb_launch", "--local", "2", "--local_dir", str(tmp_path/"spot"), *args]
     job = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                            start_new_session=True)
@@ -112,8 +118,7 @@ def test_a_killed_spot_job_resumes_by_itself_to_the_same_weights(small_panda, tm
     restarted = launch_local(tmp_path/"spot", *args)  # SageMaker restarts it with the restored checkpoints
     assert restarted.returncode == 0, restarted.stderr[-3000:]
     assert f"after epoch {done}" in (restarted.stdout + restarted.stderr)
-    trained = [torch.load(tmp_path/run/"model"/"model.pt", weights_only=True)["state_dict"]
-               for run in ("whole", "spot")]
+    trained = [torch.load(job/"model"/"model.pt", weights_only=True)["state_dict"] for job in (whole, tmp_path/"spot")]
     assert max((trained[0][k] - trained[1][k]).abs().max().item() for k in trained[0]) < 1e-6
 
 
