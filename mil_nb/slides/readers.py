@@ -100,6 +100,14 @@ class TiffReader(SlideReader):
 
     def close(self): self._tif.close()
 
+# %% ../../nbs/slides/30_readers.ipynb #ff350f33
+def _chunks_under(page: tifffile.TiffPage, x0: int, y0: int, x1: int, y1: int) -> tuple[range, range, list[int]]:
+    "The rows and columns of `page`'s tiles (or strips) under [x0, x1) x [y0, y1), and those chunks' indices."
+    chunk_h, chunk_w = page.chunks[:2]  # a tile, or a strip as wide as the image
+    across = -(-page.imagewidth // chunk_w)
+    rows, cols = range(y0 // chunk_h, (y1 - 1) // chunk_h + 1), range(x0 // chunk_w, (x1 - 1) // chunk_w + 1)
+    return rows, cols, [row * across + col for row in rows for col in cols]
+
 # %% ../../nbs/slides/30_readers.ipynb #6424deff
 @patch
 def _check_jpeg_tiles(self: TiffReader, level: int, x0: int, y0: int, x1: int, y1: int):
@@ -107,19 +115,18 @@ def _check_jpeg_tiles(self: TiffReader, level: int, x0: int, y0: int, x1: int, y
     page = self._levels[level].keyframe  # a JPEG is decoded at the size it declares, before any check of ours
     if page.compression != tifffile.COMPRESSION.JPEG or not page.is_tiled: return
     tile_h, tile_w = page.chunks[:2]
-    across, checked = -(-page.imagewidth // tile_w), self._checked_tiles.setdefault(level, set())
-    for row in range(y0 // tile_h, (y1 - 1) // tile_h + 1):
-        for index in range(row * across + x0 // tile_w, row * across + (x1 - 1) // tile_w + 1):
-            if index in checked: continue
-            self._tif.filehandle.seek(page.dataoffsets[index])
-            head = self._tif.filehandle.read(min(page.databytecounts[index], 2**16))
-            try: width, height = Image.open(io.BytesIO(head)).size  # parses the header, decodes nothing
-            except Image.DecompressionBombError: width = height = 2**31
-            except Exception: width = height = 0  # a header PIL cannot read: left to the decoder
-            if width * height > tile_w * tile_h:
-                raise ValueError(f"{self.path}: tile {index} of level {level} holds a {width} x {height} px JPEG, "
-                                 f"larger than its {tile_w} x {tile_h} px tile")
-            checked.add(index)
+    checked = self._checked_tiles.setdefault(level, set())
+    for index in _chunks_under(page, x0, y0, x1, y1)[2]:
+        if index in checked: continue
+        self._tif.filehandle.seek(page.dataoffsets[index])
+        head = self._tif.filehandle.read(min(page.databytecounts[index], 2**16))
+        try: width, height = Image.open(io.BytesIO(head)).size  # parses the header, decodes nothing
+        except Image.DecompressionBombError: width = height = 2**31
+        except Exception: width = height = 0  # a header PIL cannot read: left to the decoder
+        if width * height > tile_w * tile_h:
+            raise ValueError(f"{self.path}: tile {index} of level {level} holds a {width} x {height} px JPEG, "
+                             f"larger than its {tile_w} x {tile_h} px tile")
+        checked.add(index)
 
 # %% ../../nbs/slides/30_readers.ipynb #8315af40
 @patch
@@ -127,11 +134,9 @@ def _decode_chunks(self: TiffReader, level: int, x0: int, y0: int, x1: int, y1: 
     "Level `level`'s samples [y0:y1, x0:x1], decoding each TIFF tile (or strip) they touch, and only those, once."
     page = self._levels[level].keyframe
     chunk_h, chunk_w = page.chunks[:2]  # a tile, or a strip as wide as the image
-    across = -(-page.imagewidth // chunk_w)
-    rows, cols = range(y0 // chunk_h, (y1 - 1) // chunk_h + 1), range(x0 // chunk_w, (x1 - 1) // chunk_w + 1)
+    rows, cols, indices = _chunks_under(page, x0, y0, x1, y1)
     top, left = rows[0] * chunk_h, cols[0] * chunk_w
     out = np.zeros((len(rows) * chunk_h, len(cols) * chunk_w, page.samplesperpixel), page.dtype)
-    indices = [row * across + col for row in rows for col in cols]
     for data, index in self._tif.filehandle.read_segments([page.dataoffsets[i] for i in indices],
                                                          [page.databytecounts[i] for i in indices], indices):
         chunk, (_, _, y, x, _), _ = page.decode(data, index, jpegtables=page.jpegtables, jpegheader=page.jpegheader)

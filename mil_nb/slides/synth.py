@@ -148,7 +148,9 @@ def _level0_tiles(level1: np.ndarray):
     block = TIFF_TILE // LEVEL_DOWNSAMPLE
     for y in range(0, level1.shape[0], block):
         for x in range(0, level1.shape[1], block):
-            yield np.repeat(np.repeat(level1[y:y + block, x:x + block], LEVEL_DOWNSAMPLE, 0), LEVEL_DOWNSAMPLE, 1)
+            part = Image.fromarray(np.ascontiguousarray(level1[y:y + block, x:x + block]))
+            size = (part.width * LEVEL_DOWNSAMPLE, part.height * LEVEL_DOWNSAMPLE)
+            yield np.asarray(part.resize(size, Image.NEAREST))
 
 # %% ../../nbs/slides/10_synth.ipynb #c545dede
 def _level2(level1: np.ndarray, labels: bool) -> np.ndarray:
