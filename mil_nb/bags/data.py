@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pandas as pd
 import torch
+from fastcore.basics import patch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from ..core.distributed import ShardSampler
@@ -100,6 +101,16 @@ def collate_bags(bags: list[Bag]) -> Batch:
     labels = torch.tensor([bag.label for bag in bags], dtype=torch.float32)
     return Batch(torch.from_numpy(instances), mask, labels, [bag.image_id for bag in bags],
                  [bag.instance_labels for bag in bags])
+
+# %% ../../nbs/bags/30_data.ipynb #e44f7740
+def _batch_from(instances, mask, labels, image_ids, instance_labels) -> Batch:
+    return Batch(instances, torch.as_tensor(mask), torch.as_tensor(labels), image_ids, instance_labels)
+
+@patch
+def __reduce__(self: Batch):
+    "How a loader worker sends a batch: the instances through shared memory, the small mask and labels by value."
+    by_value = [t.numpy() if t.device.type == "cpu" else t for t in (self.mask, self.labels)]
+    return _batch_from, (self.instances, *by_value, self.image_ids, self.instance_labels)
 
 # %% ../../nbs/bags/30_data.ipynb #a7d3e1c1
 def dihedral_transform(tile: np.ndarray,  # one image (S, S, C)
