@@ -144,16 +144,19 @@ def load(self: TileStore, image_id: str,  # a slide of the store
          max_tiles: int | None = None,  # the most tiles (or features) it may hold, from its header (None: any)
         ) -> dict[str, np.ndarray]:
     "The arrays of one slide's bag; a ValueError naming its file if it cannot be read, or is over `max_tiles`."
-    path, name = self.bag_file(image_id), "features" if "features" in self.meta else "tiles"
+    name = "features" if "features" in self.meta else "tiles"
     per_tile = 4 * (self.meta["features"] if name == "features" else self.meta["tile_size"] ** 2)  # bytes at most
     packed = self.packed if self.packed is not None and image_id in self.packed else None
+    path = None if packed else self.bag_file(image_id)  # a packed bag is read by its row: its file named on error
     try:
         if max_tiles is not None: shape, dtype = packed.header(image_id) if packed else npz_header(path, name)
         if max_tiles is None or shape[0] <= max_tiles and math.prod(shape[1:]) * dtype.itemsize <= per_tile:
             if packed: return packed.load(image_id)
             with np.load(path) as bag: return dict(bag)
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as error:
+        path = path or self.bag_file(image_id)
         raise ValueError(f"{path}: not a readable bag ({type(error).__name__}: {error})") from None
+    path = path or self.bag_file(image_id)
     raise ValueError(f"{path}: {shape[0]:,} {name} of {shape[1:]} {dtype}, over the limit of {max_tiles:,} "
                      f"(max_tiles) of at most {per_tile:,} bytes each")
 
