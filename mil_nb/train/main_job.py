@@ -215,7 +215,8 @@ def score_test_set(run: Run, model: AttentionMIL, result: FitResult, bags: Bags)
 # %% ../../nbs/train/60_main_job.ipynb #a9536f48
 def report_figures(run: Run, slides: Slides, store: TileStore, bags: Bags, result: FitResult,
                    held_out: HeldOut) -> dict[str, plt.Figure]:
-    "The report's figures by name: the confusion matrix, ROC and learning curves, attention on 4 test slides."
+    "The report's figures by name: the confusion matrix, ROC and learning curves, attention on 4 test slides (rank 0)."
+    if not run.world.is_main: return {}  # the report is rank 0's: the other processes draw nothing
     tile_bags = BagDataset(store, bags.datasets["test"].table, run.config.task)  # tiles, also for a two-stage model
     return {"confusion_matrix": confusion_figure(held_out.metrics, result.kept_epoch),
             "roc_and_learning_curves": roc_and_learning_figure(held_out.predictions, result.history),
