@@ -223,9 +223,9 @@ def report_figures(run: Run, slides: Slides, store: TileStore, bags: Bags, resul
             **attention_figures(held_out.predictions, tile_bags, slides.data_dir, store.tiling)}
 
 # %% ../../nbs/train/60_main_job.ipynb #1eecb1ec
-def write_figure(run: Run, fig: plt.Figure, name: str):
-    "Write `fig` to OUTPUT_DIR/NAME.png (by rank 0)."
-    if run.world.is_main: run.folder.write_figure(fig, name)
+def write_figure(run: Run, fig: plt.Figure, name: str) -> Path | None:
+    "Write `fig` to OUTPUT_DIR/NAME.png (by rank 0): its path, or None in the other processes."
+    return run.folder.write_figure(fig, name) if run.world.is_main else None
 
 # %% ../../nbs/train/60_main_job.ipynb #d9f763f3
 @dataclass

@@ -60,9 +60,10 @@ class RunFolder:
         "The metrics.json of the run (None if it has none yet)."
         return json.loads(self.metrics_file.read_text()) if self.metrics_file.exists() else None
 
-    def write_figure(self, fig, name: str):
+    def write_figure(self, fig, name: str) -> Path:
         "Write a matplotlib figure as NAME.png (confusion_matrix.png, roc_and_learning_curves.png, attention_*.png)."
         with atomic_path(self.path/f"{name}.png") as tmp: fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+        return self.path/f"{name}.png"
 
     def write_table(self, name: str, table: pd.DataFrame):
         "Write `table` as NAME.csv (splits.csv, predictions_valid.csv, predictions_test.csv)."
