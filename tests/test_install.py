@@ -25,7 +25,7 @@ def test_the_main_job_runs_from_a_non_editable_install(tmp_path, small_panda):
     script = f"""
 import mil_nb
 from mil_nb.train import TrainConfig, run_main_job
-from mil_nb.train.main_job import TRAIN_NOTEBOOK
+from mil_nb.train.config import TRAIN_NOTEBOOK
 assert mil_nb.__file__.startswith({str(target)!r}) and TRAIN_NOTEBOOK.is_relative_to({str(target)!r}), TRAIN_NOTEBOOK
 run_main_job(TrainConfig(data_dir={str(small_panda)!r}, output_dir="api", epochs=1, tile_size=32, n_tiles=4,
                          n_bootstrap=100, num_workers=0))

@@ -11,7 +11,6 @@ from typing import Callable, Mapping
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn import metrics
 
 from .resampled import weighted_auc, weighted_mean, weighted_qwk
 
@@ -51,11 +50,13 @@ def bce_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 # %% ../../nbs/bags/10_tasks.ipynb #861a2577
 def malignant_auc(is_malignant: np.ndarray, probability: np.ndarray) -> float:
     "ROC AUC of P(malignant) for malignant against benign slides (NaN unless both are present)."
+    from sklearn import metrics  # imported when used: it costs each process about a second
     return metrics.roc_auc_score(is_malignant, probability) if len(np.unique(is_malignant)) == 2 else float("nan")
 
 # %% ../../nbs/bags/10_tasks.ipynb #665ff498
 def classification_metrics(targets: np.ndarray, logits: np.ndarray, threshold: float = 0.5) -> dict:
     "Loss, accuracy, ROC AUC, precision, recall, F1 and confusion matrix of one-logit binary predictions."
+    from sklearn import metrics
     labels, probability = np.asarray(targets).astype(int), sigmoid(logits)
     predicted = (probability >= threshold).astype(int)
     loss = float(bce_loss(torch.from_numpy(np.asarray(logits)), torch.from_numpy(labels.astype(np.float32))))
@@ -102,6 +103,7 @@ def ordinal_loss(logits: torch.Tensor, grades: torch.Tensor) -> torch.Tensor:
 # %% ../../nbs/bags/10_tasks.ipynb #523c60b4
 def grading_metrics(grades: np.ndarray, logits: np.ndarray) -> dict:
     "Loss, quadratic weighted kappa, accuracy, 6x6 confusion matrix and malignant-vs-benign AUC of ISUP predictions."
+    from sklearn import metrics
     grades, predicted = np.asarray(grades).astype(int), ordinal_grade(logits)
     loss = float(ordinal_loss(torch.from_numpy(np.asarray(logits)), torch.from_numpy(grades.astype(np.float32))))
     return {

@@ -25,7 +25,7 @@ from ..slides.panda import read_slide_table
 from ..core.parallel import die_with_parent
 from ..train.command_line import given_parameters, parameter_options
 from ..train.config import TrainConfig
-from ..train.main_job import TRAIN_NOTEBOOK
+from ..train.config import TRAIN_NOTEBOOK
 from ..train.run_files import RunFolder, json_safe
 from ..bags.splits import assign_folds, slide_groups
 from ..slides.synth import slide_plan

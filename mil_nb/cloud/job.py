@@ -24,7 +24,7 @@ from ..models.encoders import MODEL_FILES
 from ..models.saving import METRICS_FILE
 from ..train.command_line import parse_value
 from ..train.config import TrainConfig
-from ..train.main_job import TRAIN_NOTEBOOK
+from ..train.config import TRAIN_NOTEBOOK
 from .resources import DATA_CHANNEL
 
 # %% auto #0

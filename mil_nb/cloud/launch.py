@@ -23,7 +23,7 @@ from .resources import (DATA_CHANNEL, JobResources, check_job_resources, job_max
                                     job_resources, job_volume_gb, resource_options)
 from ..train.command_line import given_parameters, hyperparameter_text, parameter_options
 from ..train.config import check_hyperparameters
-from ..train.main_job import TRAIN_NOTEBOOK
+from ..train.config import TRAIN_NOTEBOOK
 from ..core.net import free_port
 from ..core.parallel import die_with_parent
 

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
-from sklearn import metrics
 
 from ..core.devices import autocast
 from ..core.distributed import ShardSampler, gather_shards
@@ -93,6 +92,7 @@ def _scored_instances(preds: Predictions, threshold: float) -> tuple[np.ndarray,
 # %% ../../nbs/evaluate/10_evaluation.ipynb #88e202c6
 def instance_auc(preds: Predictions, threshold: float = INSTANCE_THRESHOLD) -> float:
     "ROC AUC of attention (times bag size) for positive vs negative instances, within the positive bags."
+    from sklearn import metrics  # imported when used: it costs each process about a second
     truth, scores = _scored_instances(preds, threshold)
     return metrics.roc_auc_score(truth, scores) if len(np.unique(truth)) == 2 else float("nan")
 
@@ -128,6 +128,7 @@ def operating_point(malignant: np.ndarray,  # 1 for malignant slides, 0 for beni
 # %% ../../nbs/evaluate/10_evaluation.ipynb #19e24f2a
 def youden_threshold(preds: Predictions) -> float:
     "The P(malignant) threshold with the largest sensitivity + specificity - 1 over `preds` (0.5 if one class)."
+    from sklearn import metrics
     if len(np.unique(preds.malignant)) < 2: return 0.5
     fpr, tpr, thresholds = metrics.roc_curve(preds.malignant, preds.probs)
     return float(min(thresholds[np.argmax(tpr - fpr)], 1.0))  # roc_curve's first threshold is infinite

@@ -8,7 +8,6 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-from sklearn import metrics
 
 from ..bags.data import Bag
 from .evaluation import Predictions
@@ -19,6 +18,7 @@ __all__ = ['plot_roc', 'plot_learning_curves', 'plot_confusion_matrix', 'show_ti
 # %% ../../nbs/evaluate/20_plots.ipynb #0c91fa07
 def plot_roc(preds: Predictions, ax=None, label: str = "validation"):
     "The ROC curve of binary predictions, with its AUC in the legend."
+    from sklearn import metrics  # imported when used: it costs each process about a second
     ax = ax or plt.subplots(figsize=(4.5, 4.5))[1]
     metrics.RocCurveDisplay.from_predictions(preds.malignant, preds.probs, name=label, ax=ax)
     ax.plot([0, 1], [0, 1], ls=":", c="grey"); ax.set_title("ROC, slide level (malignant vs benign)")
@@ -39,6 +39,7 @@ def plot_learning_curves(history: pd.DataFrame, axs=None):
 # %% ../../nbs/evaluate/20_plots.ipynb #dac33c4f
 def plot_confusion_matrix(matrix, ax=None, title: str = "validation"):
     "A confusion matrix (rows: true class, columns: predicted), binary or ISUP grades."
+    from sklearn import metrics
     matrix = np.asarray(matrix)
     names = ["benign", "malignant"] if len(matrix) == 2 else [f"ISUP {g}" for g in range(len(matrix))]
     ax = ax or plt.subplots(figsize=(1 + 0.8 * len(matrix), 0.8 + 0.8 * len(matrix)))[1]

@@ -14,6 +14,8 @@ import torch
 from fastcore.basics import patch
 from fastcore.docments import docments
 
+import mil_nb
+
 from ..core.checks import a_path, boolean, integer, number, one_of
 from ..core.devices import PRECISIONS, resolve_device, resolve_precision
 from ..core.distributed import (BACKENDS, GRADIENT_COMPRESSIONS, LR_SCALINGS, World, choose_backend,
@@ -27,7 +29,7 @@ from .training import OPTIMIZERS, SCHEDULES
 
 # %% auto #0
 __all__ = ['END_TO_END_DEFAULTS', 'TWO_STAGE_DEFAULTS', 'TWO_STAGE_HEAD', 'MAX_INSTANCE_LOSS', 'ATTENTION_DROPOUT',
-           'DEFAULT_EPOCHS', 'tumour_share_range', 'param', 'TrainConfig', 'check_hyperparameters',
+           'DEFAULT_EPOCHS', 'TRAIN_NOTEBOOK', 'tumour_share_range', 'param', 'TrainConfig', 'check_hyperparameters',
            'check_train_config', 'parameter_defaults', 'parameters_cell']
 
 # %% ../../nbs/train/30_config.ipynb #30d16704
@@ -283,3 +285,8 @@ def parameters_cell() -> str:
     "The source of `nbs/train.ipynb`'s parameters cell: one line per `TrainConfig` field, `name = default  # doc`."
     docs = docments(TrainConfig)
     return "\n".join(f"{f.name} = {f.default!r}  # {docs[f.name]}" for f in fields(TrainConfig))
+
+# %% ../../nbs/train/30_config.ipynb #08000dac
+_PACKAGE = Path(mil_nb.__file__).parent
+TRAIN_NOTEBOOK = next((path for path in (_PACKAGE/"train"/"train.ipynb", _PACKAGE.parent/"nbs"/"train.ipynb")
+                       if path.is_file()), _PACKAGE/"train"/"train.ipynb")  # installed, or in the repository

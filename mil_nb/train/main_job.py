@@ -12,7 +12,6 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import torch
 
-import mil_nb
 from ..core.devices import set_seed
 from ..core.distributed import World, init_distributed, local_main_first, scaled_lr
 from ..core.files import project_path
@@ -33,9 +32,8 @@ from .fit_result import FitResult
 from .training import FitConfig, fit
 
 # %% auto #0
-__all__ = ['TRAIN_NOTEBOOK', 'Run', 'start_run', 'Slides', 'find_slides', 'tile_slides_for', 'encode_tiles', 'Bags', 'make_bags',
-           'make_model', 'train_model', 'HeldOut', 'score_test_set', 'report_figures', 'write_figure', 'MainJob',
-           'run_main_job']
+__all__ = ['Run', 'start_run', 'Slides', 'find_slides', 'tile_slides_for', 'encode_tiles', 'Bags', 'make_bags', 'make_model',
+           'train_model', 'HeldOut', 'score_test_set', 'report_figures', 'write_figure', 'MainJob', 'run_main_job']
 
 # %% ../../nbs/train/60_main_job.ipynb #a20fbcad
 @dataclass
@@ -257,8 +255,3 @@ def run_main_job(config: TrainConfig,  # the parameters (`TrainConfig()`: the de
         write_figure(run, fig, name)
         plt.close(fig)
     return MainJob(run, slides, store, bags, model, result, held_out)
-
-# %% ../../nbs/train/60_main_job.ipynb #08000dac
-_PACKAGE = Path(mil_nb.__file__).parent
-TRAIN_NOTEBOOK = next((path for path in (_PACKAGE/"train"/"train.ipynb", _PACKAGE.parent/"nbs"/"train.ipynb")
-                       if path.is_file()), _PACKAGE/"train"/"train.ipynb")  # installed, or in the repository
