@@ -43,15 +43,17 @@ if __name__ == "__main__":
 def job_requirements() -> list[str]:
     "What the training job installs: the training notebook's and `mil_nb.cloud.job`'s imports, papermill and ipykernel."
     return imported_requirements(notebook_imports(TRAIN_NOTEBOOK) + ["mil_nb.cloud.job"],
-                                 extra=["papermill", "ipykernel"])
+                                 extra=["papermill", "ipykernel", "scikit-learn"])  # sklearn: imported where used
 
 # %% ../../nbs/cloud/30_launch.ipynb #e2414ad6
-def write_job_source(dest: str | Path) -> Path:
+def write_job_source(dest: str | Path,  # the folder to write
+                     requirements: bool = True,  # write requirements.txt (a local job installs nothing: False)
+                    ) -> Path:
     "Write the training job's source to `dest`: `mil_nb` with its train.ipynb, the entry script, the requirements."
     dest = Path(dest)
     shutil.copy(TRAIN_NOTEBOOK, copy_package(dest)/"train"/"train.ipynb")
     (dest/JOB_ENTRY).write_text(JOB_ENTRY_SCRIPT)
-    (dest/"requirements.txt").write_text("\n".join(job_requirements()) + "\n")
+    if requirements: (dest/"requirements.txt").write_text("\n".join(job_requirements()) + "\n")
     return dest
 
 # %% ../../nbs/cloud/30_launch.ipynb #9dc9e074
@@ -217,7 +219,7 @@ def run_local(
     local_dir = Path(local_dir).absolute()
     data = local_dir/"input"/"data"
     shutil.rmtree(data/"code", ignore_errors=True)
-    code = write_job_source(data/"code")
+    code = write_job_source(data/"code", requirements=False)  # it runs in this environment: nothing to install
     channels = ["code"]
     for name, folder in folders.items():
         if (data/name).is_symlink(): (data/name).unlink()

@@ -61,7 +61,7 @@ def run_local_job(job: str,  # the entry's job: predict or tile
         if not Path(path).exists(): raise FileNotFoundError(f"{name} {path}: no such file or folder")
     dest, local_dir = Path(dest).absolute(), Path(local_dir).absolute()
     shutil.rmtree(local_dir, ignore_errors=True)
-    code = write_processing_source(local_dir/"code")
+    code = write_processing_source(local_dir/"code", requirements=False)  # it runs here: nothing to install
     hosts = [f"algo-{i + 1}" for i in range(processes)]
     running, stop_with_us = [], functools.partial(die_with_parent, os.getpid(), signal.SIGTERM)
     dest.mkdir(parents=True, exist_ok=True)

@@ -39,15 +39,17 @@ OUTPUTS = {"predict": "predictions", "tile": "tiles"}  # each job's one output, 
 
 def processing_requirements() -> list[str]:
     "What the processing container installs: the requirements that `mil_nb.cloud.processing` imports, torch excepted."
-    return imported_requirements(["mil_nb.cloud.processing"])
+    return imported_requirements(["mil_nb.cloud.processing"], extra=["scikit-learn"])  # a cohort's metrics: sklearn
 
 # %% ../../nbs/cloud/70_processing.ipynb #a7e57934
-def write_processing_source(dest: str | Path) -> Path:
+def write_processing_source(dest: str | Path,  # the folder to write
+                            requirements: bool = True,  # write requirements.txt (a local job installs nothing: False)
+                           ) -> Path:
     "Write the processing job's code bundle to `dest`: `mil_nb`, the entry script, requirements.txt."
     dest = Path(dest)
     copy_package(dest)
     (dest/PROCESSING_ENTRY).write_text(PROCESSING_ENTRY_SCRIPT)
-    (dest/"requirements.txt").write_text("\n".join(processing_requirements()) + "\n")
+    if requirements: (dest/"requirements.txt").write_text("\n".join(processing_requirements()) + "\n")
     return dest
 
 # %% ../../nbs/cloud/70_processing.ipynb #9882e5d4
