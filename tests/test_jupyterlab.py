@@ -27,7 +27,7 @@ from mil_nb.core.net import free_port
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-SMALL = {"n_slides": 48, "epochs": 1, "num_workers": 0}
+SMALL = {"epochs": 1, "tile_size": 32, "n_tiles": 8, "num_workers": 0}  # on the 24 small slides: a run of seconds
 STDERR = '.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]'
 KERNEL = '.jp-StatusBar-TextItem[title^="Change kernel"]'  # the status bar's "Python 3 (ipykernel) | Idle"
 SETTINGS = {"notebook-extension/tracker": {"windowingMode": "none"},  # every cell in the page, not only visible ones
@@ -41,11 +41,12 @@ FINISHED = f"""() => {{
 }}"""
 
 
-def small_copy(folder: Path) -> Path:
-    "Copy nbs/train.ipynb into `folder` with small parameters and `output_dir` FOLDER/out relative to the repository."
+def small_copy(folder: Path, data_dir: Path) -> Path:
+    """Copy nbs/train.ipynb into `folder` with small parameters, the slides of `data_dir` and `output_dir` FOLDER/out
+    relative to the repository."""
     nb = nbformat.read(REPO/"nbs"/"train.ipynb", as_version=4)
     cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
-    params = {**SMALL, "output_dir": str((folder/"out").relative_to(REPO))}
+    params = {**SMALL, "data_dir": str(data_dir), "output_dir": str((folder/"out").relative_to(REPO))}
     lines = [f"{name} = {params[name]!r}" if (name := line.split(" = ")[0]) in params else line
              for line in cell.source.splitlines()]
     missing = set(params) - {line.split(" = ")[0] for line in lines}
@@ -88,7 +89,7 @@ def stop(process: subprocess.Popen):
 
 
 @pytest.fixture
-def jupyterlab(tmp_path, embedded_cache):
+def jupyterlab(tmp_path):
     "JupyterLab serving the repository on a free local port with a token: its URL and token."
     port, token, log = free_port(), secrets.token_hex(16), tmp_path/"jupyterlab.log"
     command = [sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", "--ServerApp.ip=127.0.0.1",
@@ -96,7 +97,7 @@ def jupyterlab(tmp_path, embedded_cache):
                f"--ServerApp.root_dir={REPO}"]
     with log.open("w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                   env=jupyter_env(tmp_path/"jupyter", embedded_cache))
+                                   env=jupyter_env(tmp_path/"jupyter", tmp_path/"cache"))
     try:
         url = f"http://127.0.0.1:{port}"
         wait_until_up(url, token, process, log)
@@ -121,12 +122,12 @@ def nbs_status() -> str:
 
 
 @pytest.mark.slow
-def test_run_all_cells_in_jupyterlab(run_folder, jupyterlab):
+def test_run_all_cells_in_jupyterlab(run_folder, jupyterlab, small_panda):
     "Run All Cells on a small copy of the main job in JupyterLab: no errors, the figures, files under runs/."
     assert Path(CHROMIUM).exists(), f"no {CHROMIUM}: apt-get install chromium (as .ci/run does)"
     nbs_before, start = nbs_status(), time.monotonic()
     url, token = jupyterlab
-    notebook = small_copy(run_folder).relative_to(REPO).as_posix()
+    notebook = small_copy(run_folder, small_panda).relative_to(REPO).as_posix()
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1600, "height": 1000})
