@@ -87,6 +87,7 @@ def model_step_bags_per_s(dataset: BagDataset,  # bags to train on (one batch of
 def bench_loader(workers: int = 2,  # loader processes for the main-thread and loader-over-step figures
                  n_bags: int = 256,  # random 16x128 px bags in the store
                  repeats: int = 3,  # epochs per figure (their median)
+                 steps: int = 6,  # training steps timed for the model step's figure
                 ) -> dict:
     "The figures above, side by side, on one fresh store of random bags; `loader_over_step` > 1: the step waits not."
     with tempfile.TemporaryDirectory() as tmp:
@@ -94,7 +95,7 @@ def bench_loader(workers: int = 2,  # loader processes for the main-thread and l
         per_slide = loader_epochs(BagDataset(TileStore(store.path, packed=False), table), 0, repeats)
         packed = loader_epochs(BagDataset(store, table), 0, repeats)
         with_workers = loader_epochs(BagDataset(store, table), workers, repeats)
-        step = model_step_bags_per_s(BagDataset(store, table))
+        step = model_step_bags_per_s(BagDataset(store, table), steps)
     return {"per_slide_bags_per_s": round(per_slide["bags_per_s"], 1),
             "packed_bags_per_s": round(packed["bags_per_s"], 1),
             "ratio": round(packed["bags_per_s"] / per_slide["bags_per_s"], 2), "workers": workers,
