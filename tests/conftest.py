@@ -10,9 +10,10 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # one thread per process under xdist:
 
 import boto3
 import pytest
+from filelock import FileLock
 from moto import mock_aws
 
-from mil_nb.slides.synth import make_synthetic_panda
+from mil_nb.slides.synth import embedded_dataset, make_synthetic_panda
 from mil_nb.train.config import TrainConfig
 from mil_nb.train.main_job import MainJob, run_main_job
 
@@ -24,9 +25,14 @@ def small_panda(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def embedded_cache(tmp_path_factory):
-    "A cache folder (MIL_NB_CACHE) shared by the slow tests, so the embedded data set is made once per run."
-    return tmp_path_factory.mktemp("cache")
+def embedded_cache(tmp_path_factory, worker_id):
+    """A cache folder (MIL_NB_CACHE) holding the embedded data set, shared by every test process of the run: the first
+    that needs it makes it (with both cores), the others wait for it (pytest-xdist's once-per-run fixture pattern)."""
+    root = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
+    with FileLock(root/"embedded_cache.lock"), pytest.MonkeyPatch.context() as env:
+        env.setenv("MIL_NB_CACHE", str(root/"embedded_cache"))
+        embedded_dataset()  # what the main job's defaults use: made here once, found by every later caller
+    return root/"embedded_cache"
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,19 +61,21 @@ def main_job(tmp_path_factory, embedded_cache):
     return out
 
 
-def uses_the_embedded_data(item) -> bool:
-    return bool({"main_job", "embedded_cache"} & set(getattr(item, "fixturenames", ())))
+def uses(item, fixture: str) -> bool:
+    "Whether test `item` uses `fixture` (directly or through another fixture)."
+    return fixture in getattr(item, "fixturenames", ())
 
 
 def pytest_itemcollected(item):
     """Under pytest-xdist (`-n 2 --dist loadgroup`, as CI runs the tests) a module's tests share a worker, so its
-    fixtures are made once; and every test of the embedded data set shares one, so it is made once."""
-    item.add_marker(pytest.mark.xdist_group("embedded" if uses_the_embedded_data(item) else item.module.__name__))
+    fixtures are made once; and every test of the main job on the embedded data shares one, so it is run once."""
+    item.add_marker(pytest.mark.xdist_group("main_job" if uses(item, "main_job") else item.module.__name__))
 
 
 def pytest_collection_modifyitems(items):
-    "The embedded data set's tests first: the longest group starts at once, and the other worker takes the rest."
-    items.sort(key=lambda item: not uses_the_embedded_data(item))  # a stable sort: the same order in every worker
+    """The longest groups first: the main job's tests, then the other tests of the embedded data set, so that they
+    start at once and the workers share out the rest."""
+    items.sort(key=lambda item: (not uses(item, "main_job"), not uses(item, "embedded_cache")))  # stable: same order
 
 REGION = "us-east-1"
 ROLE = "arn:aws:iam::123456789012:role/SageMakerExecution"

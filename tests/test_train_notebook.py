@@ -99,10 +99,11 @@ def test_train_notebook_defaults_reach_auc(main_job):
 
 
 @pytest.mark.slow
-def test_isup_grading_on_the_embedded_data(tmp_path, main_job, embedded_cache, monkeypatch):
-    "`task='isup'` on the embedded data (reusing the main job's tiles): QWK, accuracy and a 6x6 confusion matrix."
+def test_isup_grading_on_the_embedded_data(tmp_path, embedded_cache, monkeypatch):
+    """`task='isup'` on the embedded data: QWK, accuracy and a 6x6 confusion matrix. It tiles the slides itself (a few
+    seconds), so that it runs beside the main job's tests, not after them."""
     monkeypatch.setenv("MIL_NB_CACHE", str(embedded_cache))
-    metrics = run_job(output_dir=str(tmp_path/"isup"), task="isup", tiles_dir=str(main_job/"tiles")).metrics
+    metrics = run_job(output_dir=str(tmp_path/"isup"), task="isup").metrics
     print(json.dumps({k: metrics[k] for k in ("val_qwk", "val_accuracy", "val_auc", "kept_epoch")}), file=sys.stderr)
     assert (
         np.array(metrics["val_confusion_matrix"]).shape == (6, 6)
