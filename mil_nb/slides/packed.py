@@ -80,7 +80,7 @@ def pack_bags(folder: str | os.PathLike,  # the store (its packed form goes into
         for k, path in enumerate(bag_files):
             with np.load(path) as bag: arrays = {key: bag[key] for key in bag.files}
             _check_packable(path, arrays, per_instance, per_bag, int(offsets[k + 1] - offsets[k]))
-            for key in per_instance: columns[key][offsets[k]:offsets[k + 1]] = arrays[key]
+            for key in per_instance: columns[key].write(np.ascontiguousarray(arrays[key]).data)  # in bag order
             for key in per_bag: scalars[key].append(arrays[key])
     for key, values in {**scalars, "offsets": offsets, "image_ids": np.array(image_ids, str)}.items():
         with atomic_path(out/f"{key}.npy") as tmp, open(tmp, "wb") as f: np.save(f, np.stack(values))
@@ -91,13 +91,15 @@ def pack_bags(folder: str | os.PathLike,  # the store (its packed form goes into
 # %% ../../nbs/slides/55_packed.ipynb #1e500602
 @contextlib.contextmanager
 def _packed_files(out: Path, offsets: np.ndarray, per_instance: dict):
-    "Memory-mapped .npy files of each per-instance array's total rows, renamed into `out` when the block completes."
-    with contextlib.ExitStack() as stack:
-        paths = {key: stack.enter_context(atomic_path(out/f"{key}.npy")) for key in per_instance}
-        columns = {key: np.lib.format.open_memmap(paths[key], "w+", dtype, (int(offsets[-1]), *shape))
-                   for key, (shape, dtype) in per_instance.items()}
+    "Open .npy files, headed for each per-instance array's total rows, renamed into `out` when the block completes."
+    with contextlib.ExitStack() as stack:  # on leaving: each file closed, then renamed
+        columns = {key: stack.enter_context(open(stack.enter_context(atomic_path(out/f"{key}.npy")), "wb"))
+                   for key in per_instance}
+        for key, (shape, dtype) in per_instance.items():
+            header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+                      "shape": (int(offsets[-1]), *shape)}
+            np.lib.format.write_array_header_1_0(columns[key], header)  # the header `np.save` writes
         yield columns
-        for column in columns.values(): column.flush()  # on disk before the files are renamed
 
 # %% ../../nbs/slides/55_packed.ipynb #333dc5df
 class PackedBags:

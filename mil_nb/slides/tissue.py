@@ -26,7 +26,8 @@ def detection_thumbnail(thumbnail: np.ndarray) -> tuple[np.ndarray, int]:
 # %% ../../nbs/slides/40_tissue.ipynb #e886cc86
 def _ink_or_black(rgb: np.ndarray, saturation: np.ndarray, value: np.ndarray) -> np.ndarray:
     "Pen ink (green to blue hues, saturated) or black. Hue is computed only where it can matter."
-    candidate = (saturation > 0.3) & (value >= 0.25)
+    red, green = rgb[..., 0], rgb[..., 1]
+    candidate = (saturation > 0.3) & (value >= 0.25) & (green >= red)  # red > green: a hue out of PEN_HUES (below)
     ink = np.zeros(saturation.shape, bool)
     hue = rgb2hsv(rgb[candidate][None])[0, :, 0]
     ink[candidate] = (hue > PEN_HUES[0]) & (hue < PEN_HUES[1])
