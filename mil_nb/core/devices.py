@@ -6,8 +6,6 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import functools
 import random
 import time
 
@@ -15,8 +13,7 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['PRECISIONS', 'M_TRIM_THRESHOLD', 'M_MMAP_MAX', 'KEPT_FREE_BYTES', 'resolve_device', 'resolve_precision', 'autocast',
-           'matmul_peak_gflops', 'reuse_freed_memory', 'set_seed']
+__all__ = ['PRECISIONS', 'resolve_device', 'resolve_precision', 'autocast', 'matmul_peak_gflops', 'set_seed']
 
 # %% ../../nbs/core/20_devices.ipynb #2c82a57d
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -69,17 +66,6 @@ def matmul_peak_gflops(dtype: torch.dtype,  # torch.float32 or torch.bfloat16
     while time.perf_counter() - start < seconds: a @ b; runs += 1
     synchronize()
     return 2 * n**3 * runs / (time.perf_counter() - start) / 1e9
-
-# %% ../../nbs/core/20_devices.ipynb #8ac55452
-M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters
-KEPT_FREE_BYTES = 2**30  # free memory a process keeps for reuse before it returns any to the kernel
-
-@functools.cache  # once per process (a forked worker inherits it): callers in hot paths pay nothing more
-def reuse_freed_memory() -> bool:
-    "Have glibc keep freed memory for reuse (large blocks too); whether it could (False: not glibc)."
-    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
-    if mallopt is None: return False
-    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, KEPT_FREE_BYTES))
 
 # %% ../../nbs/core/20_devices.ipynb #3904a873
 def set_seed(seed: int):

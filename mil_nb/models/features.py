@@ -20,7 +20,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
-from ..core.devices import autocast, matmul_peak_gflops, resolve_device, resolve_precision, reuse_freed_memory
+from ..core.devices import autocast, matmul_peak_gflops, resolve_device, resolve_precision
+from ..core.parallel import reuse_freed_memory
 from .encoders import PRETRAINED_ENCODERS, encoder_from_name
 from ..core.files import atomic_path, npz_header, write_json, write_table
 from ..core.outputs import check_output_folder, claim_output_folder, report_failures

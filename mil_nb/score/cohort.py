@@ -20,13 +20,12 @@ import numpy as np
 import pandas as pd
 
 from ..bags.data import Bag
-from ..core.devices import reuse_freed_memory
 from ..core.files import atomic_path, write_json, write_table
 from ..core.outputs import check_output_folder, claim_output_folder, report_failures
 from ..evaluate.geojson import tile_geojson, write_geojson
 from ..evaluate.heatmaps import plot_slide_attention
 from ..slides.panda import check_image_id, read_csv_table, read_slide_table, shown_name
-from ..core.parallel import parallel_imap
+from ..core.parallel import parallel_imap, reuse_freed_memory
 from ..train.run_files import json_safe
 from .scorer import CohortModels, load_models, predict_bags, tile_for_scoring, tile_measurements
 from .cohort_report import cohort_metrics, cohort_predictions

@@ -22,11 +22,10 @@ import pandas as pd
 from fastcore.basics import patch
 from PIL import Image
 
-from ..core.devices import reuse_freed_memory
 from ..core.files import atomic_path, npz_header, write_json, write_table
 from ..core.outputs import check_output_folder, claim_output_folder, finished_parts, report_failures
 from .panda import check_image_id, image_path, mask_path, read_slide_table, shown_name
-from ..core.parallel import parallel_map
+from ..core.parallel import parallel_map, reuse_freed_memory
 from .packed import open_packed, pack_bags
 from .readers import SLIDE_SUFFIXES
 from .slide_reader import SlideLimits

@@ -15,7 +15,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ..core.devices import autocast, resolve_device, resolve_precision, reuse_freed_memory
+from ..core.devices import autocast, resolve_device, resolve_precision
+from ..core.parallel import reuse_freed_memory
 from ..core.distributed import agree, all_sum, barrier, choose_compression, compress_gradients, current_world
 from ..evaluate.evaluation import (INSTANCE_THRESHOLD, Predictions, instance_metrics, model_task, predict,
                                        task_metrics)
