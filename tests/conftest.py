@@ -74,7 +74,7 @@ def pytest_itemcollected(item):
 
 def pytest_collection_modifyitems(items):
     """The longest groups first: the main job's tests, then the other tests of the embedded data set, so that they
-    start at once and the workers share out the rest."""
+    start at once and the workers share out the rest (pytest.ini's `--no-loadscope-reorder` keeps this order)."""
     items.sort(key=lambda item: (not uses(item, "main_job"), not uses(item, "embedded_cache")))  # stable: same order
 
 REGION = "us-east-1"

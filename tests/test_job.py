@@ -84,7 +84,7 @@ def test_a_misspelt_hyperparameter_stops_the_job(tmp_path):
     assert run.returncode != 0 and "hyperparameter(s) epoch: not parameters of" in run.stderr
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_local_job_on_the_embedded_data(embedded_cache, tmp_path):
     "The issue's command: `mil_nb_launch --local 2 --local_dir DIR -p epochs 2` on the embedded data set."
     run = launch_local(tmp_path/"job", "-p", "epochs", "2", env={**os.environ, "MIL_NB_CACHE": str(embedded_cache)})

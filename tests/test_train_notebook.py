@@ -1,8 +1,8 @@
 """The main job: `nbs/train.ipynb` executed by papermill as a user runs it (one small run, one bad parameter), and
 `run_main_job` in this process for everything else the job does (each a small run of seconds on `small_panda`).
 
-The slow tests run the defaults on the embedded data set (about 4 minutes on 2 cores) and check the validation AUC
-the README promises.
+The slow test runs the defaults on the embedded data set (about 4 minutes on 2 cores) and checks the validation AUC
+the README promises; the long one (`pytest -m long`, not in CI) grades ISUP on it with the defaults.
 """
 import json
 import os
@@ -98,7 +98,7 @@ def test_train_notebook_defaults_reach_auc(main_job):
     assert figures(main_job/"train.ipynb") >= 6
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_isup_grading_on_the_embedded_data(tmp_path, embedded_cache, monkeypatch):
     """`task='isup'` on the embedded data: QWK, accuracy and a 6x6 confusion matrix. It tiles the slides itself (a few
     seconds), so that it runs beside the main job's tests, not after them."""
