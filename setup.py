@@ -13,8 +13,8 @@ required = "lib_name version description keywords author author_email user branc
 missing = [key for key in required if key not in cfg]
 assert not missing, f"settings.ini is missing {missing}"
 
-licenses = {"apache2": ("Apache Software License 2.0", "OSI Approved :: Apache Software License")}
-license_name, license_classifier = licenses.get(cfg["license"].lower(), (cfg["license"], None))
+spdx_licenses = {"apache2": "Apache-2.0"}  # an SPDX expression: setuptools warns of License classifiers
+license_expression = spdx_licenses.get(cfg["license"].lower(), cfg["license"])
 statuses = ["1 - Planning", "2 - Pre-Alpha", "3 - Alpha", "4 - Beta", "5 - Production/Stable", "6 - Mature", "7 - Inactive"]
 
 
@@ -34,13 +34,12 @@ setuptools.setup(
     keywords=cfg["keywords"],
     author=cfg["author"],
     author_email=cfg["author_email"],
-    license=license_name,
+    license=license_expression,
     url=cfg["git_url"],
     classifiers=[f"Development Status :: {statuses[int(cfg['status']) - 1]}",
                  f"Intended Audience :: {cfg['audience']}",
                  f"Natural Language :: {cfg['language']}",
-                 "Programming Language :: Python :: 3"]
-                + ([f"License :: {license_classifier}"] if license_classifier else []),
+                 "Programming Language :: Python :: 3"],
     packages=setuptools.find_packages(include=[cfg["lib_path"], cfg["lib_path"] + ".*"]),
     include_package_data=True,
     install_requires=shlex.split(cfg.get("requirements", "")),
