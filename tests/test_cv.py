@@ -68,23 +68,24 @@ def test_cv_again_does_no_training(cv_run, small_panda):
 
 
 def test_a_killed_cv_resumes_to_the_same_fold_metrics(cv_run, small_panda, tmp_path):
-    "SIGKILL the driver while fold 1 trains: its papermill child dies too; a rerun finishes with the same metrics."
+    "SIGKILL the driver while the last fold trains: its papermill child dies too; a rerun ends with the same metrics."
     out = tmp_path/"cv"
-    for finished in ("tiles", "fold_0"): shutil.copytree(cv_run/finished, out/finished)  # fold 0 is done: skipped
+    for finished in ("tiles", "fold_0", "fold_1"): shutil.copytree(cv_run/finished, out/finished)  # done: skipped
     driver = subprocess.Popen(cv_command(out, small_panda), cwd=REPO, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)
-    checkpoint, deadline = out/"fold_1"/"checkpoint.pt", time.monotonic() + 300
+    checkpoint, deadline = out/"fold_2"/"checkpoint.pt", time.monotonic() + 300
     while not checkpoint.exists() and driver.poll() is None and time.monotonic() < deadline: time.sleep(0.05)
-    assert checkpoint.exists(), "fold 1 never wrote a checkpoint"
+    assert checkpoint.exists(), "fold 2 never wrote a checkpoint"
     children = psutil.Process(driver.pid).children(recursive=True)
     driver.send_signal(signal.SIGKILL); driver.wait()
     gone, alive = psutil.wait_procs(children, timeout=30)
     assert not alive, f"left running after the driver was killed: {[p.pid for p in alive]}"
-    assert "test_n" not in json.loads((out/"fold_1"/"metrics.json").read_text()) \
-        if (out/"fold_1"/"metrics.json").exists() else True  # killed mid-fold
+    assert "test_n" not in json.loads((out/"fold_2"/"metrics.json").read_text()) \
+        if (out/"fold_2"/"metrics.json").exists() else True  # killed mid-fold
     run = subprocess.run(cv_command(out, small_panda), cwd=REPO, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "fold 0: finished before, skipped" in run.stdout and "fold 1 of 3: resuming" in run.stdout
+    assert "fold 0: finished before, skipped" in run.stdout and "fold 1: finished before, skipped" in run.stdout
+    assert "fold 2 of 3: resuming" in run.stdout
     for k in range(3): assert fold_metrics(out, k) == fold_metrics(cv_run, k)
 
 

@@ -21,8 +21,8 @@ from mil_nb.train.training import FitConfig, fit
 train_digits, test_digits = split_digits(*mnist_digits())
 set_seed(0)
 model = AttentionMIL(MILConfig(encoder="mnist", tile_size=28, channels=1, embed_dim=500))
-fit(model, bag_loader(mnist_bags(*train_digits, 400), 8, shuffle=True, seed=0),
-    bag_loader(mnist_bags(*test_digits, 100, seed=1), 50), FitConfig(epochs=3, lr=5e-4, device="cpu", precision="fp32"),
+fit(model, bag_loader(mnist_bags(*train_digits, 200), 8, shuffle=True, seed=0),
+    bag_loader(mnist_bags(*test_digits, 50, seed=1), 50), FitConfig(epochs=3, lr=5e-4, device="cpu", precision="fp32"),
     output_dir=sys.argv[1], resume=sys.argv[2] == "resume", progress=False)
 """
 

